@@ -1,0 +1,20 @@
+"""Fine-tuning a released ImageNet-21k model (paper, appendix B.1.1).
+
+    python -m vit_jax.main --workdir=/tmp/b16_cifar10 --config=configs/vit.py:b16,cifar10 \
+        --config.pretrained_dir=checkpoints
+
+The argument is `MODEL,DATASET`: any name or alias of vit_jax.model_configs.MODEL_CONFIGS and any
+dataset of vit_jax.input_pipeline (a tfds name or `folder:/path/to/images`).
+"""
+from vit_jax import config_lib
+
+
+def get_config(arg: str = 'b16,cifar10'):
+  model, dataset = config_lib.parse_arg(arg)
+  config = config_lib.base_config()
+  config_lib.set_model(config, model)
+  config_lib.set_dataset(config, dataset)
+  config.pretrained_dir = 'checkpoints'
+  # SGD + momentum 0.9, no weight decay, clip at 1, batch 512, cosine decay, 384px.
+  config.pp.resolution = 384
+  return config

@@ -1,0 +1,37 @@
+"""vit_jax: Vision Transformer (Dosovitskiy et al., 2020) in JAX/Flax."""
+import setuptools
+
+# Pinned so that a fresh install reproduces the tested environment.
+INSTALL_REQUIRES = [
+    'jax[cpu]==0.10.2',
+    'flax==0.12.8',
+    'optax==0.2.8',
+    'orbax-checkpoint==0.12.8',
+    'tensorflow-cpu==2.21.0',
+    'tensorflow-datasets==4.9.10',
+    'tensorboard==2.21.0',
+    'ml-collections==1.1.0',
+    'absl-py==2.5.1',
+    'numpy>=2.0,<3',
+    'tqdm==4.70.1',
+    'matplotlib==3.11.2',
+    'pillow>=10',
+    'importlib_resources>=6',
+]
+
+TESTS_REQUIRE = [
+    'pytest>=8',
+    'pytest-xdist>=3.5',
+    'scipy>=1.11',
+]
+
+setuptools.setup(
+    name='vit_jax',
+    version='0.1.0',
+    description='Vision Transformer (ViT) in JAX/Flax: models, fine-tuning, pre-training, analyses.',
+    packages=setuptools.find_packages(include=['vit_jax', 'vit_jax.*']),
+    package_data={'vit_jax': ['labels/*.txt']},
+    python_requires='>=3.10',
+    install_requires=INSTALL_REQUIRES,
+    extras_require={'test': TESTS_REQUIRE},
+)

@@ -1,0 +1,110 @@
+"""vit_jax.benchmark at a tiny size: every figure is printed and written as JSON, in both modes,
+and the max-batch search is consistent. Speed itself is never asserted."""
+import json
+
+import jax
+import pytest
+
+from vit_jax import benchmark
+from vit_jax import sharding
+from vit_jax import trainer as trainer_lib
+
+TINY = ['--model=testing', '--resolution=32', '--batch=2', '--steps=2', '--num_devices=1']
+PRINTED_FIGURES = ('images/s', 'achieved TFLOP/s', 'MFU', 'GFLOP/image', 'lower', 'compile',
+                   'peak memory', 'XLA program')
+
+
+def _main(tmp_path, capsys, *flags):
+  path = tmp_path / 'out.json'
+  benchmark.main([*TINY, f'--json_out={path}', *flags])
+  printed = capsys.readouterr().out
+  data = json.loads(path.read_text())
+  assert set(data['machine']) >= {'backend', 'device_kind', 'host_cpu', 'jax'}
+  (row,) = data['results']
+  assert set(row) == set(benchmark.ROW_KEYS)
+  for figure in PRINTED_FIGURES:
+    assert figure in printed, figure
+  for key in ('images_per_s', 'step_time_s', 'flops_per_image', 'achieved_tflops', 'lower_s',
+              'compile_s', 'peak_memory_bytes'):
+    assert row[key] > 0, key
+  assert len(row['step_times_s']) == 2
+  assert row['peak_memory_source'] in ('device peak_bytes_in_use', 'host max RSS')
+  assert row['xla_memory']['total'] > 0
+  assert (row['batch'], row['batch_per_device'], row['num_devices']) == (2, 2, 1)
+  return row, printed
+
+
+def test_inference_prints_and_writes_every_figure_with_the_pipeline(tmp_path, capsys):
+  row, printed = _main(tmp_path, capsys, '--with_pipeline', '--pipeline_steps=2',
+                       '--pipeline_shuffle_buffer=64')
+  assert (row['mode'], row['model'], row['resolution']) == ('inference', 'testing', 32)
+  assert row['pipeline_images_per_s'] > 0
+  assert 'pipeline images/s' in printed
+  if jax.default_backend() == 'cpu':  # No known peak for CPUs: MFU is null, and says why.
+    assert row['mfu'] is None and row['peak_flops_per_device'] is None
+    assert 'peak FLOP/s unknown' in printed
+
+
+def test_train_step_with_every_switch_and_peak_override(tmp_path, capsys):
+  row, printed = _main(tmp_path, capsys, '--mode=train', '--peak_flops=1e12', '--scan',
+                       '--remat=full', '--attention=fused')
+  assert (row['mode'], row['optimizer'], row['sharding']) == ('train', 'sgd', 'replicate')
+  assert (row['scan_layers'], row['remat_policy'], row['attention_impl']) == (
+      True, 'full', 'fused')
+  assert row['peak_flops_per_device'] == 1e12
+  assert row['mfu'] == pytest.approx(row['achieved_tflops'] * 1e12 / 1e12)
+  # A train step is 3x the forward FLOPs.
+  assert row['flops_per_image'] == pytest.approx(
+      3 * benchmark.flops.forward_flops(benchmark.model_configs.get_model_config('testing'), 32))
+  assert row['xla_memory']['alias'] > 0  # The donated state is updated in place.
+  assert 'MFU' in printed and 'n/a' not in printed.split('MFU')[1].split('\n')[0]
+
+
+def test_the_switches_reach_the_real_trainer():
+  spec = benchmark.Spec(model='testing', resolution=32, batch=2, mode='train', scan_layers=True,
+                        remat_policy='dots_saveable', attention_impl='fused', num_devices=1)
+  trainer = trainer_lib.Trainer(benchmark.train_config(spec), 10,
+                                mesh=sharding.make_mesh(jax.devices()[:1]))
+  model = trainer.model
+  assert (model.scan_layers, model.remat_policy, model.attention_impl) == (
+      True, 'dots_saveable', 'fused')
+  assert 'encoderblock' in trainer.abstract_state['params']['Transformer']
+
+
+def test_find_max_batch_doubles_then_bisects_consistently(tmp_path, capsys):
+  spec = benchmark.Spec(model='testing', resolution=32, batch=2, num_devices=1)
+  capped = benchmark.find_max_batch(spec, memory_limit_bytes=2**40, cap=8)
+  assert capped['max_batch_per_device'] == 8 and capped['capped']
+  sizes = {p['batch_per_device']: p['bytes'] for p in capped['probes']}
+  assert sorted(sizes) == [2, 4, 8] and sizes[2] < sizes[4] < sizes[8]
+  # A limit between the sizes at 2 and 4: the answer is 2 or 3, and answer + 1 fails.
+  limit = (sizes[2] + sizes[4]) // 2
+  result = benchmark.find_max_batch(spec, memory_limit_bytes=limit, cap=64)
+  best = result['max_batch_per_device']
+  assert 2 <= best < 4 and not result['capped']
+  for probe in result['probes']:
+    assert probe['fits'] == (probe['bytes'] <= limit) == (probe['batch_per_device'] <= best)
+  assert best + 1 in [p['batch_per_device'] for p in result['probes']]
+  # The CLI prints the answer and writes the probes; `run` probes execute a step.
+  path = tmp_path / 'max.json'
+  benchmark.main([*TINY, '--find_max_batch', '--max_batch_method=run', '--max_batch_cap=2',
+                  f'--json_out={path}'])
+  (written,) = json.loads(path.read_text())['max_batch']
+  assert written['method'] == 'run' and written['max_batch_per_device'] == 2
+  assert written['probes'][0]['fits']
+  assert 'max batch/device 2' in capsys.readouterr().out
+
+
+def test_presets_and_bad_arguments():
+  specs = benchmark.specs_from_args(benchmark.parse_args(['--num_devices=1']))
+  assert [(s.model, s.resolution, s.batch, s.dtype) for s in specs] == [
+      ('ViT-Ti_16', 224, 8, 'float32'), ('ViT-S_16', 224, 8, 'float32')]
+  specs = benchmark.specs_from_args(benchmark.parse_args(
+      ['--preset=gpu', '--num_devices=1', '--mode=train']))
+  assert {(s.model, s.resolution) for s in specs} == {
+      (m, r) for m in ('ViT-B_16', 'ViT-L_16') for r in (224, 384)}
+  assert all(s.dtype == 'bfloat16' and s.mode == 'train' for s in specs)
+  with pytest.raises(ValueError, match='not a positive multiple'):
+    benchmark.Spec(model='testing', resolution=32, batch=3, num_devices=2).validate()
+  with pytest.raises(ValueError, match='remat_policy'):
+    benchmark.Spec(model='testing', resolution=32, batch=2, remat_policy='x').validate()

@@ -1,0 +1,77 @@
+"""The command line end to end on the real Fashion-MNIST files: train, eval, resume, export."""
+import json
+import os
+import subprocess
+import sys
+
+from flax import traverse_util
+import numpy as np
+import pytest
+
+from vit_jax import checkpoint
+from vit_jax import metrics_writer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--config.model.transformer.num_layers=1', '--config.model.hidden_size=16',
+        '--config.model.transformer.mlp_dim=32', '--config.model.transformer.num_heads=2',
+        '--config.model.representation_size=16', '--config.batch=32',
+        '--config.batch_eval=1000', '--config.log_every=2', '--config.eval_every=3',
+        '--config.checkpoint_every=3', '--config.warmup_steps=1']
+
+
+def _main(workdir, *flags):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  result = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}',
+       '--config=configs/demo.py:pretrain', *TINY, *flags],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result.stdout
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('run'))
+  _main(workdir, '--config.total_steps=6')
+  return workdir
+
+
+def test_train_writes_metrics_checkpoints_and_npz(trained):
+  events = metrics_writer.read_metrics(trained)
+  train_steps = [e['step'] for e in events if 'loss' in e]
+  eval_steps = [e['step'] for e in events if 'eval_top1' in e]
+  assert train_steps == [2, 4, 6] and eval_steps == [3, 6]
+  for e in events:
+    if 'loss' in e:
+      assert {'loss', 'accuracy', 'lr', 'grad_norm', 'images_per_s', 'eta_s'} <= set(e)
+  assert all(0.0 <= e['eval_top1'] <= 1.0 for e in events if 'eval_top1' in e)
+  assert sorted(os.listdir(os.path.join(trained, 'checkpoints')))[:2] == ['3', '6']
+  assert os.listdir(os.path.join(trained, 'tensorboard'))
+  with open(os.path.join(trained, 'config.json')) as f:
+    config = json.load(f)
+  assert config['num_classes'] == 10 and config['pp']['resolution'] == 16
+  params = traverse_util.flatten_dict(checkpoint.load(os.path.join(trained, 'model.npz')),
+                                      sep='/')
+  assert params['head/kernel'].shape == (16, 10)
+  assert params['Transformer/posembed_input/pos_embedding'].shape == (1, 17, 16)
+  assert params['embedding/kernel'].dtype == np.float32
+
+
+def test_eval_of_the_exported_npz_reproduces_the_final_accuracy(trained):
+  out = _main(trained, '--mode=eval', f'--checkpoint={trained}/model.npz')
+  final = [e['eval_top1'] for e in metrics_writer.read_metrics(trained) if 'eval_top1' in e]
+  assert f'eval_top1={final[-1]:.4f}' in out
+
+
+def test_extending_a_finished_run_resumes_from_its_latest_checkpoint(trained, tmp_path):
+  resumed = str(tmp_path / 'resumed')
+  os.makedirs(resumed)
+  subprocess.run(['cp', '-r', *[os.path.join(trained, f) for f in os.listdir(trained)],
+                  resumed], check=True)
+  # A longer schedule is a config change, accepted only when asked for.
+  _main(resumed, '--config.total_steps=8', '--config.allow_config_change=True')
+  events = metrics_writer.read_metrics(resumed)
+  steps = [e['step'] for e in events if 'loss' in e]
+  assert steps == [2, 4, 6, 8]  # steps 1-6 were not trained again
+  assert sorted(os.listdir(os.path.join(resumed, 'checkpoints')))[-1] == '8'

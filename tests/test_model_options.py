@@ -1,0 +1,266 @@
+"""The speed switches of vit_jax.models: each gives the same logits, loss and gradients as the
+default model (attention_impl, remat_policy, scan_layers), and the scan layout converts exactly
+to and from the released layout."""
+import functools
+
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import model_configs
+from vit_jax import models
+from vit_jax import train_step
+
+NUM_CLASSES = 10
+
+
+def _config(num_layers=2, dropout=0.0):
+  cfg = model_configs.get_model_config('testing')
+  cfg.transformer.num_layers = num_layers
+  cfg.transformer.dropout_rate = dropout
+  return cfg
+
+
+def _images(batch=2):
+  return jax.random.uniform(jax.random.PRNGKey(1), (batch, 32, 32, 3), minval=-1, maxval=1)
+
+
+def _params(cfg):
+  """Random released-layout params (numpy; a non-zero head, so the logits depend on everything).
+
+  Everything in these tests is jitted or numpy: op-by-op Flax calls compile every op and would
+  take minutes on a busy CPU.
+  """
+  model = models.build_model(cfg, NUM_CLASSES)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                          _images(1))['params']
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: rng.normal(0.0, 0.3, s.shape).astype(np.float32), shapes)
+
+
+def _logits(model, params, images):
+  return jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(params, images)
+
+
+def _sown(model, params, images):
+  apply = lambda p, x: model.apply({'params': p}, x, train=False, mutable=['intermediates'])[1]
+  return jax.jit(apply)(params, images)
+
+
+def _loss_and_grads_fn(model):
+  """jitted (params, images, seed) -> (training loss, grads)."""
+
+  def loss_fn(params, images, seed):
+    labels = jnp.arange(images.shape[0]) % NUM_CLASSES
+    logits = model.apply({'params': params}, images, train=True,
+                         rngs={'dropout': jax.random.PRNGKey(seed)})
+    return jnp.mean(train_step.cross_entropy(logits, labels, num_classes=NUM_CLASSES))
+
+  return jax.jit(jax.value_and_grad(loss_fn))
+
+
+def _loss_and_grads(model, params, images, seed=0):
+  return _loss_and_grads_fn(model)(params, images, seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(dropout=0.0, seed=0):
+  """(params, logits, loss, grads) of the default model, computed once per module."""
+  cfg, x = _config(dropout=dropout), _images()
+  params = _params(cfg)
+  model = models.build_model(cfg, NUM_CLASSES)
+  loss, grads = _loss_and_grads(model, params, x, seed)
+  logits = _logits(model, params, x) if not dropout else None
+  return params, logits, loss, grads
+
+
+def _assert_trees_close(a, b, **tol):
+  a, b = (traverse_util.flatten_dict(t, sep='/') for t in (a, b))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(np.asarray(a[k], np.float32), np.asarray(b[k], np.float32),
+                               err_msg=k, **tol)
+
+
+def test_defaults_are_the_plain_model_and_options_flow_from_the_model_config():
+  model = models.build_model(_config(), NUM_CLASSES)
+  assert (model.attention_impl, model.remat_policy, model.scan_layers) == ('xla', 'none', False)
+  cfg = _config()
+  cfg.remat_policy = 'full'
+  cfg.scan_layers = True
+  cfg.attention_impl = 'fused'
+  model = models.build_model(cfg, NUM_CLASSES)
+  assert (model.attention_impl, model.remat_policy, model.scan_layers) == ('fused', 'full', True)
+  model = models.build_model(_config(), NUM_CLASSES, remat_policy='dots_saveable')
+  assert model.remat_policy == 'dots_saveable'
+
+
+def test_unknown_options_are_clear_errors():
+  x = _images(1)
+  for kw, match in ((dict(attention_impl='flash'), "attention_impl='flash'"),
+                    (dict(remat_policy='most'), "remat_policy='most'")):
+    model = models.build_model(_config(), NUM_CLASSES, **kw)
+    with pytest.raises(ValueError, match=match):
+      jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention_impl
+
+
+def test_fused_attention_gives_the_same_logits_loss_and_grads():
+  cfg, x = _config(), _images()
+  params, logits, loss, grads = _reference()
+  fused = models.build_model(cfg, NUM_CLASSES, attention_impl='fused')
+  tol = dict(rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_logits(fused, params, x), logits, **tol)
+  loss_fused, grads_fused = _loss_and_grads(fused, params, x)
+  np.testing.assert_allclose(loss_fused, loss, **tol)
+  _assert_trees_close(grads_fused, grads, **tol)
+
+
+def test_fused_attention_in_bfloat16_is_close_to_float32():
+  cfg, x = _config(), _images()
+  params, logits, _, _ = _reference()
+  fused = models.build_model(cfg, NUM_CLASSES, dtype=jnp.bfloat16, attention_impl='fused')
+  out = _logits(fused, params, x)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, logits, rtol=0.05, atol=0.1)
+  assert not np.allclose(out, logits, atol=1e-6)  # It did compute in bfloat16.
+
+
+def test_fused_attention_sows_nothing_and_refuses_attention_dropout():
+  cfg, x = _config(), _images()
+  params = _reference()[0]
+  fused = models.build_model(cfg, NUM_CLASSES, attention_impl='fused')
+  assert not jax.tree.leaves(_sown(fused, params, x))
+  cfg.transformer.attention_dropout_rate = 0.1
+  fused = models.build_model(cfg, NUM_CLASSES, attention_impl='fused')
+  jax.eval_shape(lambda: fused.apply({'params': params}, x, train=False))  # Eval drops nothing.
+  with pytest.raises(ValueError, match='no attention dropout'):
+    jax.eval_shape(lambda: fused.apply({'params': params}, x, train=True,
+                                       rngs={'dropout': jax.random.PRNGKey(0)}))
+
+
+# ---------------------------------------------------------------------------------------------
+# remat_policy
+
+
+# Dropout (which doubles the compile time) once: it checks that remat keeps the rng paths.
+@pytest.mark.parametrize('policy,dropout', [('full', 0.2), ('dots_saveable', 0.0),
+                                            ('dots_with_no_batch_dims_saveable', 0.0)])
+def test_remat_gives_the_same_loss_and_grads(policy, dropout):
+  cfg, x = _config(dropout=dropout), _images()
+  params, _, loss_plain, grads_plain = _reference(dropout)
+  plain = models.build_model(cfg, NUM_CLASSES)
+  remat = models.build_model(cfg, NUM_CLASSES, remat_policy=policy)
+  shapes = lambda m: jax.tree.map(jnp.shape, jax.eval_shape(
+      lambda: m.init(jax.random.PRNGKey(0), x, train=False)))
+  assert shapes(remat) == shapes(plain)
+  loss_remat, grads_remat = _loss_and_grads(remat, params, x)
+  # Same dropout masks (same rng paths), so the same numbers up to float reassociation.
+  np.testing.assert_allclose(loss_remat, loss_plain, rtol=1e-6)
+  _assert_trees_close(grads_remat, grads_plain, rtol=1e-5, atol=1e-6)
+  # The attention weights are still sown through the remat.
+  assert len(jax.tree.leaves(_sown(remat, params, x))) == cfg.transformer.num_layers
+
+
+# ---------------------------------------------------------------------------------------------
+# scan_layers
+
+
+def test_scanned_model_with_stacked_params_matches_the_unscanned_model():
+  cfg, x = _config(), _images()
+  params, logits, loss_plain, grads_plain = _reference()
+  scanned = models.build_model(cfg, NUM_CLASSES, scan_layers=True)
+  stacked = models.stack_encoder_blocks(params)
+  # The scanned model's own init has exactly the stacked layout.
+  init = jax.eval_shape(lambda: scanned.init(jax.random.PRNGKey(0), x, train=False))['params']
+  assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, stacked)
+  assert init['Transformer']['encoderblock']['MlpBlock_3']['Dense_0']['kernel'].shape == (
+      2, 16, 32)
+  np.testing.assert_allclose(_logits(scanned, stacked, x), logits, rtol=1e-5, atol=1e-5)
+  loss_scan, grads_scan = _loss_and_grads(scanned, stacked, x)
+  np.testing.assert_allclose(loss_scan, loss_plain, rtol=1e-5)
+  _assert_trees_close(models.unstack_encoder_blocks(grads_scan), grads_plain,
+                      rtol=1e-4, atol=1e-6)
+
+
+def test_scanned_model_sows_stacked_attention_weights():
+  cfg, x = _config(), _images()
+  params = _reference()[0]
+  scanned = models.build_model(cfg, NUM_CLASSES, scan_layers=True)
+  state = _sown(scanned, models.stack_encoder_blocks(params), x)
+  (weights,) = state['intermediates']['Transformer']['encoderblock'][
+      'MultiHeadDotProductAttention_1']['attention_weights']
+  assert weights.shape == (2, 2, 2, 5, 5)
+  plain_state = _sown(models.build_model(cfg, NUM_CLASSES), params, x)
+  for i in range(2):
+    (expected,) = plain_state['intermediates']['Transformer'][f'encoderblock_{i}'][
+        'MultiHeadDotProductAttention_1']['attention_weights']
+    np.testing.assert_allclose(weights[i], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_scan_with_remat_and_fused_attention_matches_the_plain_model():
+  cfg, x = _config(), _images()
+  params, logits, loss, grads = _reference()
+  model = models.build_model(cfg, NUM_CLASSES, scan_layers=True, remat_policy='full',
+                             attention_impl='fused')
+  stacked = models.stack_encoder_blocks(params)
+  np.testing.assert_allclose(_logits(model, stacked, x), logits, rtol=1e-5, atol=1e-5)
+  loss_all, grads_all = _loss_and_grads(model, stacked, x)
+  np.testing.assert_allclose(loss_all, loss, rtol=1e-5)
+  _assert_trees_close(models.unstack_encoder_blocks(grads_all), grads, rtol=1e-4, atol=1e-6)
+
+
+def test_scanned_dropout_is_live_and_seeded():
+  cfg, x = _config(dropout=0.2), _images()
+  model = models.build_model(cfg, NUM_CLASSES, scan_layers=True, remat_policy='full')
+  forward = jax.jit(lambda p, seed: model.apply(
+      {'params': p}, x, train=True, rngs={'dropout': jax.random.PRNGKey(seed)}))
+  params = models.stack_encoder_blocks(_reference()[0])
+  np.testing.assert_array_equal(forward(params, 0), forward(params, 0))
+  assert not np.allclose(forward(params, 0), forward(params, 1))
+  assert not np.allclose(forward(params, 0), _reference()[1])
+
+
+def test_stack_and_unstack_round_trip_exactly():
+  cfg = _config()
+  params = _params(cfg)
+  stacked = models.stack_encoder_blocks(params)
+  assert set(stacked['Transformer']) == {'encoderblock', 'posembed_input', 'encoder_norm'}
+  assert stacked['head'] is params['head']
+  back = models.unstack_encoder_blocks(stacked)
+  flat, flat_back = (traverse_util.flatten_dict(t, sep='/') for t in (params, back))
+  assert flat.keys() == flat_back.keys()
+  for k in flat:
+    assert flat_back[k].dtype == flat[k].dtype
+    np.testing.assert_array_equal(flat_back[k], flat[k], err_msg=k)
+  # jax.Arrays and abstract shapes (e.g. a trainer's abstract state) convert the same way.
+  jax_stacked = models.stack_encoder_blocks(jax.tree.map(jnp.asarray, params))
+  _assert_trees_close(jax_stacked, stacked, rtol=0, atol=0)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  assert (jax.tree.map(lambda s: s.shape, models.stack_encoder_blocks(abstract)) ==
+          jax.tree.map(np.shape, stacked))
+  assert (jax.tree.map(lambda s: s.shape, models.unstack_encoder_blocks(
+      models.stack_encoder_blocks(abstract))) == jax.tree.map(np.shape, params))
+  # Already in the target layout: unchanged.
+  assert models.unstack_encoder_blocks(params).keys() == params.keys()
+  assert models.unstack_encoder_blocks(params)['Transformer'] is params['Transformer']
+  assert models.stack_encoder_blocks(stacked)['Transformer'] is stacked['Transformer']
+
+
+def test_conversion_refuses_mixed_or_gapped_trees():
+  params = _params(_config())
+  mixed = models.stack_encoder_blocks(params)
+  mixed['Transformer']['encoderblock_0'] = params['Transformer']['encoderblock_0']
+  with pytest.raises(ValueError, match='both'):
+    models.stack_encoder_blocks(mixed)
+  with pytest.raises(ValueError, match='both'):
+    models.unstack_encoder_blocks(mixed)
+  gapped = dict(params, Transformer=dict(params['Transformer']))
+  del gapped['Transformer']['encoderblock_0']
+  with pytest.raises(ValueError, match='not numbered'):
+    models.stack_encoder_blocks(gapped)

@@ -1,0 +1,276 @@
+"""Models: parameter layout and counts, forward shapes, dtypes, dropout and numerics."""
+import math
+
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import flops
+from vit_jax import model_configs
+from vit_jax import models
+
+
+def _param_shapes(name, num_classes=1000, resolution=224):
+  model = models.build_model(models.MODEL_CONFIGS[name], num_classes)
+  images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+  variables = jax.eval_shape(
+      lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+  return {k: v.shape for k, v in
+          traverse_util.flatten_dict(variables['params'], sep='/').items()}
+
+
+@pytest.mark.parametrize('name,count', [
+    ('ViT-Ti_16', 5_717_416), ('ViT-S_16', 22_050_664), ('ViT-B_16', 86_567_656),
+    ('ViT-B_32', 88_224_232), ('ViT-L_16', 304_326_632), ('ViT-H_14', 632_045_800),
+    ('R50+ViT-B_16', 98_659_112),
+])
+def test_parameter_counts_at_224_with_1000_classes(name, count):
+  shapes = _param_shapes(name)
+  assert sum(math.prod(s) for s in shapes.values()) == count
+
+
+def _expected_vit_shapes(cfg, num_classes, tokens, in_channels=3):
+  """The released layout, written out from the issue's description."""
+  d, p = cfg.hidden_size, cfg.patches.size[0]
+  heads, mlp = cfg.transformer.num_heads, cfg.transformer.mlp_dim
+  shapes = {
+      'embedding/kernel': (p, p, in_channels, d), 'embedding/bias': (d,),
+      'Transformer/posembed_input/pos_embedding': (1, tokens, d),
+      'Transformer/encoder_norm/scale': (d,), 'Transformer/encoder_norm/bias': (d,),
+      'head/kernel': (cfg.representation_size or d, num_classes), 'head/bias': (num_classes,),
+  }
+  if cfg.classifier == 'token':
+    shapes['cls'] = (1, 1, d)
+  if cfg.representation_size:
+    shapes['pre_logits/kernel'] = (d, cfg.representation_size)
+    shapes['pre_logits/bias'] = (cfg.representation_size,)
+  for i in range(cfg.transformer.num_layers):
+    b = f'Transformer/encoderblock_{i}/'
+    for ln in ('LayerNorm_0', 'LayerNorm_2'):
+      shapes[b + ln + '/scale'] = shapes[b + ln + '/bias'] = (d,)
+    for qkv in ('query', 'key', 'value'):
+      shapes[f'{b}MultiHeadDotProductAttention_1/{qkv}/kernel'] = (d, heads, d // heads)
+      shapes[f'{b}MultiHeadDotProductAttention_1/{qkv}/bias'] = (heads, d // heads)
+    shapes[b + 'MultiHeadDotProductAttention_1/out/kernel'] = (heads, d // heads, d)
+    shapes[b + 'MultiHeadDotProductAttention_1/out/bias'] = (d,)
+    shapes[b + 'MlpBlock_3/Dense_0/kernel'] = (d, mlp)
+    shapes[b + 'MlpBlock_3/Dense_0/bias'] = (mlp,)
+    shapes[b + 'MlpBlock_3/Dense_1/kernel'] = (mlp, d)
+    shapes[b + 'MlpBlock_3/Dense_1/bias'] = (d,)
+  return shapes
+
+
+def _expected_resnet_shapes(num_layers, width=64):
+  shapes = {'conv_root/kernel': (7, 7, 3, width), 'gn_root/scale': (width,),
+            'gn_root/bias': (width,)}
+  c_in = width
+  for s, units in enumerate(num_layers):
+    f = width * 2**s
+    for u in range(units):
+      b = f'block{s + 1}/unit{u + 1}/'
+      shapes.update({b + 'conv1/kernel': (1, 1, c_in, f), b + 'conv2/kernel': (3, 3, f, f),
+                     b + 'conv3/kernel': (1, 1, f, 4 * f)})
+      for gn, c in (('gn1', f), ('gn2', f), ('gn3', 4 * f)):
+        shapes[b + gn + '/scale'] = shapes[b + gn + '/bias'] = (c,)
+      if u == 0:
+        shapes[b + 'conv_proj/kernel'] = (1, 1, c_in, 4 * f)
+        shapes[b + 'gn_proj/scale'] = shapes[b + 'gn_proj/bias'] = (4 * f,)
+      c_in = 4 * f
+  return shapes, c_in
+
+
+@pytest.mark.parametrize('name', sorted(models.MODEL_CONFIGS))
+def test_every_variant_has_the_released_layout(name):
+  cfg = models.MODEL_CONFIGS[name]
+  resolution, num_classes = 224, 21843
+  expected, channels, stride = {}, 3, 1
+  if cfg.resnet is not None:
+    expected, channels = _expected_resnet_shapes(cfg.resnet.num_layers)
+    stride = 4 * 2**max(len(cfg.resnet.num_layers) - 1, 0)
+  grid = resolution // stride // cfg.patches.size[0]
+  tokens = grid * grid + (cfg.classifier == 'token')
+  expected.update(_expected_vit_shapes(cfg, num_classes, tokens, channels))
+  assert _param_shapes(name, num_classes, resolution) == expected
+
+
+def test_released_i21k_parameter_count_with_pre_logits():
+  # PAPER.md: ViT-B/16 with 21,843 classes and pre_logits has 103,186,515 parameters.
+  cfg = model_configs.get_model_config('ViT-B_16')
+  cfg.representation_size = 768
+  model = models.build_model(cfg, 21843)
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)), train=False))
+  assert sum(x.size for x in jax.tree.leaves(variables)) == 103_186_515
+
+
+def _testing_model(**overrides):
+  cfg = model_configs.get_model_config('testing')
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+@pytest.mark.parametrize('classifier,rep,num_classes,expected', [
+    ('token', None, 10, (2, 10)),
+    ('gap', None, 10, (2, 10)),
+    ('unpooled', None, 10, (2, 4, 10)),
+    ('token_unpooled', None, 10, (2, 5, 10)),
+    ('token', 24, 10, (2, 10)),
+    ('token', 24, 0, (2, 24)),
+    ('gap', None, None, (2, 16)),
+])
+def test_forward_shapes_per_classifier(classifier, rep, num_classes, expected):
+  cfg = _testing_model(classifier=classifier, representation_size=rep)
+  model = models.build_model(cfg, num_classes)
+  x = jnp.zeros((2, 32, 32, 3))
+  params = model.init(jax.random.PRNGKey(0), x, train=False)['params']
+  out = model.apply({'params': params}, x, train=False)
+  assert out.shape == expected
+  assert out.dtype == jnp.float32
+
+
+def test_head_is_zero_initialised_with_configurable_bias():
+  model = models.build_model(_testing_model(), 5, head_bias_init=-10.0)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (3, 32, 32, 3), minval=-1, maxval=1)
+  params = model.init(jax.random.PRNGKey(0), x, train=False)['params']
+  np.testing.assert_array_equal(params['head']['kernel'], 0.0)
+  np.testing.assert_array_equal(model.apply({'params': params}, x, train=False), -10.0)
+
+
+def test_hybrid_forward_with_stages_and_root_only():
+  for resnet, patch, expected_tokens in (((1, 1), 1, 1 + 4 * 4), ((), 2, 1 + 4 * 4)):
+    cfg = _testing_model(patches={'size': (patch, patch)},
+                         resnet={'num_layers': resnet, 'width_factor': 1})
+    model = models.build_model(cfg, 7)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), minval=-1, maxval=1)
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    logits = model.apply(variables, x, train=False)
+    assert logits.shape == (2, 7)
+    assert variables['params']['Transformer']['posembed_input']['pos_embedding'].shape == (
+        1, expected_tokens, 16)
+    # gn3 starts at zero, so each unit starts as its (projected) shortcut.
+    if resnet:
+      np.testing.assert_array_equal(variables['params']['block1']['unit1']['gn3']['scale'], 0.0)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_close_logits():
+  cfg = _testing_model()
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  f32 = models.build_model(cfg, 10)
+  params = f32.init(jax.random.PRNGKey(0), x, train=False)['params']
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
+                        params)
+  bf16 = models.build_model(cfg, 10, dtype=jnp.bfloat16)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(
+      bf16.init(jax.random.PRNGKey(0), x, train=False)))
+  out32 = f32.apply({'params': params}, x, train=False)
+  out16 = bf16.apply({'params': params}, x, train=False)
+  assert out16.dtype == jnp.float32
+  np.testing.assert_allclose(out16, out32, atol=0.1, rtol=0.05)
+  assert not np.allclose(out16, out32, atol=1e-6)
+  half = models.build_model(cfg, 10, param_dtype=jnp.bfloat16)
+  assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(
+      half.init(jax.random.PRNGKey(0), x, train=False)))
+
+
+def test_dropout_only_in_training():
+  cfg = _testing_model()
+  cfg.transformer.dropout_rate = 0.5
+  model = models.build_model(cfg, 10)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  params = model.init(jax.random.PRNGKey(0), x, train=False)['params']
+  params['head']['kernel'] = jnp.ones_like(params['head']['kernel'])
+  evaluate = lambda: model.apply({'params': params}, x, train=False)
+  np.testing.assert_array_equal(evaluate(), evaluate())
+  train = lambda seed: model.apply({'params': params}, x, train=True,
+                                   rngs={'dropout': jax.random.PRNGKey(seed)})
+  np.testing.assert_array_equal(train(0), train(0))
+  assert not np.allclose(train(0), train(1))
+  assert not np.allclose(train(0), evaluate())
+
+
+def _np_layer_norm(x, scale, bias, eps=1e-6):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean)**2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def _np_gelu(x):
+  from scipy.special import erf  # pylint: disable=g-import-not-at-top
+  return 0.5 * x * (1 + erf(x / np.sqrt(2)))
+
+
+def _np_encoder_block(x, p):
+  """Plain numpy pre-LN block, written from the paper's equations."""
+  a = p['MultiHeadDotProductAttention_1']
+  y = _np_layer_norm(x, p['LayerNorm_0']['scale'], p['LayerNorm_0']['bias'])
+  q, k, v = (np.einsum('btd,dhk->bthk', y, a[n]['kernel']) + a[n]['bias']
+             for n in ('query', 'key', 'value'))
+  logits = np.einsum('bqhk,bthk->bhqt', q, k) / np.sqrt(q.shape[-1])
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  o = np.einsum('bhqt,bthk->bqhk', w, v)
+  x = x + np.einsum('bqhk,hkd->bqd', o, a['out']['kernel']) + a['out']['bias']
+  m = p['MlpBlock_3']
+  y = _np_layer_norm(x, p['LayerNorm_2']['scale'], p['LayerNorm_2']['bias'])
+  h = _np_gelu(y @ m['Dense_0']['kernel'] + m['Dense_0']['bias'])
+  return x + h @ m['Dense_1']['kernel'] + m['Dense_1']['bias'], w
+
+
+def test_encoder_block_matches_numpy_reference_and_sows_attention():
+  block = models.Encoder1DBlock(mlp_dim=12, num_heads=2)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 5, 8)).astype(np.float32)
+  params = block.init(jax.random.PRNGKey(0), x, deterministic=True)['params']
+  params = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32) * 0.5, params)
+  out, state = block.apply({'params': params}, x, deterministic=True, mutable=['intermediates'])
+  expected, weights = _np_encoder_block(x.astype(np.float64), jax.tree.map(np.asarray, params))
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+  (sown,) = state['intermediates']['MultiHeadDotProductAttention_1']['attention_weights']
+  np.testing.assert_allclose(sown, weights, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_weights_of_every_layer_are_sown():
+  model = models.build_model(_testing_model(), 10)
+  x = jnp.zeros((1, 32, 32, 3))
+  params = model.init(jax.random.PRNGKey(0), x, train=False)['params']
+  _, state = model.apply({'params': params}, x, train=False, mutable=['intermediates'])
+  for i in range(2):
+    (w,) = state['intermediates']['Transformer'][f'encoderblock_{i}'][
+        'MultiHeadDotProductAttention_1']['attention_weights']
+    assert w.shape == (1, 2, 5, 5)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_unknown_model_and_classifier_are_clear_errors():
+  with pytest.raises(ValueError, match="Unknown model 'ViT-X_3'.*ViT-B_16"):
+    model_configs.get_model_config('ViT-X_3')
+  assert model_configs.get_model_config('r50b16').model_name == 'R50+ViT-B_16'
+  model = models.build_model(_testing_model(classifier='cls'), 10)
+  with pytest.raises(ValueError, match="Unknown classifier 'cls'"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+
+
+@pytest.mark.parametrize('name', ['testing', 'ViT-B_16', 'R50+ViT-B_16', 'R+ViT-Ti_16'])
+def test_analytic_flops_agree_with_xla_cost_analysis(name):
+  cfg = models.MODEL_CONFIGS[name]
+  model = models.build_model(cfg, 1000)
+  images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                             images)
+  compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+      variables, images).compile()
+  xla = compiled.cost_analysis()['flops']
+  analytic = flops.forward_flops(cfg, 224)
+  # XLA also counts element-wise work that the analytic count leaves out.
+  assert 0.85 * xla <= analytic <= xla
+
+
+def test_flops_of_vit_b16_by_hand():
+  # 196 patches + cls = 197 tokens, D=768, MLP=3072, 12 layers, 1000 classes.
+  t, d, m = 197, 768, 3072
+  per_block = 2 * (t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * m)
+  expected = 2 * 196 * 16 * 16 * 3 * d + 12 * per_block + 2 * d * 1000
+  assert flops.forward_flops(models.MODEL_CONFIGS['ViT-B_16'], 224) == expected

@@ -1,0 +1,186 @@
+"""The train step and loop on 8 CPU devices: learning, accumulation, sharding, multi-host."""
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from tests import train_fixtures
+from vit_jax import config_lib
+from vit_jax import optim
+from vit_jax import sharding
+from vit_jax import train_step as steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_steps(config, num_steps, batches=None):
+  trainer = train_fixtures.tiny_trainer(config)
+  state = trainer.initial_state()
+  batches = batches or list(train_fixtures.synthetic_batches(config, num_steps))
+  losses = []
+  for batch in batches:
+    state, metrics = trainer.train_step(state, jax.device_put(
+        batch, sharding.batch_sharding(trainer.mesh)))
+    losses.append(float(metrics['loss']))
+  return state, losses
+
+
+def test_train_step_decreases_the_loss_on_a_fixed_batch():
+  config = train_fixtures.tiny_config()
+  batch = next(train_fixtures.synthetic_batches(config, 1))
+  _, losses = _run_steps(config, 0, [batch] * 15)
+  assert losses[-1] < 0.5 * losses[0]
+  assert losses[0] == pytest.approx(np.log(10), rel=0.05)  # zero head: uniform predictions
+
+
+def test_accumulation_gives_the_same_update_as_one_big_batch():
+  # SGD: the update is linear in the gradient (Adam would magnify rounding in ~0 gradients).
+  sgd = dict(optimizer='sgd', base_lr=0.1)
+  batches = list(train_fixtures.synthetic_batches(train_fixtures.tiny_config(), 2))
+  state1, losses1 = _run_steps(train_fixtures.tiny_config(accum_steps=1, **sgd), 0, batches)
+  state4, losses4 = _run_steps(train_fixtures.tiny_config(accum_steps=4, **sgd), 0, batches)
+  np.testing.assert_allclose(losses1, losses4, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               jax.device_get(state1['params']), jax.device_get(state4['params']))
+
+
+def test_fsdp_and_replicated_sharding_give_the_same_result(monkeypatch):
+  monkeypatch.setattr(sharding, 'FSDP_MIN_SIZE', 64)  # so that the tiny model's leaves split
+  batches = list(train_fixtures.synthetic_batches(train_fixtures.tiny_config(), 3))
+  state_r, losses_r = _run_steps(train_fixtures.tiny_config(sharding='replicate'), 0, batches)
+  config = train_fixtures.tiny_config(sharding='fsdp')
+  state_f, losses_f = _run_steps(config, 0, batches)
+  np.testing.assert_allclose(losses_r, losses_f, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               jax.device_get(state_r['params']), jax.device_get(state_f['params']))
+  # FSDP really splits parameters and the optimizer state alike.
+  kernel = state_f['params']['Transformer']['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel']
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'data')  # (16, 32)
+  mu = state_f['opt_state'][1][0].mu['embedding']['kernel']  # Adam's first moment, (4,4,3,16)
+  assert mu.sharding.spec == jax.sharding.PartitionSpec(None, None, None, 'data')
+  assert sharding.fsdp_spec((16,), 8) == jax.sharding.PartitionSpec()
+
+
+def test_same_config_and_seed_give_the_same_curve_and_another_seed_does_not():
+  config = train_fixtures.tiny_config()
+  config.model.transformer.dropout_rate = 0.2
+  batches = list(train_fixtures.synthetic_batches(config, 3))
+  _, a = _run_steps(config, 0, batches)
+  _, b = _run_steps(config, 0, batches)
+  assert a == b
+  config.seed = 1
+  _, c = _run_steps(config, 0, batches)
+  assert a != c
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _worker_env(devices):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return env
+
+
+def _losses(output):
+  line = [l for l in output.splitlines() if l.startswith('LOSSES ')][-1]
+  return np.array(eval(line[len('LOSSES '):]))  # pylint: disable=eval-used
+
+
+def test_two_processes_match_one_process_with_eight_devices():
+  strategy = 'fsdp'  # the harder case: parameters and optimizer state split across hosts too
+  worker = os.path.join(ROOT, 'tests', 'multihost_train_worker.py')
+  single = subprocess.run([sys.executable, worker, '1', '0', '0', strategy],
+                          env=_worker_env(8), capture_output=True, text=True, timeout=300)
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, worker, '2', str(i), str(port), strategy],
+                            env=_worker_env(4), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  np.testing.assert_allclose(_losses(outputs[0][0]), _losses(single.stdout), rtol=1e-5)
+
+
+def test_schedule_warmup_then_cosine_and_linear():
+  config = train_fixtures.tiny_config(base_lr=1.0, warmup_steps=10, total_steps=110,
+                                      decay_type='cosine')
+  lr = optim.learning_rate_schedule(config)
+  assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+  assert float(lr(10)) == pytest.approx(1.0)
+  assert float(lr(60)) == pytest.approx(0.5, abs=1e-6)
+  assert float(lr(110)) == pytest.approx(0.0, abs=1e-7)
+  config.decay_type = 'linear'
+  assert float(optim.learning_rate_schedule(config)(35)) == pytest.approx(0.75)
+
+
+def test_optimizers_follow_the_recipes():
+  params = {'w': np.ones(3, np.float32)}
+  grads = {'w': np.array([30.0, 40.0, 0.0], np.float32)}  # global norm 50 -> clipped to 1
+  sgd = optim.make_optimizer(train_fixtures.tiny_config(
+      optimizer='sgd', momentum=0.9, base_lr=0.1, warmup_steps=0, total_steps=10,
+      decay_type='linear', grad_norm_clip=1.0))
+  updates, _ = sgd.update(grads, sgd.init(params), params)
+  np.testing.assert_allclose(updates['w'], [-0.06, -0.08, 0.0], rtol=1e-6)
+  adam = optim.make_optimizer(train_fixtures.tiny_config(
+      optimizer='adam', base_lr=0.1, weight_decay=0.5, warmup_steps=0, total_steps=10,
+      decay_type='linear', grad_norm_clip=0.0))
+  updates, _ = adam.update(grads, adam.init(params), params)
+  # First Adam step: -lr * (sign(g) + wd * w), with decoupled weight decay.
+  np.testing.assert_allclose(updates['w'], [-0.15, -0.15, -0.05], rtol=1e-4)
+
+
+def test_sigmoid_loss_and_label_smoothing_by_hand():
+  logits = np.array([[0.0, 0.0]], np.float32)
+  np.testing.assert_allclose(
+      steps.cross_entropy(logits, np.array([1]), num_classes=2, kind='sigmoid'),
+      [2 * np.log(2)], rtol=1e-6)
+  logits = np.array([[2.0, 0.0]], np.float32)
+  p = np.exp(logits[0]) / np.exp(logits[0]).sum()
+  expected = -(0.95 * np.log(p[0]) + 0.05 * np.log(p[1]))
+  np.testing.assert_allclose(
+      steps.cross_entropy(logits, np.array([0]), num_classes=2, label_smoothing=0.1),
+      [expected], rtol=1e-6)
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'batch': 30}, 'config.batch=30 / config.accum_steps=1 = 30 is not divisible by the 8'),
+    ({'batch': 32, 'accum_steps': 3}, 'not divisible by config.accum_steps=3'),
+    ({'batch': 32, 'accum_steps': 8}, '= 4 is not divisible by the 8 devices'),
+    ({'pp.resolution': 18}, 'config.pp.resolution=18 is not a multiple of the patch size 4'),
+    ({'loss': 'hinge'}, "config.loss='hinge'"),
+    ({'sharding': 'tp'}, "config.sharding='tp'"),
+    ({'warmup_steps': 100}, 'config.warmup_steps=100'),
+])
+def test_config_errors_name_the_field(overrides, message):
+  config = train_fixtures.tiny_config()
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split('.')
+    for part in path:
+      node = node[part]
+    node[last] = value
+  with pytest.raises(ValueError, match=message.replace('(', r'\(').replace('+', r'\+')):
+    config_lib.validate(config, num_devices=8, process_count=1)
+
+
+def test_global_batch_4096_is_a_config_value():
+  config = train_fixtures.tiny_config(batch=4096, accum_steps=16)
+  config_lib.validate(config, num_devices=8, process_count=2)
+  batch = {'image': np.zeros((4096, 2), np.float32), 'label': np.arange(4096)}
+  mesh = sharding.make_mesh()
+  micro = jax.jit(lambda b: steps._microbatches(b, 16, mesh))(  # pylint: disable=protected-access
+      jax.device_put(batch, sharding.batch_sharding(mesh)))
+  assert micro['label'].shape == (16, 256)
+  # Micro-batch j holds examples j, j+16, ...: every device keeps its own rows.
+  np.testing.assert_array_equal(micro['label'][3], np.arange(3, 4096, 16))
+  assert micro['label'].sharding.spec == jax.sharding.PartitionSpec(None, 'data')

@@ -1,0 +1,48 @@
+"""Examples of a dataset config's split for the analyses, with eval preprocessing, in one pass."""
+from typing import Iterator, Optional, Sequence
+
+import ml_collections
+import numpy as np
+
+from vit_jax import inference
+from vit_jax import input_pipeline
+
+
+def batches(config: ml_collections.ConfigDict, split: str,
+            max_examples: Optional[int] = None) -> Iterator[dict]:
+  """{'image', 'label', 'mask'} batches of `config.batch_eval` (fixed shape, padding masked) over
+  `split` at `config.pp.resolution`, stopping after `max_examples` unmasked examples."""
+  config = config.copy_and_resolve_references()
+  config.eval_split = split
+  seen = 0
+  for batch in input_pipeline.build_eval_iterator(config, process_index=0, process_count=1):
+    if max_examples is not None:
+      batch['mask'] = batch['mask'] & (np.cumsum(batch['mask']) <= max_examples - seen)
+    seen += int(batch['mask'].sum())
+    yield batch
+    if max_examples is not None and seen >= max_examples:
+      return
+
+
+def images(config: ml_collections.ConfigDict, split: str, count: int) -> np.ndarray:
+  """The first `count` images of `split`, float32 [n, R, R, 3] in [-1, 1] (n <= count)."""
+  kept = [b['image'][b['mask']] for b in batches(config, split, count)]
+  if not kept:
+    raise ValueError(f'Split {split!r} of {config.dataset} has no examples.')
+  return np.concatenate(kept)
+
+
+def analysis_images(resolution: int, image_paths: Sequence[str],
+                    config: Optional[ml_collections.ConfigDict],
+                    num_images: int) -> tuple[list[str], np.ndarray]:
+  """(names, images) to analyse: the given image files/directories if any, else the first
+  `num_images` of the dataset config's eval split, at `resolution`."""
+  if image_paths:
+    return inference.load_images(image_paths, resolution)
+  if config is None:
+    raise ValueError('Give images (--images) or a dataset config (--config, or a workdir as the '
+                     'checkpoint) to take them from.')
+  config = config.copy_and_resolve_references()
+  config.pp.resolution = resolution
+  found = images(config, config.eval_split, num_images)
+  return [f'{config.eval_split}_{i:05d}' for i in range(len(found))], found

@@ -1,0 +1,155 @@
+r"""The paper's analyses as one command; each writes PNG and/or JSON files into --out_dir.
+
+  python -m vit_jax.analyze --analysis=attention_maps --checkpoint=WORKDIR --images=DIR \
+      --out_dir=out/
+  python -m vit_jax.analyze --analysis=posemb_similarity --checkpoint=ViT-B_16.npz \
+      --model=ViT-B_16 --out_dir=out/
+  python -m vit_jax.analyze --analysis=filters --checkpoint=... --out_dir=out/
+  python -m vit_jax.analyze --analysis=attention_distance --checkpoint=WORKDIR --out_dir=out/
+  python -m vit_jax.analyze --analysis=fewshot --checkpoint=ViT-B_16.npz --model=ViT-B_16 \
+      --config=configs/vit.py:b16,cifar10 --out_dir=out/
+  python -m vit_jax.analyze --analysis=speed --speed_models=ViT-B_16,ViT-L_16 \
+      --resolutions=224,384 --batch_sizes=1,64 --out_dir=out/
+
+Images for attention_maps / attention_distance: --images, else the first --num_images of the eval
+split of the dataset config (--config, or the workdir's own). Few-shot uses the dataset config's
+train split (the first --fewshot_pool examples) and eval split.
+"""
+import os
+from typing import Sequence
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from vit_jax import inference
+from vit_jax import model_configs
+from vit_jax.analysis import data
+from vit_jax.analysis import outputs
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Defined by the program only, so that importing this module adds no flags elsewhere."""
+  flags.DEFINE_enum('analysis', None, outputs.ANALYSES, 'Which analysis to run.', flag_values=fv)
+  flags.DEFINE_string('out_dir', None, 'Directory for the PNG/JSON outputs (created).',
+                      flag_values=fv)
+  flags.DEFINE_string('checkpoint', None, 'A released-layout .npz or a training workdir. Needed '
+                      'by every analysis but speed.', flag_values=fv)
+  flags.DEFINE_string('model', None, 'Model name (vit_jax.model_configs) of a .npz checkpoint; '
+                      'for speed, the model to time when --speed_models is empty.', flag_values=fv)
+  flags.DEFINE_integer('resolution', None, 'Input resolution (default: the dataset config\'s, '
+                       'else the checkpoint\'s); position embeddings are resized to fit.',
+                       flag_values=fv)
+  flags.DEFINE_list('images', [], 'Image files and/or directories (attention_maps, '
+                    'attention_distance).', flag_values=fv)
+  config_flags.DEFINE_config_file('config', None, 'Dataset config (fields dataset, data_dir, '
+                                  'train_split, eval_split, pp, batch_eval), e.g. '
+                                  'configs/vit.py:b16,cifar10. Default: the workdir\'s.',
+                                  flag_values=fv)
+  flags.DEFINE_integer('num_images', 128, 'Images taken from the eval split when --images is '
+                       'empty.', flag_values=fv)
+  flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.', flag_values=fv)
+  flags.DEFINE_integer('num_components', 28, 'filters: principal components shown.',
+                       flag_values=fv)
+  flags.DEFINE_list('shots', ['1', '5', '10', '25'], 'fewshot: examples per class.',
+                    flag_values=fv)
+  flags.DEFINE_integer('fewshot_seeds', 5, 'fewshot: random draws averaged per shot count.',
+                       flag_values=fv)
+  flags.DEFINE_float('l2_reg', 1.0, 'fewshot: ridge regularisation of the least squares.',
+                     flag_values=fv)
+  flags.DEFINE_integer('fewshot_pool', 10_000, 'fewshot: examples of the train split the shots '
+                       'are drawn from.', flag_values=fv)
+  flags.DEFINE_integer('num_eval', None, 'fewshot: eval examples used (default: the whole '
+                       'eval split).', flag_values=fv)
+  flags.DEFINE_list('speed_models', [], 'speed: model names to time (default: the --checkpoint '
+                    'or --model model).', flag_values=fv)
+  flags.DEFINE_list('resolutions', [], 'speed: resolutions (default: --resolution, else the '
+                    'checkpoint\'s, else 224).', flag_values=fv)
+  flags.DEFINE_list('batch_sizes', ['1', '8', '64'], 'speed: batch sizes.', flag_values=fv)
+  flags.DEFINE_integer('speed_steps', 10, 'speed: timed forward passes per configuration.',
+                       flag_values=fv)
+  flags.mark_flags_as_required(['analysis', 'out_dir'], flag_values=fv)
+
+
+def _ints(values: Sequence[str], flag: str) -> list[int]:
+  try:
+    return [int(v) for v in values]
+  except ValueError as e:
+    raise ValueError(f'--{flag} takes integers; got {",".join(values)}.') from e
+
+
+def _load(fv: flags.FlagValues) -> inference.LoadedModel:
+  if not fv.checkpoint:
+    raise ValueError(f'--analysis={fv.analysis} needs --checkpoint.')
+  config = fv.config
+  resolution = fv.resolution or (config.pp.resolution if config is not None else None)
+  return inference.load_model(fv.checkpoint, model_name=fv.model, resolution=resolution)
+
+
+def _data_config(fv: flags.FlagValues, loaded: inference.LoadedModel):
+  """The dataset config (--config, else the workdir's) at the model's resolution, or None."""
+  config = fv.config if fv.config is not None else loaded.run_config
+  if config is None:
+    return None
+  config = config.copy_and_resolve_references()
+  config.pp.resolution = loaded.resolution
+  return config
+
+
+def _speed(fv: flags.FlagValues) -> dict:
+  configs, resolution = [], fv.resolution
+  if fv.speed_models:
+    configs = [model_configs.get_model_config(name) for name in fv.speed_models]
+  elif fv.checkpoint:
+    loaded = _load(fv)
+    configs, resolution = [loaded.model_config], loaded.resolution
+  elif fv.model:
+    configs = [model_configs.get_model_config(fv.model)]
+  else:
+    raise ValueError('--analysis=speed needs --speed_models, --model or --checkpoint.')
+  resolutions = _ints(fv.resolutions, 'resolutions') or [resolution or 224]
+  return outputs.speed(configs, resolutions, _ints(fv.batch_sizes, 'batch_sizes'), fv.out_dir,
+                       steps=fv.speed_steps)
+
+
+def run(fv: flags.FlagValues) -> dict:
+  """Runs --analysis; returns outputs' summary (the files written and headline numbers)."""
+  os.makedirs(fv.out_dir, exist_ok=True)
+  if fv.analysis == 'speed':
+    return _speed(fv)
+  loaded = _load(fv)
+  if fv.analysis == 'posemb_similarity':
+    return outputs.posemb_similarity(loaded, fv.out_dir)
+  if fv.analysis == 'filters':
+    return outputs.filters(loaded, fv.out_dir, num_components=fv.num_components)
+  config = _data_config(fv, loaded)
+  if fv.analysis == 'fewshot':
+    if config is None:
+      raise ValueError('--analysis=fewshot needs a dataset config: --config, or a workdir as '
+                       '--checkpoint.')
+    return outputs.fewshot(loaded, config, fv.out_dir, shots=_ints(fv.shots, 'shots'),
+                           seeds=fv.fewshot_seeds, l2_reg=fv.l2_reg, pool_size=fv.fewshot_pool,
+                           num_eval=fv.num_eval)
+  names, images = data.analysis_images(loaded.resolution, fv.images, config, fv.num_images)
+  if fv.analysis == 'attention_maps':
+    return outputs.attention_maps(loaded, images, names, fv.out_dir, batch_size=fv.batch_size)
+  return outputs.attention_distance(loaded, images, fv.out_dir, batch_size=fv.batch_size)
+
+
+def run_and_list_files(fv: flags.FlagValues) -> str:
+  """Runs --analysis; returns the paths of the files it wrote, one per line."""
+  summary = run(fv)
+  files = []
+  for kind in ('png', 'json'):
+    written = summary.get(kind, [])
+    files += [written] if isinstance(written, str) else written
+  return '\n'.join(files)
+
+
+def main(argv: Sequence[str]) -> int:
+  return inference.run_command(run_and_list_files, argv)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

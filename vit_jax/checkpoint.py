@@ -1,0 +1,492 @@
+"""Released `.npz` checkpoints: load, adapt to a model, save, inspect and fetch.
+
+The in-memory parameter tree of `vit_jax.models.VisionTransformer` is the released layout, so
+loading only unflattens the `/`-joined keys. The big_vision layout is converted on load (see
+`_from_big_vision`); `load_pretrained` adapts the head, pre_logits, the position-embedding grid
+and legacy GroupNorm shapes to the model being fine-tuned.
+
+Usage:
+  python -m vit_jax.checkpoint inspect PATH
+  python -m vit_jax.checkpoint fetch NAME [--bucket=imagenet21k] [--dest=checkpoints/]
+"""
+import functools
+import http.client
+import io
+import math
+import os
+import re
+import sys
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+import zlib
+
+from absl import app
+from absl import flags
+from absl import logging
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+from vit_jax import model_configs
+from vit_jax import models
+
+POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
+DEFAULT_BASE_URL = 'https://storage.googleapis.com/vit_models'
+# Names in the buckets of the original release; `augreg` holds many more (see its index.csv).
+RELEASED_NAMES = {
+    'imagenet21k': ('ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14',
+                    'R50+ViT-B_16', 'R26+ViT-B_32', 'R50+ViT-L_32'),
+    'imagenet21k+imagenet2012': ('ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32',
+                                 'ViT-B_16-224', 'ViT-L_16-224', 'R50+ViT-B_16'),
+}
+BUCKETS = (*RELEASED_NAMES, 'augreg')
+
+_GROUP_NORM_PARAM = re.compile(r'(^|/)gn[^/]*/(scale|bias)$')
+_BIG_VISION_BLOCK_NAMES = {
+    'LayerNorm_0': 'LayerNorm_0',
+    'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
+    'LayerNorm_1': 'LayerNorm_2',
+    'MlpBlock_0': 'MlpBlock_3',
+}
+_BIG_VISION_BLOCK = re.compile(
+    r'^Transformer/encoderblock(_\d+)?/(MultiHeadDotProductAttention_0|MlpBlock_0)/')
+_SCANNED_BLOCK_PREFIX = 'Transformer/encoderblock/'
+
+
+class DownloadError(OSError):
+  """A checkpoint could not be downloaded (offline, HTTP error or truncated transfer)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing.
+
+
+def load(path: str) -> Dict[str, Any]:
+  """Reads an `.npz` checkpoint (local path, gs:// or any tf.io.gfile URL) as a nested dict of
+  numpy arrays in the released layout. Pickled (object) arrays are refused, never unpickled."""
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f'Checkpoint {path} does not exist.')
+  if tf.io.gfile.isdir(path):
+    raise IsADirectoryError(f'Checkpoint {path} is a directory; expected an .npz file.')
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    data = f.read()
+  if not data.startswith(b'PK'):
+    raise ValueError(f'Checkpoint {path} is not an .npz archive.')
+  flat = {}
+  try:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+      for key in npz.files:
+        try:
+          flat[key] = npz[key]
+        except ValueError as e:
+          if 'allow_pickle' not in str(e):
+            raise ValueError(f'Checkpoint {path}: key {key!r} is corrupt: {e}') from e
+          raise ValueError(f'Checkpoint {path}: key {key!r} holds a pickled object array, '
+                           'which is refused (only numeric arrays are loaded).') from e
+  except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+    raise ValueError(f'Checkpoint {path} is truncated or not a valid .npz archive: {e}') from e
+  return traverse_util.unflatten_dict(_from_big_vision(flat, path), sep='/')
+
+
+def _from_big_vision(flat: Dict[str, np.ndarray], path: str) -> Dict[str, np.ndarray]:
+  """Converts a flat big_vision tree to the released layout; other trees pass unchanged.
+
+  big_vision differences: keys may sit under `params/`; encoder blocks may be scanned into one
+  `Transformer/encoderblock` with a leading layer axis; block submodules are named `LayerNorm_0`,
+  `MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`; the learned position embedding
+  is a top-level `pos_embedding` covering the patch grid only (big_vision adds it before the class
+  token is prepended, so the class token's row is zero in the released layout).
+  """
+  if any(k.startswith('params/') for k in flat):
+    others = [k for k in flat if not k.startswith('params/')]
+    if others:
+      logging.info('%s: ignoring %d arrays outside params/ (e.g. %s).', path, len(others),
+                   others[0])
+    flat = {k[len('params/'):]: v for k, v in flat.items() if k.startswith('params/')}
+  scanned = {k: v for k, v in flat.items() if k.startswith(_SCANNED_BLOCK_PREFIX)}
+  if scanned:
+    layer_counts = {v.shape[0] for v in scanned.values()}
+    if len(layer_counts) != 1:
+      raise ValueError(f'Checkpoint {path}: the scanned {_SCANNED_BLOCK_PREFIX} arrays disagree '
+                       f'on the layer count (leading axis): {sorted(layer_counts)}.')
+    (num_layers,) = layer_counts
+    flat = {k: v for k, v in flat.items() if k not in scanned}
+    for key, stacked in scanned.items():
+      for i in range(num_layers):
+        flat[f'Transformer/encoderblock_{i}/{key[len(_SCANNED_BLOCK_PREFIX):]}'] = stacked[i]
+    logging.info('%s: unstacked %d scanned big_vision encoder blocks.', path, num_layers)
+  if any(_BIG_VISION_BLOCK.match(k) for k in flat):
+    flat = {_rename_big_vision_block_key(k): v for k, v in flat.items()}
+    logging.info('%s: renamed big_vision encoder-block modules to the released names.', path)
+  if 'pos_embedding' in flat:
+    posemb = flat.pop('pos_embedding')
+    if 'cls' in flat:
+      posemb = np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
+    flat[POSEMB_KEY] = posemb
+  return flat
+
+
+def _rename_big_vision_block_key(key: str) -> str:
+  parts = key.split('/')
+  if len(parts) > 2 and parts[0] == 'Transformer' and parts[1].startswith('encoderblock_'):
+    parts[2] = _BIG_VISION_BLOCK_NAMES.get(parts[2], parts[2])
+  return '/'.join(parts)
+
+
+def save_npz(params: Mapping[str, Any], path: str) -> str:
+  """Writes params (numpy or jax arrays, sharded ones included) as a flat float32 `.npz` with
+  `/`-joined keys; local files are written atomically. Returns `path`."""
+  flat = traverse_util.flatten_dict(jax.device_get(params), sep='/')
+  buffer = io.BytesIO()
+  np.savez(buffer, **{k: np.asarray(v, dtype=np.float32) for k, v in flat.items()})
+  directory = os.path.dirname(path)
+  if directory:
+    tf.io.gfile.makedirs(directory)
+  # Object stores (gs://) publish an object only when the upload completes.
+  target = path if '://' in path else f'{path}.tmp-{os.getpid()}'
+  try:
+    with tf.io.gfile.GFile(target, 'wb') as f:
+      f.write(buffer.getvalue())
+    if target != path:
+      tf.io.gfile.rename(target, path, overwrite=True)
+  finally:
+    if target != path and tf.io.gfile.exists(target):
+      tf.io.gfile.remove(target)
+  logging.info('Saved %d arrays to %s.', len(flat), path)
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapting a checkpoint to a model.
+
+
+def load_pretrained(*, pretrained_path: str, init_params: Any,
+                    model_config: ml_collections.ConfigDict, keep_head: bool = False) -> Any:
+  """Checkpoint params adapted to a model, as numpy arrays in the structure of `init_params`.
+
+  The head is the model's own (from `init_params`), or with `keep_head` the checkpoint's (which
+  must then match; `init_params` may then be jax.ShapeDtypeStructs). `pre_logits` is kept when
+  `model_config.representation_size` is set (and must then match) and dropped when it is None;
+  the position-embedding grid is resized linearly when the resolution differs; legacy GroupNorm
+  params of shape (1, 1, 1, C) become (C,). Everything else must match exactly, otherwise one
+  ValueError lists every missing, unexpected and mis-shaped key.
+  """
+  model = _flatten_with_paths(init_params)
+  checkpoint = traverse_util.flatten_dict(load(pretrained_path), sep='/')
+  adapted, legacy_group_norm = {}, 0
+  for key, value in checkpoint.items():
+    if key.startswith('head/') and not keep_head:
+      continue
+    if key.startswith('pre_logits/') and model_config.get('representation_size') is None:
+      logging.info('Dropping %s from %s (representation_size is None).', key, pretrained_path)
+      continue
+    if _is_legacy_group_norm(key, value.shape):
+      value = value.reshape(value.shape[-1])
+      legacy_group_norm += 1
+    adapted[key] = value
+  if legacy_group_norm:
+    logging.info('Reshaped %d legacy GroupNorm params (1, 1, 1, C) -> (C,).', legacy_group_norm)
+  if not keep_head:
+    adapted.update({k: v for k, v in model.items() if k.startswith('head/')})
+  _check_fits(adapted, model, pretrained_path, model_config)
+  if POSEMB_KEY in model and adapted[POSEMB_KEY].shape != model[POSEMB_KEY].shape:
+    old = adapted[POSEMB_KEY]
+    adapted[POSEMB_KEY] = resize_posemb(
+        old, model[POSEMB_KEY].shape[1],
+        has_class_token=model_config.classifier in ('token', 'token_unpooled'))
+    logging.info('Resized position embeddings %s -> %s.', old.shape, model[POSEMB_KEY].shape)
+  logging.info('Loaded %s; head %s.', pretrained_path,
+               'from the checkpoint' if keep_head else 'from the model initialisation')
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: np.asarray(adapted[_path_key(path)], dtype=leaf.dtype), init_params)
+
+
+def _check_fits(checkpoint: Mapping[str, Any], model: Mapping[str, Any], path: str,
+                model_config: ml_collections.ConfigDict) -> None:
+  """Raises one ValueError listing every key that keeps `checkpoint` from loading into `model`.
+  The position embedding only needs the same hidden size."""
+  problems = []
+  for key in sorted(model.keys() - checkpoint.keys()):
+    problems.append(f'missing from checkpoint: {key} (model {tuple(model[key].shape)})')
+  for key in sorted(checkpoint.keys() - model.keys()):
+    problems.append(f'unexpected in checkpoint: {key} {tuple(checkpoint[key].shape)}')
+  for key in sorted(checkpoint.keys() & model.keys()):
+    have, want = tuple(checkpoint[key].shape), tuple(model[key].shape)
+    resizable = (key == POSEMB_KEY and len(have) == len(want) == 3
+                 and have[::2] == want[::2])
+    if have != want and not resizable:
+      problems.append(f'shape mismatch: {key}: checkpoint {have} vs model {want}')
+  if not problems:
+    return
+  representation_size = model_config.get('representation_size')
+  if 'pre_logits/kernel' in model and 'pre_logits/kernel' not in checkpoint:
+    problems.append(f'hint: the checkpoint has no pre_logits; set representation_size=None '
+                    f'(it is {representation_size}).')
+  elif 'pre_logits/kernel' in model and any('pre_logits/' in p for p in problems):
+    problems.append(f'hint: the checkpoint\'s pre_logits has size '
+                    f'{checkpoint["pre_logits/kernel"].shape[-1]}; set representation_size to '
+                    f'that or None (it is {representation_size}).')
+  match = match_model_config({k: v.shape for k, v in checkpoint.items()})
+  if match:
+    problems.append(f'hint: the checkpoint fits model config {match[0]!r}.')
+  raise ValueError(f'Checkpoint {path} does not fit the model {model_config.get("model_name")!r}:'
+                   '\n  ' + '\n  '.join(problems))
+
+
+def resize_posemb(posemb: np.ndarray, num_tokens: int, *, has_class_token: bool) -> np.ndarray:
+  """Resizes (1, tokens, D) position embeddings to `num_tokens` tokens by linear interpolation
+  of the square patch grid (the class token's row, if any, is kept as is)."""
+  prefix = 1 if has_class_token else 0
+  old_size = _grid_size(posemb.shape[1] - prefix, 'checkpoint', has_class_token)
+  new_size = _grid_size(num_tokens - prefix, 'model', has_class_token)
+  grid = np.asarray(posemb[0, prefix:], np.float64).reshape(old_size, old_size, -1)
+  grid = _resize_linear(_resize_linear(grid, new_size, axis=0), new_size, axis=1)
+  grid = grid.reshape(1, new_size * new_size, -1).astype(posemb.dtype)
+  return np.concatenate([posemb[:, :prefix], grid], axis=1)
+
+
+def _grid_size(num_patches: int, whose: str, has_class_token: bool) -> int:
+  size = math.isqrt(num_patches)
+  if size * size != num_patches:
+    raise ValueError(
+        f'The {whose} position embedding has {num_patches} patch tokens (class token '
+        f'{"excluded" if has_class_token else "absent"}), which is not a square grid; only '
+        'square grids can be resized.')
+  return size
+
+
+def _resize_linear(x: np.ndarray, new: int, *, axis: int) -> np.ndarray:
+  """Linear interpolation along `axis` with the coordinate mapping of
+  `scipy.ndimage.zoom(order=1)` (grid_mode=False): output i samples input i*(old-1)/(new-1).
+
+  Coordinates are clamped to the grid. Where rounding puts the last one a hair past the edge
+  (e.g. 8 -> 26), zoom's default mode='constant' returns 0 for the whole last row; here it stays
+  the input's last row.
+  """
+  old = x.shape[axis]
+  if old == new:
+    return x
+  step = (old - 1) / (new - 1) if new > 1 else 0.0
+  coords = np.arange(new) * step
+  lo = np.clip(np.floor(coords).astype(int), 0, max(old - 2, 0))
+  hi = np.minimum(lo + 1, old - 1)
+  weight_shape = [1] * x.ndim
+  weight_shape[axis] = new
+  frac = (coords - lo).reshape(weight_shape)
+  return np.take(x, lo, axis=axis) * (1 - frac) + np.take(x, hi, axis=axis) * frac
+
+
+def _is_legacy_group_norm(key: str, shape: Sequence[int]) -> bool:
+  return bool(_GROUP_NORM_PARAM.search(key)) and len(shape) == 4 and tuple(shape[:3]) == (1, 1, 1)
+
+
+def _path_key(path) -> str:
+  return '/'.join(str(p.key) for p in path)
+
+
+def _flatten_with_paths(tree: Any) -> Dict[str, Any]:
+  return {_path_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Recognising the model config of a tree.
+
+
+def match_model_config(
+    flat_shapes: Mapping[str, Sequence[int]]) -> Optional[Tuple[str, Optional[int], Optional[int]]]:
+  """(name, num_classes, resolution) of the first MODEL_CONFIGS entry whose parameter shapes the
+  flat tree has, ignoring the head, pre_logits and the position-embedding length; num_classes is
+  None without a head, resolution None when the position embedding is not a square grid."""
+  shapes = {k: tuple(s[-1:]) if _is_legacy_group_norm(k, s) else tuple(s)
+            for k, s in flat_shapes.items()
+            if not k.startswith(('head/', 'pre_logits/'))}
+  if 'embedding/kernel' not in shapes or POSEMB_KEY not in shapes:
+    return None
+  summary = _summary_of_shapes(shapes)
+  for name, config in model_configs.MODEL_CONFIGS.items():
+    if _summary(config) != summary:
+      continue  # Cheap rejection before building the model's full shape tree.
+    expected = _config_shapes(name)
+    posemb, expected_posemb = shapes[POSEMB_KEY], expected[POSEMB_KEY]
+    if (shapes.keys() != expected.keys() or len(posemb) != 3 or posemb[::2] != expected_posemb[::2]
+        or any(shapes[k] != expected[k] for k in expected if k != POSEMB_KEY)):
+      continue
+    head = flat_shapes.get('head/bias')
+    num_classes = int(head[0]) if head is not None else None
+    num_patches = posemb[1] - ('cls' in shapes)
+    grid = math.isqrt(num_patches)
+    resolution = (grid * config.patches.size[0] * _stem_stride(config)
+                  if grid * grid == num_patches else None)
+    return name, num_classes, resolution
+  return None
+
+
+def _summary(config: ml_collections.ConfigDict) -> tuple:
+  resnet = tuple(config.resnet.num_layers) if config.resnet is not None else None
+  return (tuple(config.patches.size), config.hidden_size, config.transformer.num_layers, resnet)
+
+
+def _summary_of_shapes(shapes: Mapping[str, Tuple[int, ...]]) -> tuple:
+  kernel = shapes['embedding/kernel']
+  num_layers = len({k.split('/')[1] for k in shapes if k.startswith('Transformer/encoderblock_')})
+  resnet = None
+  if 'conv_root/kernel' in shapes:
+    units = {}
+    for key in shapes:
+      match = re.match(r'block(\d+)/unit(\d+)/', key)
+      if match:
+        stage, unit = map(int, match.groups())
+        units[stage] = max(units.get(stage, 0), unit)
+    resnet = tuple(units[s] for s in sorted(units))
+  return (tuple(kernel[:2]), kernel[-1], num_layers, resnet)
+
+
+def _stem_stride(config: ml_collections.ConfigDict) -> int:
+  """Downsampling of the ResNet stem: root conv and max pool (4), then 2 per further stage."""
+  if config.resnet is None:
+    return 1
+  return 4 * 2**max(len(config.resnet.num_layers) - 1, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _config_shapes(name: str) -> Dict[str, Tuple[int, ...]]:
+  """Parameter shapes of MODEL_CONFIGS[name] without head, on a 2x2 patch grid."""
+  config = model_configs.get_model_config(name)
+  config.representation_size = None
+  size = 2 * config.patches.size[0] * _stem_stride(config)
+  model = models.build_model(config, num_classes=None)
+  variables = jax.eval_shape(
+      lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+      jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+  return {k: tuple(v.shape)
+          for k, v in traverse_util.flatten_dict(variables['params'], sep='/').items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloading released checkpoints.
+
+
+def checkpoint_url(name: str, bucket: str, base_url: str = DEFAULT_BASE_URL) -> str:
+  """HTTPS URL of a released checkpoint; raises ValueError for unknown buckets or names."""
+  if bucket not in BUCKETS:
+    raise ValueError(f'Unknown bucket {bucket!r}; expected one of {", ".join(BUCKETS)}.')
+  known = RELEASED_NAMES.get(bucket)
+  if known is not None and name not in known:
+    raise ValueError(f'Unknown checkpoint {name!r} in bucket {bucket}; '
+                     f'known names: {", ".join(known)}.')
+  if not re.fullmatch(r'[\w.+=-]+', name):
+    raise ValueError(f'Invalid checkpoint name {name!r} (a file name without .npz is expected).')
+  return f'{base_url.rstrip("/")}/{urllib.parse.quote(f"{bucket}/{name}.npz")}'
+
+
+def fetch(name: str, *, bucket: str = 'imagenet21k', dest: str = 'checkpoints',
+          base_url: str = DEFAULT_BASE_URL, timeout: float = 10.0) -> str:
+  """Downloads `<base_url>/<bucket>/<name>.npz` to `<dest>/<name>.npz` unless it is already
+  there; returns the local path."""
+  name = name[:-len('.npz')] if name.endswith('.npz') else name
+  url = checkpoint_url(name, bucket, base_url)
+  path = os.path.join(dest, f'{name}.npz')
+  if os.path.exists(path):
+    logging.info('%s already exists; not downloading it again.', path)
+    return path
+  os.makedirs(dest, exist_ok=True)
+  try:
+    return download(url, path, timeout=timeout)
+  except DownloadError as e:
+    raise DownloadError(
+        f'{e}\nIf this machine is offline, copy the file by hand, e.g.\n'
+        f'  gsutil cp "gs://vit_models/{bucket}/{name}.npz" {dest}/\n'
+        f'  curl -o "{path}" "{checkpoint_url(name, bucket)}"') from e
+
+
+def download(url: str, path: str, *, timeout: float = 10.0, chunk_size: int = 1 << 20) -> str:
+  """Streams `url` to `path.part` with a progress bar, checks the size against Content-Length
+  and renames to `path`. Raises DownloadError (and leaves no file) on any failure."""
+  part = f'{path}.part'
+  try:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+      length = response.headers.get('Content-Length')
+      expected = int(length) if length is not None else None
+      if expected is None:
+        logging.warning('%s sent no Content-Length; the size cannot be checked.', url)
+      received = 0
+      with open(part, 'wb') as f, tqdm.tqdm(total=expected, unit='B', unit_scale=True,
+                                            desc=os.path.basename(path)) as progress:
+        while chunk := response.read(chunk_size):
+          f.write(chunk)
+          received += len(chunk)
+          progress.update(len(chunk))
+    if expected is not None and received != expected:
+      raise DownloadError(f'Download of {url} is truncated: received {received} of {expected} '
+                          'bytes (Content-Length).')
+    os.replace(part, path)
+  except (OSError, http.client.HTTPException) as e:  # URLError is an OSError.
+    if os.path.exists(part):
+      os.remove(part)
+    if isinstance(e, DownloadError):
+      raise
+    raise DownloadError(f'Could not download {url}: {e}') from e
+  logging.info('Downloaded %s (%d bytes) to %s.', url, received, path)
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def describe(path: str) -> str:
+  """Human-readable summary: each array with its shape, the parameter count and the config."""
+  flat = traverse_util.flatten_dict(load(path), sep='/')
+  width = max(len(k) for k in flat)
+  lines = [path]
+  lines += [f'  {k:<{width}}  {str(tuple(v.shape)):<20} {v.dtype}' for k, v in sorted(flat.items())]
+  lines.append(f'Parameters: {sum(v.size for v in flat.values()):,} in {len(flat)} arrays')
+  match = match_model_config({k: v.shape for k, v in flat.items()})
+  if match:
+    name, num_classes, resolution = match
+    lines.append(f'Model config: {name} (num_classes={num_classes}, resolution={resolution})')
+  else:
+    lines.append('Model config: no entry of vit_jax.model_configs.MODEL_CONFIGS matches')
+  return '\n'.join(lines)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Flags of the `fetch` command; defined only when this module runs as the program, so that
+  importing the library adds no flags to other programs."""
+  flags.DEFINE_enum('bucket', 'imagenet21k', BUCKETS, 'Bucket of the released checkpoint.',
+                    flag_values=flag_values)
+  flags.DEFINE_string('dest', 'checkpoints', 'Directory to download into.',
+                      flag_values=flag_values)
+  flags.DEFINE_string('base_url', DEFAULT_BASE_URL, 'HTTPS root of the vit_models bucket.',
+                      flag_values=flag_values)
+  flags.DEFINE_float('timeout', 10.0, 'Network timeout in seconds.', flag_values=flag_values)
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
+  commands = ('inspect', 'fetch')
+  if len(argv) != 3 or argv[1] not in commands:
+    raise app.UsageError(f'Expected one of: {" | ".join(c + " ARG" for c in commands)}; '
+                         f'got {list(argv[1:])}.')
+  command, arg = argv[1:]
+  try:
+    if command == 'inspect':
+      print(describe(arg))
+    else:
+      fetch(arg, bucket=flag_values.bucket, dest=flag_values.dest,
+            base_url=flag_values.base_url, timeout=flag_values.timeout)
+  except (OSError, ValueError) as e:  # OSError includes DownloadError and FileNotFoundError.
+    print(f'Error: {e}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,67 @@
+"""Analytic forward FLOPs per image (a multiply-add counts as 2 FLOPs).
+
+Counts the matrix multiplications and convolutions, which are >99% of the work; norms,
+softmax, GELU and additions are left out (as in the paper's and the usual MFU accounting).
+"""
+from typing import Sequence, Tuple
+
+import ml_collections
+
+
+def _conv(size: int, kernel: int, stride: int, c_in: int, c_out: int) -> Tuple[float, int]:
+  """FLOPs and output size of a SAME-padded conv on a size x size input."""
+  out = -(-size // stride)
+  return 2.0 * out * out * kernel * kernel * c_in * c_out, out
+
+
+def _resnet(size: int, num_layers: Sequence[int], width_factor: int) -> Tuple[float, int, int]:
+  """FLOPs, output size and channels of the BiT ResNet stem."""
+  width = int(64 * width_factor)
+  flops, size = _conv(size, 7, 2, 3, width)
+  size = -(-size // 2)  # max pool
+  channels = width
+  for stage, units in enumerate(num_layers):
+    features = width * 2**stage
+    for unit in range(units):
+      stride = 2 if stage > 0 and unit == 0 else 1
+      f1, _ = _conv(size, 1, 1, channels, features)
+      f2, out = _conv(size, 3, stride, features, features)
+      f3, _ = _conv(out, 1, 1, features, 4 * features)
+      flops += f1 + f2 + f3
+      if channels != 4 * features or stride != 1:
+        flops += _conv(size, 1, stride, channels, 4 * features)[0]
+      size, channels = out, 4 * features
+  return flops, size, channels
+
+
+def forward_flops(model_config: ml_collections.ConfigDict, resolution: int,
+                  num_classes: int = 1000) -> float:
+  """Forward FLOPs of one image at `resolution` x `resolution`."""
+  flops, size, channels = 0.0, resolution, 3
+  if model_config.get('resnet') is not None:
+    flops, size, channels = _resnet(resolution, model_config.resnet.num_layers,
+                                    model_config.resnet.width_factor)
+  patch = model_config.patches.size[0]
+  grid = size // patch
+  hidden = model_config.hidden_size
+  flops += 2.0 * grid * grid * patch * patch * channels * hidden
+  tokens = grid * grid + (model_config.classifier in ('token', 'token_unpooled'))
+  t = model_config.transformer
+  per_block = (2.0 * tokens * hidden * 3 * hidden  # q, k, v
+               + 2.0 * 2 * tokens * tokens * hidden  # logits and weighted sum
+               + 2.0 * tokens * hidden * hidden  # out projection
+               + 2.0 * 2 * tokens * hidden * t.mlp_dim)  # MLP
+  flops += t.num_layers * per_block
+  pooled = tokens if model_config.classifier in ('unpooled', 'token_unpooled') else 1
+  features = hidden
+  if model_config.get('representation_size'):
+    flops += 2.0 * pooled * hidden * model_config.representation_size
+    features = model_config.representation_size
+  if num_classes:
+    flops += 2.0 * pooled * features * num_classes
+  return flops
+
+
+def train_step_flops(model_config, resolution: int, num_classes: int) -> float:
+  """Forward + backward (backward = 2x forward) per image."""
+  return 3.0 * forward_flops(model_config, resolution, num_classes)

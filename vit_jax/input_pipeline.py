@@ -1,0 +1,477 @@
+"""Input pipeline: TFDS datasets or image folders -> host-local numpy batches -> global jax.Arrays.
+
+Datasets (`config.dataset`):
+  * any TFDS name whose features have an `image` (tfds.features.Image) and a `label`
+    (tfds.features.ClassLabel), e.g. cifar10, cifar100, imagenet2012, imagenet_v2, oxford_iiit_pet,
+    oxford_flowers102. The dataset must already be prepared in `config.data_dir` (nothing is
+    downloaded here). Splits use TFDS syntax; the usual ImageNet "minival" holds out the last 1%
+    of train: `train_split='train[:99%]'`, `eval_split='train[99%:]'`.
+  * `fashion_mnist`: when the Debian IDX files exist, our own offline builder
+    (`vit_jax.fashion_mnist`, prepared into `config.data_dir` on first use), else TFDS' builder.
+  * `folder:/path`: one sub-folder of JPEG/PNG images per class (class index = position in the
+    sorted folder names). With /path/train and /path/test (or val, validation), the splits 'train'
+    and 'test' (aliases 'val', 'validation') are those folders; otherwise the class folders are
+    directly under /path and 'test' is a deterministic, per-class stratified
+    `config.folder_test_fraction` (default 0.1) of each class, 'train' the rest. Every file is
+    decode-checked once up front; undecodable ones are skipped with one warning.
+
+Training stream (`build_train_iterator`): each process reads its own shard of the split
+(`tfds.split_for_jax_process` semantics), shuffles every epoch with a seed derived from
+(config.seed, process, epoch) and augments every example with a stateless seed derived from its
+position in the stream, so the stream is a pure function of (config, process) and resuming at
+`start_step` skips still-undecoded records instead of replaying the pipeline. Small datasets whose
+decoded uint8 images fit in `_AUTO_CACHE_BYTES` are decoded once and cached in memory
+(`config.cache`: True / False force it).
+
+Preprocessing (`config.pp`): train 'finetune' = square resize to `pp.resize` (default
+round(resolution * 8 / 7), e.g. 224 -> 256) + random crop to `pp.resolution` + random flip;
+'inception' = random-resized crop (5%-100% of the area) + flip. Eval 'resize' = resize to the
+resolution; 'central_crop' = square resize to `pp.resize` + central crop. Grayscale images become
+RGB; values are float32 in [-1, 1], labels int32.
+"""
+import collections
+import dataclasses
+import functools
+import hashlib
+import itertools
+import math
+import os
+import time
+from typing import Callable, Iterator, Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vit_jax import fashion_mnist
+
+tf.config.set_visible_devices([], 'GPU')  # TF only feeds the host; JAX owns the accelerators.
+
+FOLDER_PREFIX = 'folder:'
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+_EVAL_SPLIT_NAMES = ('test', 'val', 'validation')
+_AUTO_CACHE_BYTES = 2 << 30
+_MAX_NAMED_FILES = 50  # Undecodable files named in the warning.
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int
+  num_train_examples: int  # Of config.train_split.
+  num_eval_examples: int  # Of config.eval_split.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+  records: tf.data.Dataset  # (undecoded image, label) pairs, in a fixed order.
+  num_examples: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: a dataset's classes, per-process shards of undecoded records, and the image decoder.
+
+
+class _TfdsSource:
+  """A prepared TFDS dataset with `image` and `label` features."""
+
+  def __init__(self, builder: tfds.core.DatasetBuilder):
+    self._builder = builder
+    self._image_feature = builder.info.features['image']
+    self.num_classes = builder.info.features['label'].num_classes
+    self.image_shape = self._image_feature.shape
+
+  def shard(self, split: str, index: int, count: int) -> _Shard:
+    ds = self._builder.as_dataset(
+        split=tfds.split_for_jax_process(split, process_index=index, process_count=count),
+        shuffle_files=False, decoders=tfds.decode.PartialDecoding(
+            {'image': True, 'label': True}, decoders={'image': tfds.decode.SkipDecoding()}))
+    if ds.cardinality() < 0:
+      raise ValueError(f'The number of examples of {self._builder.name} {split} is unknown.')
+    return _Shard(ds.map(lambda ex: (ex['image'], ex['label'])), int(ds.cardinality()))
+
+  def decode(self, image: tf.Tensor) -> tf.Tensor:
+    return self._image_feature.decode_example(image)
+
+
+def _decode_file(path: tf.Tensor) -> tf.Tensor:
+  return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+
+
+class _FolderSource:
+  """A folder of class sub-folders (see the module docstring for the split rules)."""
+
+  image_shape = (None, None, 3)
+
+  def __init__(self, root: str, test_fraction: float):
+    self._root = root
+    self.class_names, self._splits = _list_folder(os.path.abspath(root), test_fraction)
+    self.num_classes = len(self.class_names)
+
+  def shard(self, split: str, index: int, count: int) -> _Shard:
+    files = self._splits[self._resolve(split)]
+    size, remainder = divmod(len(files), count)  # Like tfds.even_splits: first shards get +1.
+    start = index * size + min(index, remainder)
+    shard = files[start:start + size + (index < remainder)]
+    records = tf.data.Dataset.from_tensor_slices(
+        ([path for path, _ in shard], np.array([label for _, label in shard], np.int64)))
+    return _Shard(records, len(shard))
+
+  def _resolve(self, split: str) -> str:
+    """`split` if the folder has it; any eval name stands for the folder's eval split."""
+    if split in self._splits:
+      return split
+    if split in _EVAL_SPLIT_NAMES:
+      return next(name for name in _EVAL_SPLIT_NAMES if name in self._splits)
+    raise ValueError(f'Unknown split {split!r} of {FOLDER_PREFIX}{self._root}: it has '
+                     f'{sorted(self._splits)} (and the aliases {_EVAL_SPLIT_NAMES}).')
+
+  decode = staticmethod(_decode_file)
+
+
+def _get_source(config):
+  if config.dataset.startswith(FOLDER_PREFIX):
+    return _FolderSource(config.dataset[len(FOLDER_PREFIX):],
+                         config.get('folder_test_fraction', 0.1))
+  return _TfdsSource(_tfds_builder(config.dataset, config.get('data_dir', None)))
+
+
+def _tfds_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
+  if name == 'fashion_mnist' and fashion_mnist.is_available():
+    return fashion_mnist.prepared_builder(data_dir)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f'Unknown dataset {name!r}: neither a TFDS name nor '
+                     f'{FOLDER_PREFIX}/path/to/images.') from e
+  features = builder.info.features
+  keys = features.keys() if isinstance(features, tfds.features.FeaturesDict) else ()
+  if not ('image' in keys and isinstance(features['image'], tfds.features.Image) and
+          'label' in keys and isinstance(features['label'], tfds.features.ClassLabel)):
+    raise ValueError(f'Dataset {name!r} needs an `image` (Image) and a `label` (ClassLabel) '
+                     f'feature; it has {features}.')
+  return builder
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders.
+
+
+@functools.lru_cache(maxsize=None)
+def _list_folder(root: str, test_fraction: float):
+  """Returns (class names, {split: [(path, label)]}) with undecodable files dropped.
+
+  Listed (and decode-checked) once per process: later changes to the folder are not seen.
+  """
+  if not os.path.isdir(root):
+    raise ValueError(f'Image folder {root} does not exist.')
+  if os.path.isdir(os.path.join(root, 'train')):
+    eval_splits = [name for name in _EVAL_SPLIT_NAMES if os.path.isdir(os.path.join(root, name))]
+    if not eval_splits:
+      raise ValueError(f'{root} has a train/ folder but none of {_EVAL_SPLIT_NAMES}.')
+    class_names = _class_names(os.path.join(root, 'train'))
+    splits = {name: _list_images(os.path.join(root, name), class_names)
+              for name in ['train'] + eval_splits}
+  else:
+    class_names = _class_names(root)
+    splits = _split_by_fraction(_list_images(root, class_names), root, test_fraction)
+  splits = _drop_undecodable(splits, root)
+  for split, files in splits.items():
+    if not files:
+      raise ValueError(f'Split {split!r} of image folder {root} has no decodable images.')
+  return class_names, splits
+
+
+def _class_names(folder: str) -> tuple[str, ...]:
+  names = tuple(sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()))
+  if not names:
+    raise ValueError(f'Image folder {folder} has no class sub-folders.')
+  return names
+
+
+def _list_images(folder: str, class_names: tuple[str, ...]) -> list[tuple[str, int]]:
+  """(path, label) of every image in `folder`'s class sub-folders, in a stable shuffled order."""
+  files = []
+  for class_name in _class_names(folder):
+    if class_name not in class_names:
+      raise ValueError(f'Class folder {os.path.join(folder, class_name)} is not one of the '
+                       f'training classes {class_names}.')
+    class_dir = os.path.join(folder, class_name)
+    paths = [entry.path for entry in os.scandir(class_dir)
+             if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)]
+    if not paths:
+      raise ValueError(f'Class folder {class_dir} has no {"/".join(IMAGE_EXTENSIONS)} images.')
+    files.extend((path, class_names.index(class_name)) for path in paths)
+  return sorted(files, key=lambda file: _stable_hash(os.path.relpath(file[0], folder)))
+
+
+def _stable_hash(text: str) -> str:
+  return hashlib.md5(text.encode()).hexdigest()
+
+
+def _split_by_fraction(files, root: str, test_fraction: float):
+  """Puts the first ceil(test_fraction * n) files of each class (in hash order) in 'test'."""
+  if not 0 < test_fraction < 1:
+    raise ValueError(f'config.folder_test_fraction must be in (0, 1) for {root} (it has no '
+                     f'train/ and test/ folders); got {test_fraction}.')
+  class_sizes = np.bincount([label for _, label in files])
+  seen = np.zeros_like(class_sizes)
+  splits = {'train': [], 'test': []}
+  for path, label in files:
+    in_test = seen[label] < math.ceil(test_fraction * class_sizes[label])
+    splits['test' if in_test else 'train'].append((path, label))
+    seen[label] += 1
+  return splits
+
+
+def _drop_undecodable(splits, root: str):
+  """Decodes every file once with the pipeline's decoder; drops and names the failures."""
+  paths = [path for files in splits.values() for path, _ in files]
+  checks = tf.data.Dataset.from_tensor_slices(paths).enumerate().map(
+      lambda i, path: (i, tf.shape(_decode_file(path))),
+      num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+  decodable = np.zeros(len(paths), bool)
+  decodable[[int(i) for i, _ in checks.as_numpy_iterator()]] = True
+  bad = {path for path, ok in zip(paths, decodable) if not ok}
+  if bad:
+    named = sorted(os.path.relpath(path, root) for path in bad)
+    more = f' and {len(named) - _MAX_NAMED_FILES} more' if len(named) > _MAX_NAMED_FILES else ''
+    logging.warning('Skipping %d undecodable image file(s) in %s: %s%s', len(bad), root,
+                    ', '.join(named[:_MAX_NAMED_FILES]), more)
+  return {split: [file for file in files if file[0] not in bad]
+          for split, files in splits.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing.
+
+
+def _resize_size(pp) -> int:
+  return pp.get('resize', None) or round(pp.resolution * 8 / 7)
+
+
+def _to_rgb(image: tf.Tensor) -> tf.Tensor:
+  return tf.image.grayscale_to_rgb(image) if image.shape[-1] == 1 else image[..., :3]
+
+
+def _normalize(image: tf.Tensor) -> tf.Tensor:
+  return tf.cast(image, tf.float32) / 127.5 - 1.0
+
+
+def _resize_random_crop(image, seed, *, resolution: int, resize: int):
+  image = tf.image.resize(image, [resize, resize])
+  return tf.image.stateless_random_crop(image, [resolution, resolution, 3], seed=seed)
+
+
+def _inception_crop(image, seed, *, resolution: int):
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
+      area_range=(0.05, 1.0), use_image_if_no_bounding_boxes=True)
+  return tf.image.resize(tf.slice(image, begin, size), [resolution, resolution])
+
+
+def _central_crop(image, *, resolution: int, resize: int):
+  image = tf.image.resize(image, [resize, resize])
+  return tf.image.resize_with_crop_or_pad(image, resolution, resolution)
+
+
+def _choose(options: dict, name: str, field: str):
+  if name not in options:
+    raise ValueError(f'Unknown {field} {name!r}; expected one of {sorted(options)}.')
+  return options[name]
+
+
+def train_preprocess(pp) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+  """(decoded uint8 image, stateless seed [2]) -> float32 [R, R, 3] in [-1, 1]."""
+  crop = _choose({
+      'finetune': functools.partial(_resize_random_crop, resolution=pp.resolution,
+                                    resize=_resize_size(pp)),
+      'inception': functools.partial(_inception_crop, resolution=pp.resolution),
+  }, pp.train, 'config.pp.train')
+
+  def preprocess(image, seed):
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = crop(_to_rgb(image), crop_seed)
+    return _normalize(tf.image.stateless_random_flip_left_right(image, flip_seed))
+
+  return preprocess
+
+
+def eval_preprocess(pp) -> Callable[[tf.Tensor], tf.Tensor]:
+  """Decoded uint8 image -> float32 [R, R, 3] in [-1, 1]."""
+  resize = _choose({
+      'resize': lambda image: tf.image.resize(image, [pp.resolution, pp.resolution]),
+      'central_crop': functools.partial(_central_crop, resolution=pp.resolution,
+                                        resize=_resize_size(pp)),
+  }, pp.eval, 'config.pp.eval')
+  return lambda image: _normalize(resize(_to_rgb(image)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+
+def get_dataset_info(config) -> DatasetInfo:
+  source = _get_source(config)
+  return DatasetInfo(
+      num_classes=source.num_classes,
+      num_train_examples=source.shard(config.train_split, 0, 1).num_examples,
+      num_eval_examples=source.shard(config.eval_split, 0, 1).num_examples)
+
+
+def build_train_iterator(config, *, start_step: int = 0, process_index: Optional[int] = None,
+                         process_count: Optional[int] = None) -> Iterator[dict]:
+  """Infinite {'image': f32 [B, R, R, 3], 'label': i32 [B]} batches, B = batch / processes."""
+  index, count = _process_index_and_count(process_index, process_count)
+  local_batch = _local_batch_size(config.batch, 'config.batch', count)
+  source = _get_source(config)
+  shard = source.shard(config.train_split, index, count)
+  if not shard.num_examples:
+    raise ValueError(f'Process {index} of {count} has no examples of {config.dataset} '
+                     f'{config.train_split}.')
+  records, decode = shard.records, source.decode
+  if _use_cache(config, source.image_shape, shard.num_examples):
+    records = records.map(lambda image, label: (decode(image), label),
+                          num_parallel_calls=tf.data.AUTOTUNE).cache()
+    decode = tf.identity
+  seed = tf.constant([config.seed, index], tf.int64)
+  first_example = start_step * local_batch
+  preprocess = train_preprocess(config.pp)
+  ds = _shuffled_epochs(records, shard.num_examples, config.shuffle_buffer, seed, first_example)
+
+  def example(i, record):  # i: position in this process' stream, so resuming is exact.
+    image, label = record
+    image = preprocess(decode(image), tf.random.experimental.stateless_fold_in(seed, i))
+    return {'image': image, 'label': tf.cast(label, tf.int32)}
+
+  ds = ds.enumerate(first_example).map(example, num_parallel_calls=tf.data.AUTOTUNE)
+  return _numpy_batches(ds, local_batch)
+
+
+def build_eval_iterator(config, *, process_index: Optional[int] = None,
+                        process_count: Optional[int] = None) -> Iterator[dict]:
+  """One pass of {'image', 'label', 'mask'} batches of batch_eval / processes, padded.
+
+  Every process yields the same number of batches; padding examples have mask=False, and
+  across processes each example of the split appears exactly once with mask=True.
+  """
+  index, count = _process_index_and_count(process_index, process_count)
+  local_batch = _local_batch_size(config.batch_eval, 'config.batch_eval', count)
+  source = _get_source(config)
+  shard = source.shard(config.eval_split, index, count)
+  # Shards differ by at most one example, the first ones being larger (tfds.even_splits).
+  largest_shard = math.ceil(source.shard(config.eval_split, 0, 1).num_examples / count)
+  num_batches = math.ceil(largest_shard / local_batch)
+  preprocess = eval_preprocess(config.pp)
+  ds = shard.records.map(
+      lambda image, label: {'image': preprocess(source.decode(image)),
+                            'label': tf.cast(label, tf.int32), 'mask': True},
+      num_parallel_calls=tf.data.AUTOTUNE)
+  padding = tf.data.Dataset.from_tensors({
+      'image': tf.zeros(ds.element_spec['image'].shape), 'label': 0, 'mask': False})
+  ds = ds.concatenate(padding.repeat(num_batches * local_batch - shard.num_examples))
+  return _numpy_batches(ds, local_batch)
+
+
+def prefetch_to_mesh(iterator: Iterator[dict], sharding: jax.sharding.NamedSharding,
+                     size: int = 2) -> Iterator[dict]:
+  """Host-local numpy batches -> global jax.Arrays (batch axis across processes), `size` ahead."""
+  queue = collections.deque()
+
+  def enqueue(n):
+    for batch in itertools.islice(iterator, n):
+      queue.append(jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(sharding, x), batch))
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of the public API.
+
+
+def _process_index_and_count(index: Optional[int], count: Optional[int]) -> tuple[int, int]:
+  index = jax.process_index() if index is None else index
+  count = jax.process_count() if count is None else count
+  if not 0 <= index < count:
+    raise ValueError(f'process_index {index} is not in [0, process_count={count}).')
+  return index, count
+
+
+def _local_batch_size(batch: int, field: str, process_count: int) -> int:
+  if batch % process_count:
+    raise ValueError(f'{field}={batch} is not divisible by the {process_count} processes.')
+  return batch // process_count
+
+
+def _use_cache(config, image_shape, num_examples: int) -> bool:
+  cache = config.get('cache', None)
+  if cache is None:
+    return None not in image_shape and num_examples * np.prod(image_shape) <= _AUTO_CACHE_BYTES
+  return cache
+
+
+def _shuffled_epochs(records: tf.data.Dataset, num_examples: int, shuffle_buffer: int,
+                     seed: tf.Tensor, first_example: int) -> tf.data.Dataset:
+  """Endless epochs, each shuffled with its own seed, starting `first_example` into the stream.
+
+  Whole epochs before the start are never read; the rest is skipped on undecoded records.
+  """
+  first_epoch, offset = divmod(first_example, num_examples)
+
+  def epoch(e):
+    epoch_seed = tf.random.stateless_uniform(
+        [], tf.random.experimental.stateless_fold_in(seed, e), minval=None, maxval=None,
+        dtype=tf.int64)
+    return records.shuffle(min(shuffle_buffer, num_examples), seed=epoch_seed)
+
+  return tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
+
+
+def _numpy_batches(ds: tf.data.Dataset, batch_size: int) -> Iterator[dict]:
+  options = tf.data.Options()
+  options.deterministic = True
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return ds.with_options(options).as_numpy_iterator()
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark: python -m vit_jax.input_pipeline --config=configs/xxx.py --bench_steps=50
+
+
+def bench(config, steps: int) -> float:
+  """Images/s of the host training pipeline over `steps` batches, after one warm-up batch."""
+  iterator = build_train_iterator(config)
+  next(iterator)
+  start = time.perf_counter()
+  for _ in range(steps):
+    next(iterator)
+  return steps * config.batch / jax.process_count() / (time.perf_counter() - start)
+
+
+def _main():
+  # Flags are defined here, not at import, so that importing this module defines none.
+  config_flag = config_flags.DEFINE_config_file('config', None, 'Training config file.')
+  steps_flag = flags.DEFINE_integer('bench_steps', 50, 'Batches to time.')
+
+  def main(argv):
+    del argv
+    config = config_flag.value
+    images_per_s = bench(config, steps_flag.value)
+    print(f'{config.dataset} {config.train_split} @ {config.pp.resolution}px, pp.train='
+          f'{config.pp.train}, local batch {config.batch // jax.process_count()}: '
+          f'{images_per_s:,.0f} images/s')
+
+  flags.mark_flag_as_required('config')
+  app.run(main)
+
+
+if __name__ == '__main__':
+  _main()

@@ -1,0 +1,100 @@
+"""Model configurations, keyed by the names of the released checkpoints.
+
+Each entry is an `ml_collections.ConfigDict` whose fields are the keyword arguments of
+`vit_jax.models.VisionTransformer` (besides `num_classes`).
+"""
+from typing import Optional, Sequence
+
+import ml_collections
+
+_SIZES = {
+    # name: (hidden_size, mlp_dim, num_heads, num_layers)
+    'Ti': (192, 768, 3, 12),
+    'S': (384, 1536, 6, 12),
+    'B': (768, 3072, 12, 12),
+    'L': (1024, 4096, 16, 24),
+    'H': (1280, 5120, 16, 32),
+}
+
+
+def _vit(name: str, size: str, patch: int, *, dropout: float = 0.0,
+         classifier: str = 'token', representation_size: Optional[int] = None,
+         resnet: Optional[Sequence[int]] = None) -> ml_collections.ConfigDict:
+  hidden, mlp, heads, layers = _SIZES[size]
+  config = ml_collections.ConfigDict()
+  config.model_name = name
+  config.patches = ml_collections.ConfigDict({'size': (patch, patch)})
+  config.hidden_size = hidden
+  config.transformer = ml_collections.ConfigDict({
+      'mlp_dim': mlp,
+      'num_heads': heads,
+      'num_layers': layers,
+      'attention_dropout_rate': 0.0,
+      'dropout_rate': dropout,
+  })
+  config.classifier = classifier
+  config.representation_size = representation_size
+  if resnet is None:
+    config.resnet = None
+  else:
+    config.resnet = ml_collections.ConfigDict(
+        {'num_layers': tuple(resnet), 'width_factor': 1})
+  return config
+
+
+def _testing() -> ml_collections.ConfigDict:
+  config = _vit('testing', 'Ti', 16)
+  config.hidden_size = 16
+  config.transformer.mlp_dim = 32
+  config.transformer.num_heads = 2
+  config.transformer.num_layers = 2
+  return config
+
+
+def _all_configs():
+  configs = [
+      _vit('ViT-Ti_16', 'Ti', 16),
+      _vit('ViT-S_16', 'S', 16),
+      _vit('ViT-S_32', 'S', 32),
+      _vit('ViT-B_8', 'B', 8),
+      _vit('ViT-B_16', 'B', 16),
+      _vit('ViT-B_32', 'B', 32),
+      _vit('ViT-L_16', 'L', 16, dropout=0.1),
+      _vit('ViT-L_32', 'L', 32),
+      _vit('ViT-H_14', 'H', 14, dropout=0.1),
+      _vit('ViT-S_16-gap-norep', 'S', 16, classifier='gap'),
+      _vit('ViT-B_16-gap-norep', 'B', 16, classifier='gap'),
+      _vit('ViT-S_32-gap-norep', 'S', 32, classifier='gap'),
+      _vit('ViT-B_32-gap-norep', 'B', 32, classifier='gap'),
+      # Hybrids: the ResNet stem reduces the image, the transformer sees 1x1 "patches".
+      _vit('R+ViT-Ti_16', 'Ti', 8, resnet=()),
+      _vit('R26+ViT-S_32', 'S', 1, resnet=(2, 2, 2, 2)),
+      _vit('R26+ViT-B_32', 'B', 1, resnet=(2, 2, 2, 2)),
+      _vit('R50+ViT-B_16', 'B', 1, dropout=0.1, resnet=(3, 4, 9)),
+      _vit('R50+ViT-L_32', 'L', 1, resnet=(3, 4, 6, 3)),
+      _testing(),
+  ]
+  return {c.model_name: c for c in configs}
+
+
+MODEL_CONFIGS = _all_configs()
+
+# Short names accepted on the command line, e.g. `configs/vit.py:b16,cifar10`.
+ALIASES = {
+    'ti16': 'ViT-Ti_16', 's16': 'ViT-S_16', 's32': 'ViT-S_32', 'b8': 'ViT-B_8',
+    'b16': 'ViT-B_16', 'b32': 'ViT-B_32', 'l16': 'ViT-L_16', 'l32': 'ViT-L_32',
+    'h14': 'ViT-H_14', 's16gap': 'ViT-S_16-gap-norep', 'b16gap': 'ViT-B_16-gap-norep',
+    's32gap': 'ViT-S_32-gap-norep', 'b32gap': 'ViT-B_32-gap-norep',
+    'rti16': 'R+ViT-Ti_16', 'r26s32': 'R26+ViT-S_32', 'r26b32': 'R26+ViT-B_32',
+    'r50b16': 'R50+ViT-B_16', 'r50l32': 'R50+ViT-L_32',
+}
+
+
+def get_model_config(name: str) -> ml_collections.ConfigDict:
+  """Returns a copy of the config for a model name or alias; raises naming the choices."""
+  key = ALIASES.get(name.lower(), name)
+  if key not in MODEL_CONFIGS:
+    raise ValueError(
+        f'Unknown model {name!r}. Known models: {", ".join(MODEL_CONFIGS)}; '
+        f'aliases: {", ".join(ALIASES)}.')
+  return ml_collections.ConfigDict(MODEL_CONFIGS[key].to_dict())

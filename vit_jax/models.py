@@ -1,0 +1,406 @@
+"""Vision Transformer and ResNet+ViT hybrid as Flax Linen modules.
+
+Modules are named explicitly so that the in-memory parameter tree is the layout of the released
+`.npz` checkpoints, name for name and shape for shape (including the pre-Linen numbering
+`LayerNorm_0`, `MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3` inside each encoder
+block). `vit_jax.checkpoint` therefore only (un)flattens keys; nothing is renamed anywhere.
+
+Attention probabilities are sown into the `intermediates` collection as `attention_weights`
+(shape [batch, heads, queries, keys]); apply with `mutable=['intermediates']` to read them.
+
+Speed switches (module fields of `VisionTransformer`, settable through `build_model` overrides or
+the model config; the defaults are the plain model above, and docs/PERFORMANCE.md has numbers):
+
+  * `attention_impl`: 'xla' (default) spells attention out as einsums + softmax and sows the
+    weights; 'fused' calls `jax.nn.dot_product_attention`, which never materialises the weights,
+    so nothing is sown (analysis must use 'xla'). On a CUDA GPU with bf16/fp16 compute it uses
+    cuDNN flash attention; elsewhere (CPU, TPU, float32) JAX's XLA implementation.
+  * `remat_policy`: 'none' (default) | 'full' | 'dots_saveable' |
+    'dots_with_no_batch_dims_saveable': `nn.remat` around every encoder block with that
+    `jax.checkpoint_policies` policy (activations are recomputed in the backward pass, which
+    fits larger batches). Parameters, outputs and gradients are unchanged.
+  * `scan_layers`: False (default) | True: `nn.scan` over the encoder blocks, which compiles one
+    block instead of `num_layers`. The parameters then differ: one `Transformer/encoderblock`
+    whose leaves carry a leading layer axis (and sown attention weights likewise). The released
+    layout stays the contract at load and save time: convert with `stack_encoder_blocks` /
+    `unstack_encoder_blocks` (below).
+"""
+import re
+from typing import Any, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vit_jax.model_configs import MODEL_CONFIGS  # re-exported: `vit_jax.models.MODEL_CONFIGS`
+
+Dtype = Any
+
+_XAVIER = nn.initializers.xavier_uniform()
+_MLP_BIAS = nn.initializers.normal(stddev=1e-6)
+
+__all__ = ['MODEL_CONFIGS', 'VisionTransformer', 'Encoder', 'Encoder1DBlock', 'resnet_stem',
+           'ATTENTION_IMPLS', 'REMAT_POLICIES', 'stack_encoder_blocks', 'unstack_encoder_blocks']
+
+ATTENTION_IMPLS = ('xla', 'fused')
+# Name of the stacked encoder block under `Transformer` with scan_layers=True.
+SCANNED_BLOCK = 'encoderblock'
+# remat_policy name -> jax.checkpoint policy ('none': no rematerialisation at all).
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class StdConv(nn.Conv):
+  """Convolution with weight standardisation over the kernel's spatial and input axes (BiT)."""
+
+  def param(self, name, *args, **kwargs):
+    param = super().param(name, *args, **kwargs)
+    if name == 'kernel':
+      param = param - jnp.mean(param, axis=(0, 1, 2), keepdims=True)
+      param = param / jnp.sqrt(jnp.var(param, axis=(0, 1, 2), keepdims=True) + 1e-5)
+    return param
+
+
+class ResidualUnit(nn.Module):
+  """Bottleneck unit: 1x1 -> 3x3 (strided) -> 1x1 with 4x expansion, post-activation."""
+  features: int
+  strides: Tuple[int, int] = (1, 1)
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    conv = lambda f, k, s, name: StdConv(
+        f, k, s, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    norm = lambda name, **kw: nn.GroupNorm(
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
+    residual = x
+    if x.shape[-1] != self.features * 4 or self.strides != (1, 1):
+      residual = conv(self.features * 4, (1, 1), self.strides, 'conv_proj')(residual)
+      residual = norm('gn_proj')(residual)
+    y = nn.relu(norm('gn1')(conv(self.features, (1, 1), (1, 1), 'conv1')(x)))
+    y = nn.relu(norm('gn2')(conv(self.features, (3, 3), self.strides, 'conv2')(y)))
+    y = conv(self.features * 4, (1, 1), (1, 1), 'conv3')(y)
+    y = norm('gn3', scale_init=nn.initializers.zeros)(y)
+    return nn.relu(residual + y)
+
+
+class ResNetStage(nn.Module):
+  """`num_units` bottleneck units; the first one carries the stride and the projection."""
+  num_units: int
+  features: int
+  first_strides: Tuple[int, int]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.num_units):
+      x = ResidualUnit(self.features, self.first_strides if i == 0 else (1, 1),
+                       dtype=self.dtype, param_dtype=self.param_dtype, name=f'unit{i + 1}')(x)
+    return x
+
+
+def resnet_stem(x, *, num_layers: Sequence[int], width_factor: int, dtype, param_dtype):
+  """BiT ResNet root and stages. Called inside `VisionTransformer`'s compact scope so that the
+  parameters sit at the top level (`conv_root`, `gn_root`, `block1/unit1/...`) as released."""
+  width = int(64 * width_factor)
+  kw = dict(dtype=dtype, param_dtype=param_dtype)
+  x = StdConv(width, (7, 7), (2, 2), use_bias=False, name='conv_root', **kw)(x)
+  x = nn.relu(nn.GroupNorm(name='gn_root', **kw)(x))
+  x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
+  for i, units in enumerate(num_layers):
+    x = ResNetStage(units, width * 2**i, (1, 1) if i == 0 else (2, 2), name=f'block{i + 1}',
+                    **kw)(x)
+  return x
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Self-attention with the released parameter layout (per-head DenseGeneral projections)."""
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f'attention_impl={self.attention_impl!r}; expected one of '
+                       f'{ATTENTION_IMPLS}.')
+    features = x.shape[-1]
+    if features % self.num_heads:
+      raise ValueError(f'hidden_size {features} is not divisible by num_heads {self.num_heads}.')
+    head_dim = features // self.num_heads
+    dense = lambda name, **kw: nn.DenseGeneral(
+        dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_XAVIER, name=name, **kw)
+    query, key, value = (dense(name, features=(self.num_heads, head_dim))(x)
+                         for name in ('query', 'key', 'value'))
+    if self.attention_impl == 'fused':
+      if self.dropout_rate and not deterministic:
+        raise ValueError("attention_impl='fused' has no attention dropout; use 'xla' to train "
+                         f'with attention_dropout_rate={self.dropout_rate}.')
+      out = fused_attention(query, key, value)
+    else:
+      logits = jnp.einsum('bqhd,bkhd->bhqk', query, key) / jnp.sqrt(head_dim).astype(self.dtype)
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      self.sow('intermediates', 'attention_weights', weights)
+      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+      out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(self.dtype), value)
+    return dense('out', features=features, axis=(-2, -1))(out)
+
+
+def fused_attention(query, key, value):
+  """softmax(q k^T / sqrt(d)) v with `jax.nn.dot_product_attention`; [batch, tokens, heads, d].
+
+  On a CUDA GPU with bf16/fp16 inputs this asks for cuDNN flash attention explicitly: in this JAX
+  version `implementation=None` still always means XLA. Where cuDNN refuses at trace time (no
+  cuDNN, unsupported head dim or dtype) it falls back to the XLA implementation.
+  """
+  if (jax.default_backend() == 'gpu' and query.dtype in (jnp.bfloat16, jnp.float16)):
+    try:
+      return jax.nn.dot_product_attention(query, key, value, implementation='cudnn')
+    except (NotImplementedError, RuntimeError, ValueError, TypeError):
+      pass
+  return jax.nn.dot_product_attention(query, key, value, implementation=None)
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    dense = lambda f, name: nn.Dense(f, dtype=self.dtype, param_dtype=self.param_dtype,
+                                     kernel_init=_XAVIER, bias_init=_MLP_BIAS, name=name)
+    features = x.shape[-1]
+    x = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x), approximate=False)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = dense(features, 'Dense_1')(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LayerNorm transformer block: x + MSA(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    # `deterministic` may be passed positionally: `nn.remat` needs it as a static positional.
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = nn.LayerNorm(name='LayerNorm_0', **kw)(x)
+    y = MultiHeadDotProductAttention(
+        self.num_heads, self.attention_dropout_rate, name='MultiHeadDotProductAttention_1',
+        attention_impl=self.attention_impl, **kw)(y, deterministic=deterministic)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = nn.LayerNorm(name='LayerNorm_2', **kw)(x)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, name='MlpBlock_3', **kw)(
+        y, deterministic=deterministic)
+    return x + y
+
+
+class _ScannedEncoder1DBlock(Encoder1DBlock):
+  """The same block as an `nn.scan` body: returns (carry, per-layer output)."""
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    return super().__call__(x, deterministic), None
+
+
+class AddPositionEmbs(nn.Module):
+  """Learned 1-D position embeddings, shape (1, tokens, hidden)."""
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    pos_embedding = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
+                               (1,) + x.shape[1:], self.param_dtype)
+    return x + pos_embedding.astype(x.dtype)
+
+
+class Encoder(nn.Module):
+  """Position embeddings, `num_layers` blocks and the final LayerNorm."""
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: str = 'xla'
+  remat_policy: str = 'none'
+  scan_layers: bool = False
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'remat_policy={self.remat_policy!r}; expected one of '
+                       f'{tuple(REMAT_POLICIES)}.')
+    deterministic = not train
+    x = AddPositionEmbs(self.param_dtype, name='posembed_input')(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    block_kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                    dropout_rate=self.dropout_rate,
+                    attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
+                    param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+    block = _ScannedEncoder1DBlock if self.scan_layers else Encoder1DBlock
+    if self.remat_policy != 'none':
+      # static_argnums counts `self`: 2 is `deterministic`. Inside a scan, CSE cannot undo the
+      # rematerialisation, so its prevention (which costs speed) is unnecessary.
+      block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(2,),
+                       prevent_cse=not self.scan_layers)
+    if self.scan_layers:
+      block = nn.scan(block, variable_axes={'params': 0, 'intermediates': 0},
+                      split_rngs={'params': True, 'dropout': True}, in_axes=nn.broadcast,
+                      length=self.num_layers)
+      x, _ = block(name=SCANNED_BLOCK, **block_kw)(x, deterministic)
+    else:
+      for i in range(self.num_layers):
+        x = block(name=f'encoderblock_{i}', **block_kw)(x, deterministic)
+    return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='encoder_norm')(x)
+
+
+class VisionTransformer(nn.Module):
+  """ViT (and ResNet+ViT hybrid when `resnet` is set). Images NHWC in [-1, 1]."""
+  num_classes: Optional[int]
+  patches: Any
+  hidden_size: int
+  transformer: Any
+  classifier: str = 'token'
+  representation_size: Optional[int] = None
+  resnet: Optional[Any] = None
+  model_name: Optional[str] = None
+  head_bias_init: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  # Speed switches; see the module docstring.
+  attention_impl: str = 'xla'
+  remat_policy: str = 'none'
+  scan_layers: bool = False
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    if self.classifier not in ('token', 'gap', 'unpooled', 'token_unpooled'):
+      raise ValueError(f'Unknown classifier {self.classifier!r}; expected token, gap, '
+                       'unpooled or token_unpooled.')
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = images.astype(self.dtype)
+    if self.resnet is not None:
+      x = resnet_stem(x, num_layers=tuple(self.resnet['num_layers']),
+                      width_factor=self.resnet['width_factor'], **kw)
+    x = nn.Conv(self.hidden_size, tuple(self.patches['size']), strides=tuple(self.patches['size']),
+                padding='VALID', name='embedding', **kw)(x)
+    batch, height, width, channels = x.shape
+    x = jnp.reshape(x, (batch, height * width, channels))
+    if self.classifier in ('token', 'token_unpooled'):
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, channels), self.param_dtype)
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
+    x = Encoder(name='Transformer', attention_impl=self.attention_impl,
+                remat_policy=self.remat_policy, scan_layers=self.scan_layers, **kw,
+                **_transformer_kwargs(self.transformer))(x, train=train)
+    if self.classifier == 'token':
+      x = x[:, 0]
+    elif self.classifier == 'gap':
+      x = jnp.mean(x, axis=1)
+    if self.representation_size is not None:
+      x = jnp.tanh(nn.Dense(self.representation_size, name='pre_logits', **kw)(x))
+    if not self.num_classes:
+      return x
+    head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
+                    bias_init=nn.initializers.constant(self.head_bias_init), name='head', **kw)
+    return head(x).astype(jnp.float32)
+
+
+def _transformer_kwargs(transformer) -> dict:
+  keys = ('num_layers', 'mlp_dim', 'num_heads', 'dropout_rate', 'attention_dropout_rate')
+  return {k: transformer[k] for k in keys}
+
+
+def build_model(model_config: ml_collections.ConfigDict, num_classes: Optional[int],
+                **overrides) -> VisionTransformer:
+  """`VisionTransformer(num_classes=..., **model_config)` with module-field overrides
+  (e.g. `dtype=jnp.bfloat16`). Nested fields may be ConfigDicts or plain dicts."""
+  return VisionTransformer(num_classes=num_classes, **{**dict(model_config), **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# The scan_layers parameter layout <-> the released layout.
+
+_BLOCK_NAME = re.compile(r'^encoderblock_(\d+)$')
+
+
+def stack_encoder_blocks(params: Mapping[str, Any]) -> dict:
+  """Released layout -> `scan_layers=True` layout.
+
+  `Transformer/encoderblock_0 .. encoderblock_{L-1}` become one `Transformer/encoderblock` whose
+  leaves have a leading layer axis of size L; every other entry is passed through as is. Leaves
+  may be numpy arrays, jax.Arrays or `jax.ShapeDtypeStruct`s (shape only; their sharding is
+  dropped). A tree without numbered blocks (already stacked) is returned unchanged.
+  """
+  transformer = params['Transformer']
+  numbered = {int(m.group(1)): name for name in transformer
+              if (m := _BLOCK_NAME.match(name))}
+  if not numbered:
+    return dict(params)
+  if SCANNED_BLOCK in transformer:
+    raise ValueError('Transformer has both a stacked `encoderblock` and numbered '
+                     f'encoder blocks {sorted(numbered)}.')
+  if sorted(numbered) != list(range(len(numbered))):
+    raise ValueError(f'Encoder blocks {sorted(numbered)} are not numbered 0..L-1.')
+  blocks = [transformer[numbered[i]] for i in range(len(numbered))]
+  try:
+    stacked = jax.tree.map(lambda *leaves: _stack(leaves), *blocks)
+  except ValueError as e:
+    raise ValueError(f'Encoder blocks differ in structure: {e}') from e
+  rest = {k: v for k, v in transformer.items() if not _BLOCK_NAME.match(k)}
+  return {**params, 'Transformer': {**rest, SCANNED_BLOCK: stacked}}
+
+
+def unstack_encoder_blocks(params: Mapping[str, Any]) -> dict:
+  """`scan_layers=True` layout -> released layout (the inverse of `stack_encoder_blocks`).
+
+  A tree without a stacked `Transformer/encoderblock` (already released) is returned unchanged.
+  """
+  transformer = params['Transformer']
+  if SCANNED_BLOCK not in transformer:
+    return dict(params)
+  if any(_BLOCK_NAME.match(name) for name in transformer):
+    raise ValueError('Transformer has both a stacked `encoderblock` and numbered encoder '
+                     'blocks.')
+  stacked = transformer[SCANNED_BLOCK]
+  lengths = {leaf.shape[0] if leaf.shape else None for leaf in jax.tree.leaves(stacked)}
+  if len(lengths) != 1 or None in lengths:
+    raise ValueError(f'The stacked encoder block leaves disagree on the layer axis: {lengths}.')
+  (num_layers,) = lengths
+  rest = {k: v for k, v in transformer.items() if k != SCANNED_BLOCK}
+  for i in range(num_layers):
+    rest[f'encoderblock_{i}'] = jax.tree.map(lambda leaf, i=i: _index(leaf, i), stacked)
+  return {**params, 'Transformer': rest}
+
+
+def _stack(leaves):
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+    return jax.ShapeDtypeStruct((len(leaves),) + tuple(leaves[0].shape), leaves[0].dtype)
+  if all(isinstance(x, np.ndarray) for x in leaves):
+    return np.stack(leaves)
+  return jnp.stack(leaves)
+
+
+def _index(leaf, i: int):
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype)
+  return leaf[i]

@@ -1,0 +1,227 @@
+r"""A shareable Markdown report of one or more training runs, figures next to it in one folder.
+
+  python -m vit_jax.report --workdir=runs/finetune [--workdir=runs/other ...] \
+      --out=report/report.md
+
+For each finished run (ARCHITECTURE.md workdir, with model.npz): its model (parameters counted
+from the model, analytic FLOPs), training curves from metrics.jsonl, final accuracies and the
+analyses of --analyses on its model, with images from --images or the run's eval split.
+"""
+import datetime
+import math
+import os
+import re
+from typing import Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+
+from vit_jax import flops
+from vit_jax import inference
+from vit_jax import metrics_writer
+from vit_jax import model_configs
+from vit_jax.analysis import data
+from vit_jax.analysis import embeddings
+from vit_jax.analysis import outputs
+from vit_jax.analysis import plots
+
+# Paper, Table 1 (parameters in millions).
+PAPER_PARAMS_M = {'B': 86, 'L': 307, 'H': 632}
+TABLE1_MODELS = ('ViT-B_16', 'ViT-L_16', 'ViT-H_14')
+REPORT_ANALYSES = ('posemb_similarity', 'filters', 'attention_distance', 'attention_maps',
+                   'fewshot')
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Defined by the program only, so that importing this module adds no flags elsewhere."""
+  flags.DEFINE_multi_string('workdir', None, 'Training workdir; repeat for several runs.',
+                            flag_values=fv)
+  flags.DEFINE_string('out', None, 'Markdown file to write; figures go into folders next to it.',
+                      flag_values=fv)
+  flags.DEFINE_list('analyses', ['posemb_similarity', 'filters', 'attention_distance',
+                                 'attention_maps'],
+                    f'Analyses run on each run\'s model, of {", ".join(REPORT_ANALYSES)} '
+                    '(fewshot reads the train split).', flag_values=fv)
+  flags.register_validator('analyses', lambda names: set(names) <= set(REPORT_ANALYSES),
+                           f'--analyses takes names of {", ".join(REPORT_ANALYSES)}.',
+                           flag_values=fv)
+  flags.DEFINE_list('images', [], 'Image files/directories for the attention analyses (default: '
+                    'the run\'s eval split).', flag_values=fv)
+  flags.DEFINE_integer('num_images', 128, 'Eval images averaged by attention_distance.',
+                       flag_values=fv)
+  flags.DEFINE_integer('num_attention_maps', 4, 'Images shown by attention_maps.',
+                       flag_values=fv)
+  flags.DEFINE_list('shots', ['1', '5', '10', '25'], 'fewshot: examples per class.',
+                    flag_values=fv)
+  flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.', flag_values=fv)
+  flags.mark_flags_as_required(['workdir', 'out'], flag_values=fv)
+
+
+def paper_params_m(model_name: str) -> Optional[int]:
+  """Table 1 parameter count of a pure ViT-B/L/H (any patch size), else None."""
+  match = re.fullmatch(r'ViT-([A-Za-z]+)_\d+', model_name)
+  return PAPER_PARAMS_M.get(match.group(1)) if match else None
+
+
+def count_params(model_config, num_classes: int, resolution: int) -> int:
+  shapes = inference.abstract_params(model_config, num_classes, resolution)
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+
+
+def _si(value: float) -> str:
+  """86567656 -> '86.6M', 201024 -> '201.0k'."""
+  for scale, suffix in ((1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
+    if value >= scale:
+      return f'{value / scale:.1f}{suffix}'
+  return f'{value:.0f}'
+
+
+def table1() -> str:
+  """Paper Table 1 against parameters counted from our models (224px, 1000 classes)."""
+  rows = ['| Model | Layers | Hidden D | MLP | Heads | Params (ours) | Params (paper) | '
+          'FLOPs @224 |', '|---|---|---|---|---|---|---|---|']
+  for name in TABLE1_MODELS:
+    config = model_configs.get_model_config(name)
+    t = config.transformer
+    rows.append(f'| {name} | {t.num_layers} | {config.hidden_size} | {t.mlp_dim} | '
+                f'{t.num_heads} | {_si(count_params(config, 1000, 224))} | '
+                f'{paper_params_m(name)}M | {_si(flops.forward_flops(config, 224, 1000))} |')
+  return '\n'.join(rows)
+
+
+class Run:
+  """One finished workdir: its config, metrics and trained model (model.npz)."""
+
+  def __init__(self, workdir: str, name: str):
+    self.workdir, self.name = workdir, name
+    self.loaded = inference.load_model(workdir)
+    self.config = self.loaded.run_config
+    self.events = metrics_writer.read_metrics(workdir)
+
+  def last(self, key: str) -> Optional[float]:
+    values = [e[key] for e in self.events if key in e]
+    return values[-1] if values else None
+
+  def best(self, key: str) -> Optional[float]:
+    values = [e[key] for e in self.events if key in e]
+    return max(values) if values else None
+
+
+def _fmt(value: Optional[float], pattern: str) -> str:
+  return '—' if value is None else format(value, pattern)
+
+
+def runs_table(runs: Sequence[Run]) -> str:
+  rows = ['| Run | Model | Dataset | Resolution | Params | Paper params | FLOPs/image | Steps | '
+          'Final loss | Final eval top-1 | Best eval top-1 |',
+          '|---|---|---|---|---|---|---|---|---|---|---|']
+  for run in runs:
+    loaded = run.loaded
+    paper = paper_params_m(loaded.name)
+    forward_flops = flops.forward_flops(loaded.model_config, loaded.resolution,
+                                        loaded.num_classes)
+    steps = max((e['step'] for e in run.events), default=None)
+    rows.append(
+        f'| {run.name} | {loaded.name} | {run.config.get("dataset", "—")} | '
+        f'{loaded.resolution} | '
+        f'{_si(count_params(loaded.model_config, loaded.num_classes, loaded.resolution))} | '
+        f'{f"{paper}M" if paper else "—"} | {_si(forward_flops)} | {_fmt(steps, "d")} | '
+        f'{_fmt(run.last("loss"), ".4f")} | {_fmt(run.last("eval_top1"), ".2%")} | '
+        f'{_fmt(run.best("eval_top1"), ".2%")} |')
+  return '\n'.join(rows)
+
+
+def _image(path: str, out_dir: str, alt: str) -> str:
+  return f'![{alt}]({os.path.relpath(path, out_dir)})'
+
+
+def run_section(run: Run, out_dir: str, fv: flags.FlagValues) -> str:
+  """The run's curves and analyses; figures go into out_dir/<run name>/."""
+  figures = os.path.join(out_dir, run.name)
+  os.makedirs(figures, exist_ok=True)
+  loaded = run.loaded
+  lines = [f'## Run `{run.name}`', '', f'Workdir `{run.workdir}`: {loaded.name} on '
+           f'{run.config.get("dataset", "?")} at {loaded.resolution}px.', '',
+           '### Training curves', '',
+           _image(plots.training_curves(run.events, os.path.join(figures, 'training_curves.png'),
+                                        title=run.name), out_dir, 'training curves'), '']
+  for analysis in fv.analyses:
+    lines += _analysis_section(analysis, run, figures, out_dir, fv) + ['']
+  return '\n'.join(lines)
+
+
+def _analysis_section(analysis: str, run: Run, figures: str, out_dir: str,
+                      fv: flags.FlagValues) -> list[str]:
+  loaded = run.loaded
+  if analysis == 'posemb_similarity':
+    result = outputs.posemb_similarity(loaded, figures)
+    return ['### Position-embedding similarity (Fig. 7 centre)', '',
+            _image(result['png'], out_dir, 'position embedding similarity')]
+  if analysis == 'filters':
+    if not embeddings.has_pixel_patch_embedding(loaded.model_config):
+      return ['### Embedding filters', '', 'Not applicable: a hybrid embeds ResNet features.']
+    result = outputs.filters(loaded, figures)
+    return ['### Embedding filters (Fig. 7 left)', '',
+            f'The components shown explain {result["explained_variance"]:.1%} of the filters\' '
+            'variance.', '', _image(result['png'], out_dir, 'embedding filters')]
+  if analysis == 'fewshot':
+    result = outputs.fewshot(loaded, run.config, figures,
+                             shots=[int(n) for n in fv.shots])
+    rows = ['### Few-shot linear accuracy', '', '| Shots per class | Accuracy (mean ± std) |',
+            '|---|---|']
+    rows += [f'| {n} | {r["mean"]:.2%} ± {r["std"]:.2%} |' for n, r in result['results'].items()]
+    return rows
+  count = fv.num_images if analysis == 'attention_distance' else fv.num_attention_maps
+  names, images = data.analysis_images(loaded.resolution, fv.images, run.config, count)
+  names, images = names[:count], images[:count]
+  if analysis == 'attention_distance':
+    result = outputs.attention_distance(loaded, images, figures, batch_size=fv.batch_size)
+    return ['### Mean attention distance (Fig. 7 right)', '',
+            f'Averaged over {len(images)} images.', '',
+            _image(result['png'], out_dir, 'mean attention distance')]
+  result = outputs.attention_maps(loaded, images, names, figures, batch_size=fv.batch_size)
+  return ['### Attention maps (Fig. 6)', ''] + [
+      _image(path, out_dir, f'attention map of {name}') for path, name in zip(result['png'], names)]
+
+
+def _run_names(workdirs: Sequence[str]) -> list[str]:
+  """Folder names of the workdirs, numbered where they repeat."""
+  names = []
+  for workdir in workdirs:
+    base = os.path.basename(os.path.normpath(workdir)) or 'run'
+    name, i = base, 2
+    while name in names:
+      name, i = f'{base}_{i}', i + 1
+    names.append(name)
+  return names
+
+
+def write_report(fv: flags.FlagValues) -> str:
+  out_dir = os.path.dirname(os.path.abspath(fv.out))
+  os.makedirs(out_dir, exist_ok=True)
+  runs = [Run(w, n) for w, n in zip(fv.workdir, _run_names(fv.workdir))]
+  sections = [
+      '# Vision Transformer report', '',
+      f'Written by `python -m vit_jax.report` on {datetime.date.today().isoformat()}.', '',
+      '## Models (paper Table 1)', '',
+      'Parameters counted from our models with a 1000-class head at 224px; FLOPs are analytic '
+      '(vit_jax.flops: multiply-adds x 2).', '', table1(), '',
+      '## Runs', '', runs_table(runs), '',
+  ]
+  for run in runs:
+    logging.info('Analysing run %s (%s).', run.name, run.workdir)
+    sections.append(run_section(run, out_dir, fv))
+  with open(fv.out, 'w') as f:
+    f.write('\n'.join(sections) + '\n')
+  return fv.out
+
+
+def main(argv: Sequence[str]) -> int:
+  return inference.run_command(write_report, argv)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,305 @@
+"""The training loop: fine-tuning and pre-training with periodic evaluation and checkpoints.
+
+`prepare(config, workdir)` does everything before the first step (config and workdir checks,
+restore or initialisation): its errors are the user's to fix. `Run.train()` runs the steps.
+
+Fault tolerance:
+  * Resuming: the same command continues from the newest checkpoint that restores (see
+    vit_jax.train_checkpoint for unreadable ones), with the same data order (the input pipeline
+    starts at the restored step) and RNG (part of the state), so it follows the loss curve of an
+    uninterrupted run. metrics.jsonl is first cut back to the restored step.
+  * SIGTERM / SIGINT: the current step finishes, its checkpoint is saved and TrainingInterrupted
+    is raised (the CLI exits with 128 + the signal number). A second signal acts as usual. With
+    several processes SIGTERM goes through JAX's preemption service (all processes stop at the
+    same step) and SIGINT is not intercepted.
+  * Non-finite loss or gradients: the train step does not apply the update (on device) and
+    reports `is_finite`; the loop reads these flags at log steps and before every save, so no
+    host sync is added per step. config.nonfinite='stop' raises NonFiniteError naming the step
+    before anything else is saved; 'skip' logs the skipped steps and goes on.
+  * Workdir reuse: a config differing from WORKDIR/config.json outside
+    config_lib.RESUMABLE_FIELDS is refused (ValueError listing the differences) unless
+    config.allow_config_change.
+"""
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Iterator, Optional
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+from vit_jax import checkpoint
+from vit_jax import config_lib
+from vit_jax import evaluate
+from vit_jax import flops
+from vit_jax import hardware
+from vit_jax import input_pipeline
+from vit_jax import metrics_writer
+from vit_jax import optim
+from vit_jax import sharding
+from vit_jax import train_checkpoint
+from vit_jax import trainer as trainer_lib
+
+
+class TrainingInterrupted(Exception):
+  """Training stopped on a signal after saving a checkpoint of the last finished step."""
+
+  def __init__(self, signum: int, step: int, directory: str):
+    self.signum = signum
+    super().__init__(f'Stopped by {signal.Signals(signum).name} after step {step}, saved to '
+                     f'{directory}. Run the same command to resume.')
+
+
+class NonFiniteError(FloatingPointError):
+  """A step had a non-finite loss or gradient and config.nonfinite is 'stop'."""
+
+
+def _host_params(params):
+  """Full parameter values on every host (gathers FSDP shards across processes)."""
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+
+
+class _Throughput:
+  """images/s, MFU and ETA between two log points."""
+
+  def __init__(self, config, num_classes, start_step):
+    self._flops = flops.train_step_flops(config.model, config.pp.resolution, num_classes)
+    self._peak = hardware.peak_flops(override=config.peak_flops)
+    self._batch, self._total = config.batch, config.total_steps
+    self._time, self._step = time.perf_counter(), start_step
+
+  def measure(self, step):
+    now = time.perf_counter()
+    images_per_s = (step - self._step) * self._batch / max(now - self._time, 1e-9)
+    self._time, self._step = now, step
+    out = {'images_per_s': images_per_s,
+           'eta_s': (self._total - step) * self._batch / max(images_per_s, 1e-9)}
+    if self._peak:
+      out['mfu'] = images_per_s * self._flops / (self._peak * jax.device_count())
+    return out
+
+
+class _StopSignals:
+  """Turns the first SIGTERM / SIGINT into a request to stop after the current step.
+
+  Only with one process: a signal reaching one of several processes cannot stop them all at the
+  same step. There SIGTERM is left to JAX's preemption service, whose sync point (the same step
+  on every process) `requested` reports as well.
+  """
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum: Optional[int] = None
+    self._previous = {}
+
+  def __enter__(self) -> '_StopSignals':
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.signum = signum
+    signal.signal(signum, self._previous[signum])  # A second one acts at once.
+    logging.warning('Received %s: stopping after the current step and its checkpoint (send it '
+                    'again to stop at once).', signal.Signals(signum).name)
+
+  def requested(self, step: int) -> bool:
+    """Whether to stop after `step`; every process must call this at every step."""
+    if self.signum is None and multihost_utils.reached_preemption_sync_point(step):
+      self.signum = signal.SIGTERM
+    return self.signum is not None
+
+
+class _NonFiniteSteps:
+  """The train steps' on-device `is_finite` flags, read on the host only by `check()`."""
+
+  def __init__(self, policy: str, ckpt: train_checkpoint.TrainCheckpointer, directory: str):
+    self._policy, self._ckpt, self._directory = policy, ckpt, directory
+    self._pending = []
+
+  def add(self, step: int, is_finite: jax.Array) -> None:
+    self._pending.append((step, is_finite))
+
+  def check(self) -> None:
+    """Raises NonFiniteError ('stop') or logs ('skip') the steps whose update was dropped."""
+    steps, flags = zip(*self._pending) if self._pending else ((), ())
+    self._pending = []
+    bad = [step for step, ok in zip(steps, jax.device_get(flags)) if not ok]
+    if not bad:
+      return
+    if self._policy == 'skip':
+      logging.warning('Skipped %d step(s) with a non-finite loss or gradient '
+                      "(config.nonfinite='skip'): %s", len(bad), bad)
+      return
+    latest = self._ckpt.latest_step()
+    kept = (f'the checkpoint of step {latest} in {self._directory} is kept' if latest is not None
+            else 'no checkpoint was saved')
+    raise NonFiniteError(
+        f"Non-finite loss or gradient at step {bad[0]} (config.nonfinite='stop'): training "
+        f'stopped, {kept}. Resume it with a lower config.base_lr (and '
+        f"--config.allow_config_change=True), or set config.nonfinite='skip'.")
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a workdir written by a run with another config (see config_lib.RESUMABLE_FIELDS)."""
+  path = os.path.join(workdir, 'config.json')
+  if not tf.io.gfile.exists(path):
+    return
+  with tf.io.gfile.GFile(path) as f:
+    try:
+      saved = json.load(f)
+    except ValueError as e:
+      raise ValueError(f'{path} is not valid JSON ({e}); delete it to resume with this '
+                       'config.') from e
+  changes = config_lib.config_changes(saved, json.loads(config.to_json_best_effort()))
+  if not changes:
+    return
+  listing = '\n  '.join(changes)
+  if not config.allow_config_change:
+    raise ValueError(
+        f'{workdir} holds a run with another config (field: in config.json -> now):\n  '
+        f'{listing}\nUse another --workdir, or --config.allow_config_change=True to resume this '
+        'run with the new config.')
+  logging.warning('Resuming %s with a changed config (config.allow_config_change=True):\n  %s',
+                  workdir, listing)
+
+
+def _is_event_up_to(line: str, step: int) -> bool:
+  """Whether a metrics.jsonl line is a complete event of `step` or before (not cut short)."""
+  try:
+    return line.endswith('\n') and json.loads(line)['step'] <= step
+  except (ValueError, KeyError, TypeError):
+    return False
+
+
+def _rewind_metrics(workdir: str, step: int) -> None:
+  """Drops the metrics.jsonl events after `step` (the resumed run writes them again)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if jax.process_index() != 0 or not tf.io.gfile.exists(path):
+    return
+  with tf.io.gfile.GFile(path) as f:
+    lines = f.read().splitlines(keepends=True)
+  kept = [line for line in lines if _is_event_up_to(line, step)]
+  if len(kept) == len(lines):
+    return
+  logging.info('Dropping %d events after step %d from %s.', len(lines) - len(kept), step, path)
+  with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
+    f.write(''.join(kept))
+  tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+
+
+@dataclasses.dataclass
+class Run:
+  """A training run ready to go on from `step` (see `prepare`)."""
+  trainer: trainer_lib.Trainer
+  ckpt: train_checkpoint.TrainCheckpointer
+  workdir: str
+  state: Any
+  step: int
+
+  def train(self) -> dict:
+    """Runs the remaining steps, saves the final checkpoint and model.npz; returns eval metrics."""
+    try:
+      with _StopSignals() as stop:
+        state, eval_metrics = self._loop(stop)
+      if not eval_metrics:  # The run had already finished: report its accuracy all the same.
+        eval_metrics = {'eval_top1': evaluate.top1(self.trainer, state['params'])}
+      params = _host_params(state['params'])
+      if jax.process_index() == 0:
+        checkpoint.save_npz(params, os.path.join(self.workdir, 'model.npz'))
+    finally:
+      self.ckpt.close()
+    return eval_metrics
+
+  def _loop(self, stop: _StopSignals):
+    config, trainer, ckpt, state, step = (self.trainer.config, self.trainer, self.ckpt,
+                                          self.state, self.step)
+    writer = metrics_writer.MetricsWriter(self.workdir)
+    batches = _batches(config, trainer, step)
+    schedule = optim.learning_rate_schedule(config)
+    throughput = _Throughput(config, trainer.num_classes, step)
+    nonfinite = _NonFiniteSteps(config.nonfinite, ckpt, self.workdir)
+    eval_metrics = {}
+    progress = tqdm.tqdm(total=config.total_steps, initial=step, unit='step',
+                         disable=not (config.progress and jax.process_index() == 0))
+    while step < config.total_steps:
+      state, metrics = trainer.train_step(state, next(batches))
+      step += 1
+      progress.update()
+      nonfinite.add(step, metrics.pop('is_finite'))
+      stopping = stop.requested(step)
+      log = step % config.log_every == 0 or step == config.total_steps
+      save = stopping or step == config.total_steps or ckpt.should_save(step)
+      if log or save:
+        nonfinite.check()
+      if log:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}  # Of a skipped step.
+        metrics.update(lr=float(schedule(step - 1)), **throughput.measure(step))
+        writer.write(step, metrics)
+        progress.set_postfix(loss=f'{metrics.get("loss", math.nan):.4f}',
+                             lr=f'{metrics["lr"]:.2e}')
+      if save:
+        ckpt.save(step, state, {'data_position': step})
+      if stopping:
+        ckpt.wait()
+        raise TrainingInterrupted(stop.signum, step, os.path.join(self.workdir, 'checkpoints'))
+      if step % config.eval_every == 0 or step == config.total_steps:
+        eval_metrics = {'eval_top1': evaluate.top1(trainer, state['params'])}
+        writer.write(step, eval_metrics)
+    progress.close()
+    return state, eval_metrics
+
+
+def _batches(config, trainer, step: int) -> Iterator[dict]:
+  return input_pipeline.prefetch_to_mesh(
+      input_pipeline.build_train_iterator(config, start_step=step),
+      sharding.batch_sharding(trainer.mesh), size=config.prefetch)
+
+
+def _restore_or_init(trainer: trainer_lib.Trainer, ckpt: train_checkpoint.TrainCheckpointer,
+                     workdir: str):
+  if ckpt.latest_step() is None:
+    return trainer.initial_state(), 0
+  state, _, step = ckpt.restore(trainer.abstract_state, set_aside_unrestorable=True)
+  logging.info('Resumed from %s at step %d.', workdir, step)
+  return state, step
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Checks the config and workdir, then restores WORKDIR/checkpoints or initialises the state.
+
+  Raises ValueError / OSError for what the user must fix: config, data, paths, checkpoints.
+  """
+  config_lib.validate(config, num_devices=jax.device_count(),
+                      process_count=jax.process_count())
+  info = input_pipeline.get_dataset_info(config)
+  config.num_classes = config.num_classes or info.num_classes
+  check_workdir_config(config, workdir)
+  trainer_lib.write_config(config, workdir)
+  trainer = trainer_lib.Trainer(config, config.num_classes)
+  ckpt = train_checkpoint.TrainCheckpointer(
+      os.path.join(workdir, 'checkpoints'), save_every=config.checkpoint_every,
+      keep=config.keep_checkpoints)
+  state, step = _restore_or_init(trainer, ckpt, workdir)
+  _rewind_metrics(workdir, step)
+  return Run(trainer, ckpt, workdir, state, step)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from WORKDIR/checkpoints when present); returns the final eval metrics."""
+  return prepare(config, workdir).train()

@@ -1,0 +1,240 @@
+"""Training-state checkpoints: the sharded train state plus a small JSON `extra`, via orbax.
+
+Each checkpoint is a step directory `DIR/<step>/` holding two orbax items: `state` (the train-state
+pytree of jax.Arrays, written shard by shard by the processes that own them) and `extra` (a
+JSON-able host-side dict such as the data position and the run config).
+
+Atomicity is orbax's: a step is written under `<step>.orbax-checkpoint-tmp*` and renamed when
+complete (on GCS, where there is no atomic rename, a `commit_success.txt` marks it complete).
+Unfinished steps, e.g. from a killed process, are never listed or restored, and saving the same
+step again replaces them. They are deliberately not swept away when a checkpointer opens the
+directory: a reader (an evaluator) would then delete a running trainer's save in progress.
+
+Failures:
+  * A complete step that cannot be read back (files truncated or deleted afterwards) is skipped
+    by `restore()` with a warning naming it, falling back to the newest step that restores; when
+    none does, it raises ValueError listing every step's error. With `set_aside_unrestorable`
+    (a trainer, which will write these steps again) such steps are renamed to
+    `<step>.unrestorable` rather than deleted.
+  * A save that fails (e.g. the disk is full) raises CheckpointSaveError naming the step, when
+    the save is made or, for asynchronous saves, at the next save / `wait()` / `close()`; the
+    previous checkpoints are kept (orbax deletes old steps only after a successful save).
+
+PRNG keys may be raw `uint32[2]` arrays (`jax.random.PRNGKey`) or typed keys (`jax.random.key`);
+orbax stores typed keys as their key data and restores them with their implementation.
+
+Every process must make the same calls with the same arguments (they synchronise inside orbax).
+"""
+import json
+import textwrap
+from typing import Any, Optional, Tuple
+
+from absl import logging
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import orbax.checkpoint as ocp
+
+_STATE = 'state'
+_EXTRA = 'extra'
+# What orbax and tensorstore raise for unreadable or unwritable checkpoint files.
+_IO_ERRORS = (ValueError, OSError)
+_UNRESTORABLE_SUFFIX = '.unrestorable'
+
+
+class CheckpointSaveError(OSError):
+  """A training checkpoint could not be written; the previous ones are kept."""
+
+
+class TrainCheckpointer:
+  """Saves the train state every `save_every` steps and keeps the last `keep` checkpoints."""
+
+  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
+    if save_every < 1:
+      raise ValueError(f'save_every={save_every}; expected a positive number of steps.')
+    if keep < 1:
+      raise ValueError(f'keep={keep}; expected at least one checkpoint to keep.')
+    self._directory = directory
+    self._pending_step = None  # Of the asynchronous save that may still be running.
+    self._save_failed = False
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        # Also saves when the cluster announces a preemption (a no-op where JAX's preemption
+        # service is not running, e.g. on CPU).
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(save_every),
+            policies.PreemptionCheckpointingPolicy(),
+        ]),
+        enable_async_checkpointing=async_save,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(directory, options=options, item_names=(_STATE, _EXTRA))
+
+  def should_save(self, step: int) -> bool:
+    """Whether `step` is due: a multiple of `save_every`, or a preemption sync point.
+
+    Every process must call this at every step (the preemption check is collective).
+    """
+    return self._manager.should_save(step)
+
+  def save(self, step: int, state: Any, extra: dict) -> bool:
+    """Saves `state` and `extra` as `step` now, unless `step` is already saved.
+
+    Returns whether it saved. With `async_save` this returns once the arrays are copied to host
+    memory: the caller may then donate or delete them. Raises CheckpointSaveError when this or
+    the previous asynchronous save failed.
+    """
+    try:
+      json.dumps(extra)
+    except TypeError as e:
+      raise TypeError(f'extra must be JSON-serialisable (plain dicts, lists, numbers, strings): '
+                      f'{e}') from e
+    if step in self._manager.all_steps():
+      return False
+    self._finish_pending_save()
+    try:
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              **{_STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(extra)}),
+          force=True)
+    except _IO_ERRORS as e:
+      raise self._save_error(step, e) from e
+    self._pending_step = step
+    logging.info('Saving training checkpoint for step %d to %s.', step, self._directory)
+    return True
+
+  def maybe_save(self, step: int, state: Any, extra: dict, *, force: bool = False) -> bool:
+    """`save()` when `should_save(step)` or forced; returns whether it saved.
+
+    A step that is already saved is not written again, so forcing the final step is safe even
+    when it was also a regular save.
+    """
+    if not (force or self.should_save(step)):
+      return False
+    return self.save(step, state, extra)
+
+  def latest_step(self) -> Optional[int]:
+    """The newest completely written step, or None."""
+    return self._manager.latest_step()
+
+  def restore(self, abstract_state: Any, step: Optional[int] = None, *,
+              set_aside_unrestorable: bool = False) -> Tuple[Any, dict, int]:
+    """Restores `(state, extra, step)`: `step`, or by default the newest step that restores.
+
+    `abstract_state` has the structure of the saved state and, on every leaf, the shape, dtype
+    and `sharding` to restore into (e.g. `jax.eval_shape` output given the trainer's
+    shardings); the sharding may differ from the one the state was saved with.
+
+    Without `step`, a step that fails to restore is logged as a warning and the previous one
+    tried; ValueError when none restores. With `set_aside_unrestorable`, the steps that failed
+    are renamed to `<step>.unrestorable` so that they can be saved again.
+    """
+    _check_has_shardings(abstract_state)
+    if step is not None:
+      if step not in self._manager.all_steps():
+        raise FileNotFoundError(f'No training checkpoint for step {step} in {self._directory}; '
+                                f'available steps: {sorted(self._manager.all_steps())}.')
+      return self._restore_step(abstract_state, step)
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f'No complete training checkpoint in {self._directory}.')
+    failures = {}
+    for candidate in steps:
+      try:
+        restored = self._restore_step(abstract_state, candidate)
+      except _IO_ERRORS as e:
+        failures[candidate] = textwrap.shorten(str(e), 400)
+        logging.warning('The training checkpoint for step %d in %s cannot be restored, trying '
+                        'the previous one. The error: %s', candidate, self._directory,
+                        failures[candidate])
+        continue
+      if set_aside_unrestorable and failures:
+        self._set_aside(list(failures))
+      return restored
+    raise ValueError(
+        f'None of the {len(steps)} training checkpoints in {self._directory} can be restored:\n'
+        + '\n'.join(f'  step {s}: {error}' for s, error in failures.items())
+        + f'\nRepair them, or move {self._directory} away to start from scratch.')
+
+  def _restore_step(self, abstract_state: Any, step: int) -> Tuple[Any, dict, int]:
+    logging.info('Restoring training checkpoint for step %d from %s.', step, self._directory)
+    error = None
+    try:
+      restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state),
+                                     _EXTRA: ocp.args.JsonRestore()}))
+    except _IO_ERRORS as e:
+      error = e
+    if not _on_all_processes(error is None):
+      raise error or ValueError(f'Restoring step {step} failed on another process.')
+    return restored[_STATE], restored[_EXTRA], step
+
+  def _set_aside(self, steps) -> None:
+    if jax.process_index() == 0:
+      for step in steps:
+        source = epath.Path(self._directory) / str(step)
+        target = source.with_name(f'{step}{_UNRESTORABLE_SUFFIX}')
+        suffix = 1
+        while target.exists():
+          target, suffix = source.with_name(f'{step}{_UNRESTORABLE_SUFFIX}{suffix}'), suffix + 1
+        source.rename(target)
+        logging.warning('Renamed the unrestorable checkpoint %s to %s.', source, target)
+    multihost_utils.sync_global_devices('TrainCheckpointer:set_aside')
+    self._manager.reload()
+
+  def _finish_pending_save(self) -> None:
+    step, self._pending_step = self._pending_step, None
+    try:
+      self._manager.wait_until_finished()
+    except _IO_ERRORS as e:
+      raise self._save_error(step, e) from e
+
+  def _save_error(self, step: int, cause: Exception) -> CheckpointSaveError:
+    self._save_failed = True
+    self._manager.reload()  # The steps on disk: orbax's own list may be off after a failure.
+    return CheckpointSaveError(
+        f'Saving the training checkpoint for step {step} to {self._directory} failed: '
+        f'{textwrap.shorten(str(cause), 400)} The last complete checkpoint (step '
+        f'{self._manager.latest_step()}) is kept.')
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are written and committed."""
+    self._finish_pending_save()
+
+  def close(self) -> None:
+    """Finishes pending saves and releases orbax's resources.
+
+    After a CheckpointSaveError (already raised) it does nothing: orbax would raise it again.
+    """
+    if self._save_failed:
+      return
+    self._finish_pending_save()
+    self._manager.close()
+
+  def __enter__(self) -> 'TrainCheckpointer':
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def _on_all_processes(ok: bool) -> bool:
+  """Whether `ok` holds on every process (so that all fall back to the same step together)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _check_has_shardings(abstract_state: Any) -> None:
+  missing = [jax.tree_util.keystr(path)
+             for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)
+             if getattr(leaf, 'sharding', None) is None]
+  if missing:
+    raise ValueError(
+        'abstract_state must give a sharding for every leaf (e.g. jax.ShapeDtypeStruct(shape, '
+        f'dtype, sharding=...)); missing for: {", ".join(missing[:5])}'
+        + (f' and {len(missing) - 5} more.' if len(missing) > 5 else '.'))

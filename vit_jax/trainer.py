@@ -1,0 +1,70 @@
+"""The trainer's parts: model, mesh, optimizer, jitted steps and the sharded state's layout."""
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import tensorflow as tf
+
+from vit_jax import checkpoint
+from vit_jax import models
+from vit_jax import optim
+from vit_jax import sharding
+from vit_jax import train_step as steps
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  return models.build_model(config.model, num_classes, dtype=jnp.dtype(config.dtype),
+                            head_bias_init=config.head_bias_init)
+
+
+def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
+  if config.pretrained_path:
+    return config.pretrained_path
+  if config.pretrained_dir:
+    return os.path.join(config.pretrained_dir, f'{config.model_name}.npz')
+  return None
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    tf.io.gfile.makedirs(workdir)
+    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+class Trainer:
+  """Holds what the loop needs: model, mesh, jitted steps and the sharded state's layout."""
+
+  def __init__(self, config: ml_collections.ConfigDict, num_classes: int, mesh=None):
+    self.config = config
+    self.num_classes = num_classes
+    self.mesh = mesh or sharding.make_mesh()
+    self.model = build_model(config, num_classes)
+    self.optimizer = optim.make_optimizer(config)
+    image_shape = (config.pp.resolution, config.pp.resolution, 3)
+    self._init = lambda rng: steps.init_state(self.model, self.optimizer, rng, image_shape)
+    abstract = jax.eval_shape(self._init, jax.random.PRNGKey(0))
+    self.state_shardings = sharding.state_shardings(abstract, self.mesh, config.sharding)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract, self.state_shardings)
+    self.train_step = steps.jit_train_step(
+        steps.make_train_step(self.model, self.optimizer, config, num_classes, self.mesh),
+        self.state_shardings, self.mesh)
+    self.eval_step = steps.jit_eval_step(
+        steps.make_eval_step(self.model), self.state_shardings['params'], self.mesh)
+
+  def initial_state(self):
+    """Fresh (or pre-trained) state, created directly in its sharded layout."""
+    init = jax.jit(self._init, out_shardings=self.state_shardings)
+    state = init(jax.random.PRNGKey(self.config.seed))
+    path = pretrained_path(self.config)
+    if path is None:
+      return state
+    params = checkpoint.load_pretrained(
+        pretrained_path=path, init_params=jax.device_get(state['params']),
+        model_config=self.config.model)
+    state = steps.state_from_params(params, self.optimizer, state['rng'])
+    return jax.device_put(state, self.state_shardings)
