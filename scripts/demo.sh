@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs everything and runs the offline demo: pre-train a small ViT on Fashion-MNIST at 16px,
+# Installs everything and runs the offline demo: pre-train a small ViT on Fashion-MNIST at 21px,
 # export it as .npz, fine-tune it at 28px through load_pretrained, evaluate on the test set.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -160,7 +161,22 @@ def cli(tmp_path_factory):
     run.finish()
     run.events = _events(run.workdir)
     runs[run.name] = run
+  # Round 3: the finished reference run with its latest checkpoint truncated on disk, resumed.
+  shutil.copytree(runs['reference'].workdir, tmp / 'corrupted')
+  runs['corrupted'] = _truncate_latest_checkpoint(tmp / 'corrupted')
+  run = _Cli(tmp, 'corrupted_resumed', 'corrupted', env=env)
+  run.finish()
+  runs[run.name] = run
   return runs
+
+
+def _truncate_latest_checkpoint(workdir: pathlib.Path) -> int:
+  """Cuts every file of the newest checkpoint to half its size; returns that step."""
+  step = _checkpoint_steps(workdir)[-1]
+  for path in (workdir / 'checkpoints' / str(step)).rglob('*'):
+    if path.is_file():
+      os.truncate(path, path.stat().st_size // 2)
+  return step
 
 
 def test_uninterrupted_reference_run_finishes(cli):
@@ -199,6 +215,21 @@ def test_kill9_loses_only_the_steps_since_the_last_checkpoint(cli):
   assert run.process.returncode == 0, run.stderr[-3000:]
   assert f'Resumed from {run.workdir} at step {last_checkpoint}.' in run.stderr
   # The events of the lost steps were dropped, then written again: one curve, the reference's.
+  assert _losses(run.workdir) == _losses(cli['reference'].workdir)
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(cli):
+  truncated = cli['corrupted']
+  run = cli['corrupted_resumed']
+  assert run.process.returncode == 0, run.stderr[-3000:]
+  checkpoints = run.workdir / 'checkpoints'
+  assert (f'The training checkpoint for step {truncated} in {checkpoints} cannot be restored, '
+          'trying the previous one.') in run.stderr
+  previous = truncated - truncated % CHECKPOINT_EVERY  # keep_checkpoints=2: the periodic one.
+  assert f'Resumed from {run.workdir} at step {previous}.' in run.stderr
+  # Set aside for inspection, then written again by the resumed run, which followed the curve.
+  assert (checkpoints / f'{truncated}.unrestorable').is_dir()
+  assert _checkpoint_steps(run.workdir)[-1] == truncated
   assert _losses(run.workdir) == _losses(cli['reference'].workdir)
 
 

@@ -240,6 +240,13 @@ def test_inception_crop_varies_the_crop(tmp_path):
   batch = next(input_pipeline.build_train_iterator(config, process_index=0, process_count=1))
   assert batch['image'].shape == (16, 16, 16, 3)
   assert len({round(float(image.std()), 3) for image in batch['image']}) > 8  # Different zooms.
+  # area_min=1: the crop is the whole image, so every example is it resized, or its mirror.
+  config.pp.area_min = 1.0
+  batch = next(input_pipeline.build_train_iterator(config, process_index=0, process_count=1))
+  whole = next(input_pipeline.build_eval_iterator(config, process_index=0,
+                                                  process_count=1))['image'][0]
+  for image in batch['image']:
+    assert (np.allclose(image, whole, atol=1e-5) or np.allclose(image, whole[:, ::-1], atol=1e-5))
 
 
 @pytest.mark.parametrize('pp_eval', ['resize', 'central_crop'])

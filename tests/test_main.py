@@ -50,11 +50,11 @@ def test_train_writes_metrics_checkpoints_and_npz(trained):
   assert os.listdir(os.path.join(trained, 'tensorboard'))
   with open(os.path.join(trained, 'config.json')) as f:
     config = json.load(f)
-  assert config['num_classes'] == 10 and config['pp']['resolution'] == 16
+  assert config['num_classes'] == 10 and config['pp']['resolution'] == 21
   params = traverse_util.flatten_dict(checkpoint.load(os.path.join(trained, 'model.npz')),
                                       sep='/')
   assert params['head/kernel'].shape == (16, 10)
-  assert params['Transformer/posembed_input/pos_embedding'].shape == (1, 17, 16)
+  assert params['Transformer/posembed_input/pos_embedding'].shape == (1, 3 * 3 + 1, 16)
   assert params['embedding/kernel'].dtype == np.float32
 
 

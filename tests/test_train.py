@@ -10,7 +10,9 @@ import optax
 import pytest
 
 from tests import train_fixtures
+from vit_jax import checkpoint
 from vit_jax import config_lib
+from vit_jax import evaluate
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import train_step as steps
@@ -184,3 +186,31 @@ def test_global_batch_4096_is_a_config_value():
   # Micro-batch j holds examples j, j+16, ...: every device keeps its own rows.
   np.testing.assert_array_equal(micro['label'][3], np.arange(3, 4096, 16))
   assert micro['label'].sharding.spec == jax.sharding.PartitionSpec(None, 'data')
+
+
+def test_scanned_run_reads_and_writes_the_released_layout_and_matches_the_plain_run(tmp_path):
+  """`config.model.scan_layers`: a released .npz goes in, the same training happens, and the
+  parameters come back out in the released layout."""
+  sgd = dict(optimizer='sgd', base_lr=0.1)  # Adam would magnify rounding in ~0 gradients.
+  plain = train_fixtures.tiny_config(**sgd)
+  pretrained = str(tmp_path / 'pretrained.npz')
+  checkpoint.save_npz(jax.device_get(train_fixtures.tiny_trainer(plain).initial_state()['params']),
+                      pretrained)
+  batches = list(train_fixtures.synthetic_batches(plain, 3))
+  plain.pretrained_path = pretrained
+  state_p, losses_p = _run_steps(plain, 0, batches)
+  scanned = train_fixtures.tiny_config(pretrained_path=pretrained, **sgd)
+  scanned.model.scan_layers = True
+  scanned.model.remat_policy = 'full'
+  state_s, losses_s = _run_steps(scanned, 0, batches)
+  assert 'encoderblock' in state_s['params']['Transformer']
+  np.testing.assert_allclose(losses_p, losses_s, rtol=1e-5)
+  trainer_s = train_fixtures.tiny_trainer(scanned)
+  released = trainer_s.released_params(jax.device_get(state_s['params']))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               jax.device_get(state_p['params']), released)
+  # Evaluation of a released .npz goes through the same conversion.
+  loaded = evaluate.checkpoint_params(trainer_s, pretrained)
+  np.testing.assert_array_equal(
+      loaded['Transformer']['encoderblock']['MlpBlock_3']['Dense_0']['kernel'][1],
+      checkpoint.load(pretrained)['Transformer']['encoderblock_1']['MlpBlock_3']['Dense_0']['kernel'])

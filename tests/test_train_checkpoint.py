@@ -1,6 +1,8 @@
 """Training checkpoints: exact round trips, shardings, retention, atomicity, resuming, processes."""
 import os
 import pathlib
+import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -322,3 +324,32 @@ def test_two_processes_save_and_restore_a_globally_sharded_state(tmp_path):
     assert worker.returncode == 0, f'process {process_id} failed:\n{output[-4000:]}'
     assert f'process {process_id}: ok' in output
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['4']
+
+
+def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(tmp_path):
+  """Disk full while saving. Writes really fail here: files may not grow past 1 KiB
+  (RLIMIT_FSIZE, so the OS answers EFBIG where a full disk answers ENOSPC)."""
+  directory = str(tmp_path / 'checkpoints')
+  noise = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)  # Incompressible.
+  state = lambda value: {'w': jax.device_put(jnp.asarray(noise + value))}  # 16 KiB
+  checkpointer = train_checkpoint.TrainCheckpointer(directory, save_every=1, keep=3)
+  checkpointer.save(1, state(1.0), {'data_position': 1})
+  checkpointer.wait()
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Else the process is killed.
+  resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
+  try:
+    with pytest.raises(train_checkpoint.CheckpointSaveError,
+                       match=r'for step 2 to .*checkpoints failed: .* The last complete '
+                             r'checkpoint \(step 1\) is kept\.'):
+      checkpointer.save(2, state(2.0), {'data_position': 2})
+      checkpointer.wait()
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)
+  checkpointer.close()
+  with train_checkpoint.TrainCheckpointer(directory, save_every=1, keep=3) as reader:
+    assert reader.latest_step() == 1
+    restored, extra, step = reader.restore(_abstract_like(state(0.0)))
+  assert (step, extra) == (1, {'data_position': 1})
+  np.testing.assert_array_equal(restored['w'], noise + 1.0)

@@ -50,8 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train_split = 'train'
   c.eval_split = 'test'
   # `resize`: the size before the random (train) or central (eval) crop; None: resolution * 8/7.
+  # `area_min`: the smallest crop of 'inception' preprocessing, as a fraction of the image area.
   c.pp = ml_collections.ConfigDict({'train': 'finetune', 'eval': 'resize', 'resolution': 384,
-                                    'resize': ml_collections.FieldReference(None, field_type=int)})
+                                    'resize': ml_collections.FieldReference(None, field_type=int),
+                                    'area_min': 0.05})
   c.batch = 512
   c.batch_eval = 512
   c.shuffle_buffer = 50_000

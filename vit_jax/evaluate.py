@@ -5,7 +5,6 @@ from absl import logging
 import jax
 import ml_collections
 
-from vit_jax import checkpoint
 from vit_jax import input_pipeline
 from vit_jax import sharding
 from vit_jax import train_checkpoint
@@ -31,10 +30,8 @@ def top1(trainer, params) -> float:
 def checkpoint_params(trainer, path: str):
   """Params of a released-layout `.npz` or of a workdir's latest training checkpoint."""
   if path.endswith('.npz'):
-    params = checkpoint.load_pretrained(
-        pretrained_path=path, init_params=trainer.abstract_state['params'],
-        model_config=trainer.config.model, keep_head=True)
-    return jax.device_put(params, trainer.state_shardings['params'])
+    return jax.device_put(trainer.load_released(path, keep_head=True),
+                          trainer.state_shardings['params'])
   ckpt = train_checkpoint.TrainCheckpointer(os.path.join(path, 'checkpoints'), save_every=1,
                                             keep=1)
   if ckpt.latest_step() is None:

@@ -26,9 +26,6 @@ from vit_jax import model_configs
 from vit_jax import models
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
-# Training speed switches of models.VisionTransformer set back to the plain model: inference needs
-# the released parameter layout (no scanned blocks) and sown attention weights (no fused kernel).
-PLAIN_MODEL_FIELDS = {'attention_impl': 'xla', 'remat_policy': 'none', 'scan_layers': False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,9 +120,9 @@ def _read_workdir(workdir: str, model_name: Optional[str]):
     raise ValueError(f'--model={model_name} but workdir {workdir} trained '
                      f'{run_config.model_name}.')
   model_config = run_config.model
-  for field, value in PLAIN_MODEL_FIELDS.items():
-    if field in model_config:
-      model_config[field] = value
+  # Inference reads the released layout (no scanned blocks) and sown attention weights (no fused
+  # kernel): the plain model, whatever speed switches the run trained with.
+  model_config.update(model_configs.SPEED_SWITCHES)
   return run_config, model_config, npz_path
 
 

@@ -25,8 +25,8 @@ decoded uint8 images fit in `_AUTO_CACHE_BYTES` are decoded once and cached in m
 
 Preprocessing (`config.pp`): train 'finetune' = square resize to `pp.resize` (default
 round(resolution * 8 / 7), e.g. 224 -> 256) + random crop to `pp.resolution` + random flip;
-'inception' = random-resized crop (5%-100% of the area) + flip. Eval 'resize' = resize to the
-resolution; 'central_crop' = square resize to `pp.resize` + central crop. Grayscale images become
+'inception' = random-resized crop (`pp.area_min`, default 5%, to 100% of the area) + flip.
+Eval 'resize' = resize to the resolution; 'central_crop' = square resize to `pp.resize` + central crop. Grayscale images become
 RGB; values are float32 in [-1, 1], labels int32.
 """
 import collections
@@ -250,6 +250,9 @@ def _drop_undecodable(splits, root: str):
 # Preprocessing.
 
 
+DEFAULT_AREA_MIN = 0.05
+
+
 def _resize_size(pp) -> int:
   return pp.get('resize', None) or round(pp.resolution * 8 / 7)
 
@@ -267,10 +270,10 @@ def _resize_random_crop(image, seed, *, resolution: int, resize: int):
   return tf.image.stateless_random_crop(image, [resolution, resolution, 3], seed=seed)
 
 
-def _inception_crop(image, seed, *, resolution: int):
+def _inception_crop(image, seed, *, resolution: int, area_min: float):
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
-      area_range=(0.05, 1.0), use_image_if_no_bounding_boxes=True)
+      area_range=(area_min, 1.0), use_image_if_no_bounding_boxes=True)
   return tf.image.resize(tf.slice(image, begin, size), [resolution, resolution])
 
 
@@ -290,7 +293,8 @@ def train_preprocess(pp) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
   crop = _choose({
       'finetune': functools.partial(_resize_random_crop, resolution=pp.resolution,
                                     resize=_resize_size(pp)),
-      'inception': functools.partial(_inception_crop, resolution=pp.resolution),
+      'inception': functools.partial(_inception_crop, resolution=pp.resolution,
+                                     area_min=pp.get('area_min', DEFAULT_AREA_MIN)),
   }, pp.train, 'config.pp.train')
 
   def preprocess(image, seed):

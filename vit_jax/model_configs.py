@@ -90,6 +90,12 @@ ALIASES = {
 }
 
 
+# Module fields that change speed and memory, never the function computed (see vit_jax.models):
+# their plain-model defaults, carried by every config from `get_model_config` so that a run can
+# set them (`--config.model.scan_layers=True`).
+SPEED_SWITCHES = {'attention_impl': 'xla', 'remat_policy': 'none', 'scan_layers': False}
+
+
 def get_model_config(name: str) -> ml_collections.ConfigDict:
   """Returns a copy of the config for a model name or alias; raises naming the choices."""
   key = ALIASES.get(name.lower(), name)
@@ -97,4 +103,6 @@ def get_model_config(name: str) -> ml_collections.ConfigDict:
     raise ValueError(
         f'Unknown model {name!r}. Known models: {", ".join(MODEL_CONFIGS)}; '
         f'aliases: {", ".join(ALIASES)}.')
-  return ml_collections.ConfigDict(MODEL_CONFIGS[key].to_dict())
+  config = ml_collections.ConfigDict(MODEL_CONFIGS[key].to_dict())
+  config.update(SPEED_SWITCHES)
+  return config

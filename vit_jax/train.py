@@ -218,7 +218,7 @@ class Run:
         state, eval_metrics = self._loop(stop)
       if not eval_metrics:  # The run had already finished: report its accuracy all the same.
         eval_metrics = {'eval_top1': evaluate.top1(self.trainer, state['params'])}
-      params = _host_params(state['params'])
+      params = self.trainer.released_params(_host_params(state['params']))
       if jax.process_index() == 0:
         checkpoint.save_npz(params, os.path.join(self.workdir, 'model.npz'))
     finally:

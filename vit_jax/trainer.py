@@ -63,8 +63,24 @@ class Trainer:
     path = pretrained_path(self.config)
     if path is None:
       return state
-    params = checkpoint.load_pretrained(
-        pretrained_path=path, init_params=jax.device_get(state['params']),
-        model_config=self.config.model)
+    params = self.load_released(path, init_params=jax.device_get(state['params']))
     state = steps.state_from_params(params, self.optimizer, state['rng'])
     return jax.device_put(state, self.state_shardings)
+
+  # The released layout is the contract of every .npz read or written; a model with
+  # `scan_layers` holds its encoder blocks stacked, converted here and nowhere else.
+
+  def load_released(self, path: str, *, init_params=None, keep_head: bool = False):
+    """A released-layout .npz adapted to this model (checkpoint.load_pretrained), in the
+    model's own layout on the host. `init_params` (default: shapes only) supplies the fresh head
+    when it is replaced."""
+    init = self.abstract_state['params'] if init_params is None else init_params
+    params = checkpoint.load_pretrained(
+        pretrained_path=path, init_params=models.unstack_encoder_blocks(init),
+        model_config=self.config.model, keep_head=keep_head)
+    return models.stack_encoder_blocks(params) if self.model.scan_layers else params
+
+  @staticmethod
+  def released_params(params):
+    """The model's parameters in the released layout (for save_npz)."""
+    return models.unstack_encoder_blocks(params)
