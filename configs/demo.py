@@ -1,20 +1,21 @@
 """The paper's protocol in miniature, offline on Fashion-MNIST (README command 1).
 
-`configs/demo.py:pretrain` pre-trains a small ViT with 7x7 patches from scratch at 21x21 (Adam,
-linear decay, a tanh representation layer, as the ImageNet-21k models); `configs/demo.py:finetune`
-fine-tunes its `model.npz` at the native 28x28 through `load_pretrained`, so the position
-embeddings are interpolated from a 3x3 to a 4x4 grid and the head and pre-logits are replaced.
-`python -m vit_jax.demo` runs both and evaluates.
+`configs/demo.py:pretrain` pre-trains a small ViT (7x7 patches, hidden 64, global average
+pooling) from scratch at 21x21 (Adam, linear decay, a tanh representation layer, as the
+ImageNet-21k models); `configs/demo.py:finetune` fine-tunes its `model.npz` at the native 28x28
+through `load_pretrained`, so the position embeddings are interpolated from a 3x3 to a 4x4 grid
+and the head and pre-logits are replaced. `python -m vit_jax.demo` runs both and evaluates:
+84.29% then 88.28% test top-1 in 6 min 24 s on 2 CPU cores (README, "The demo, measured").
 
-Adam rather than the paper's SGD for fine-tuning: this model is tiny and barely pre-trained, and
-at 28px every object appears 4/3 larger to the 7x7 patch embedding than at 21px, which costs it
-about a third of its accuracy before any fine-tuning step (README, "The demo"); SGD with momentum
-relearns that far more slowly than Adam.
+Most of the budget goes to fine-tuning: at 28px every object appears 4/3 larger to the 7x7
+patch embedding than at 21px, which takes the pre-trained model from 84.29% to 36.92% before any
+fine-tuning step, so fine-tuning relearns much of the model. Adam rather than the paper's SGD
+for the same reason: SGD with momentum relearns that more slowly.
 """
 from vit_jax import config_lib
 from vit_jax import model_configs
 
-HIDDEN = 96
+HIDDEN = 64
 PATCH = 7
 
 
@@ -23,9 +24,10 @@ def demo_model():
   model.model_name = 'ViT-demo_7'
   model.patches.size = (PATCH, PATCH)
   model.hidden_size = HIDDEN
-  model.transformer.mlp_dim = 2 * HIDDEN
-  model.transformer.num_heads = 3
+  model.transformer.mlp_dim = 4 * HIDDEN
+  model.transformer.num_heads = 2
   model.transformer.num_layers = 4
+  model.classifier = 'gap'
   return model
 
 
@@ -40,7 +42,7 @@ def get_config(arg: str = 'pretrain'):
   config.batch_eval = 1000
   config.shuffle_buffer = 20_000
   config.log_every = 100
-  config.checkpoint_every = 500
+  config.checkpoint_every = 1000
   config.keep_checkpoints = 2
   config.optimizer = 'adam'
   config.base_lr = 2e-3
@@ -50,12 +52,12 @@ def get_config(arg: str = 'pretrain'):
     config.weight_decay = 1e-4
     config.decay_type = 'linear'
     config.warmup_steps = 100
-    config.total_steps = 1600  # 3.4 epochs
+    config.total_steps = 1000  # 2.1 epochs
   else:
     config.pp.resolution = 28
     config.decay_type = 'cosine'
     config.warmup_steps = 50
-    config.total_steps = 1500  # 3.2 epochs
+    config.total_steps = 5000  # 10.7 epochs
   # Random flips only: at these sizes a random crop costs more accuracy than it gains.
   config.pp.resize = config.pp.resolution
   config.eval_every = config.total_steps

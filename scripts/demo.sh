@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+source scripts/cpu_env.sh
 python3 -m vit_jax.demo --workdir="${1:-/tmp/vit_demo}"

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh '.[test]'
+source scripts/cpu_env.sh
 python3 -m pytest -n 2 --dist loadfile -q --durations=15 tests

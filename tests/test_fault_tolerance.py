@@ -355,16 +355,20 @@ def test_remote_path_that_does_not_answer_fails_fast(monkeypatch):
 
 
 def test_first_signal_requests_a_stop_and_a_second_one_interrupts():
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-  with train._StopSignals() as stop:  # pylint: disable=protected-access
-    assert not stop.requested(1)
-    os.kill(os.getpid(), signal.SIGINT)
-    assert stop.requested(2) and stop.signum == signal.SIGINT
-    with pytest.raises(KeyboardInterrupt):
+  # Python's own handler, whatever the shell left (a background job starts with SIGINT ignored).
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with train._StopSignals() as stop:  # pylint: disable=protected-access
+      assert not stop.requested(1)
       os.kill(os.getpid(), signal.SIGINT)
-      time.sleep(5)
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+      assert stop.requested(2) and stop.signum == signal.SIGINT
+      with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  finally:
+    signal.signal(signal.SIGINT, outer)
 
 
 # ---------------------------------------------------------------------------------------------

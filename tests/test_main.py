@@ -54,7 +54,8 @@ def test_train_writes_metrics_checkpoints_and_npz(trained):
   params = traverse_util.flatten_dict(checkpoint.load(os.path.join(trained, 'model.npz')),
                                       sep='/')
   assert params['head/kernel'].shape == (16, 10)
-  assert params['Transformer/posembed_input/pos_embedding'].shape == (1, 3 * 3 + 1, 16)
+  # A 3x3 grid at 21px with 7x7 patches; global average pooling, so no class token.
+  assert params['Transformer/posembed_input/pos_embedding'].shape == (1, 3 * 3, 16)
   assert params['embedding/kernel'].dtype == np.float32
 
 

@@ -290,6 +290,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   info = input_pipeline.get_dataset_info(config)
   config.num_classes = config.num_classes or info.num_classes
   check_workdir_config(config, workdir)
+  hardware.check_host_allocator()
   trainer_lib.write_config(config, workdir)
   trainer = trainer_lib.Trainer(config, config.num_classes)
   ckpt = train_checkpoint.TrainCheckpointer(
