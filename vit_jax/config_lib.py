@@ -36,6 +36,11 @@ RESUMABLE_FIELDS = frozenset({
 })
 
 
+# The smallest crop of 'inception' preprocessing, as a fraction of the image area: `pp.area_min`
+# here, and input_pipeline's value for a `pp` without the field.
+DEFAULT_AREA_MIN = 0.05
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field a run reads, with the fine-tuning recipe's defaults."""
   c = ml_collections.ConfigDict()
@@ -50,10 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train_split = 'train'
   c.eval_split = 'test'
   # `resize`: the size before the random (train) or central (eval) crop; None: resolution * 8/7.
-  # `area_min`: the smallest crop of 'inception' preprocessing, as a fraction of the image area.
+  # `area_min`: see DEFAULT_AREA_MIN.
   c.pp = ml_collections.ConfigDict({'train': 'finetune', 'eval': 'resize', 'resolution': 384,
                                     'resize': ml_collections.FieldReference(None, field_type=int),
-                                    'area_min': 0.05})
+                                    'area_min': DEFAULT_AREA_MIN})
   c.batch = 512
   c.batch_eval = 512
   c.shuffle_buffer = 50_000

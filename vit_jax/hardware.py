@@ -48,7 +48,7 @@ def check_host_allocator() -> bool:
   if (jax.default_backend() != 'cpu' or not sys.platform.startswith('linux')
       or HUGEPAGE_TUNABLE in tunables.split(':')):
     return True
-  logging.warning('Training on CPU without GLIBC_TUNABLES=%s: steps are up to 1.4x slower '
+  logging.warning('Training on CPU without GLIBC_TUNABLES=%s: steps are 1.2-1.6x slower '
                   '(page faults on every step\'s temporaries). scripts/*.sh set it; for your own '
                   'runs: export GLIBC_TUNABLES=%s', HUGEPAGE_TUNABLE, HUGEPAGE_TUNABLE)
   return False

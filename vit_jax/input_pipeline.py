@@ -26,8 +26,8 @@ decoded uint8 images fit in `_AUTO_CACHE_BYTES` are decoded once and cached in m
 Preprocessing (`config.pp`): train 'finetune' = square resize to `pp.resize` (default
 round(resolution * 8 / 7), e.g. 224 -> 256) + random crop to `pp.resolution` + random flip;
 'inception' = random-resized crop (`pp.area_min`, default 5%, to 100% of the area) + flip.
-Eval 'resize' = resize to the resolution; 'central_crop' = square resize to `pp.resize` + central crop. Grayscale images become
-RGB; values are float32 in [-1, 1], labels int32.
+Eval 'resize' = resize to the resolution; 'central_crop' = square resize to `pp.resize` +
+central crop. Grayscale images become RGB; values are float32 in [-1, 1], labels int32.
 """
 import collections
 import dataclasses
@@ -48,6 +48,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax import config_lib
 from vit_jax import fashion_mnist
 
 tf.config.set_visible_devices([], 'GPU')  # TF only feeds the host; JAX owns the accelerators.
@@ -250,9 +251,6 @@ def _drop_undecodable(splits, root: str):
 # Preprocessing.
 
 
-DEFAULT_AREA_MIN = 0.05
-
-
 def _resize_size(pp) -> int:
   return pp.get('resize', None) or round(pp.resolution * 8 / 7)
 
@@ -294,7 +292,7 @@ def train_preprocess(pp) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
       'finetune': functools.partial(_resize_random_crop, resolution=pp.resolution,
                                     resize=_resize_size(pp)),
       'inception': functools.partial(_inception_crop, resolution=pp.resolution,
-                                     area_min=pp.get('area_min', DEFAULT_AREA_MIN)),
+                                     area_min=pp.get('area_min', config_lib.DEFAULT_AREA_MIN)),
   }, pp.train, 'config.pp.train')
 
   def preprocess(image, seed):
