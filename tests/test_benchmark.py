@@ -1,11 +1,16 @@
 """vit_jax.benchmark at a tiny size: every figure is printed and written as JSON, in both modes,
 and the max-batch search is consistent. Speed itself is never asserted."""
 import json
+import subprocess
+import sys
 
+from absl import app
+from absl import flags
 import jax
 import pytest
 
 from vit_jax import benchmark
+from vit_jax import benchmark_lib
 from vit_jax import sharding
 from vit_jax import trainer as trainer_lib
 
@@ -14,14 +19,25 @@ PRINTED_FIGURES = ('images/s', 'achieved TFLOP/s', 'MFU', 'GFLOP/image', 'lower'
                    'peak memory', 'XLA program')
 
 
-def _main(tmp_path, capsys, *flags):
+def parse(argv) -> flags.FlagValues:
+  fv = flags.FlagValues()
+  benchmark.define_flags(fv)
+  fv(['benchmark', *argv])
+  return fv
+
+
+def run_command(argv) -> dict:
+  return benchmark.run(parse(argv), argv)
+
+
+def _main(tmp_path, capsys, *extra):
   path = tmp_path / 'out.json'
-  benchmark.main([*TINY, f'--json_out={path}', *flags])
+  run_command([*TINY, f'--json_out={path}', *extra])
   printed = capsys.readouterr().out
   data = json.loads(path.read_text())
   assert set(data['machine']) >= {'backend', 'device_kind', 'host_cpu', 'jax'}
   (row,) = data['results']
-  assert set(row) == set(benchmark.ROW_KEYS)
+  assert set(row) == set(benchmark_lib.ROW_KEYS)
   for figure in PRINTED_FIGURES:
     assert figure in printed, figure
   for key in ('images_per_s', 'step_time_s', 'flops_per_image', 'achieved_tflops', 'lower_s',
@@ -55,15 +71,15 @@ def test_train_step_with_every_switch_and_peak_override(tmp_path, capsys):
   assert row['mfu'] == pytest.approx(row['achieved_tflops'] * 1e12 / 1e12)
   # A train step is 3x the forward FLOPs.
   assert row['flops_per_image'] == pytest.approx(
-      3 * benchmark.flops.forward_flops(benchmark.model_configs.get_model_config('testing'), 32))
+      3 * benchmark_lib.flops.forward_flops(benchmark_lib.model_configs.get_model_config('testing'), 32))
   assert row['xla_memory']['alias'] > 0  # The donated state is updated in place.
   assert 'MFU' in printed and 'n/a' not in printed.split('MFU')[1].split('\n')[0]
 
 
 def test_the_switches_reach_the_real_trainer():
-  spec = benchmark.Spec(model='testing', resolution=32, batch=2, mode='train', scan_layers=True,
+  spec = benchmark_lib.Spec(model='testing', resolution=32, batch=2, mode='train', scan_layers=True,
                         remat_policy='dots_saveable', attention_impl='fused', num_devices=1)
-  trainer = trainer_lib.Trainer(benchmark.train_config(spec), 10,
+  trainer = trainer_lib.Trainer(benchmark_lib.train_config(spec), 10,
                                 mesh=sharding.make_mesh(jax.devices()[:1]))
   model = trainer.model
   assert (model.scan_layers, model.remat_policy, model.attention_impl) == (
@@ -72,14 +88,14 @@ def test_the_switches_reach_the_real_trainer():
 
 
 def test_find_max_batch_doubles_then_bisects_consistently(tmp_path, capsys):
-  spec = benchmark.Spec(model='testing', resolution=32, batch=2, num_devices=1)
-  capped = benchmark.find_max_batch(spec, memory_limit_bytes=2**40, cap=8)
+  spec = benchmark_lib.Spec(model='testing', resolution=32, batch=2, num_devices=1)
+  capped = benchmark_lib.find_max_batch(spec, memory_limit_bytes=2**40, cap=8)
   assert capped['max_batch_per_device'] == 8 and capped['capped']
   sizes = {p['batch_per_device']: p['bytes'] for p in capped['probes']}
   assert sorted(sizes) == [2, 4, 8] and sizes[2] < sizes[4] < sizes[8]
   # A limit between the sizes at 2 and 4: the answer is 2 or 3, and answer + 1 fails.
   limit = (sizes[2] + sizes[4]) // 2
-  result = benchmark.find_max_batch(spec, memory_limit_bytes=limit, cap=64)
+  result = benchmark_lib.find_max_batch(spec, memory_limit_bytes=limit, cap=64)
   best = result['max_batch_per_device']
   assert 2 <= best < 4 and not result['capped']
   for probe in result['probes']:
@@ -87,8 +103,8 @@ def test_find_max_batch_doubles_then_bisects_consistently(tmp_path, capsys):
   assert best + 1 in [p['batch_per_device'] for p in result['probes']]
   # The CLI prints the answer and writes the probes; `run` probes execute a step.
   path = tmp_path / 'max.json'
-  benchmark.main([*TINY, '--find_max_batch', '--max_batch_method=run', '--max_batch_cap=2',
-                  f'--json_out={path}'])
+  run_command([*TINY, '--find_max_batch', '--max_batch_method=run', '--max_batch_cap=2',
+               f'--json_out={path}'])
   (written,) = json.loads(path.read_text())['max_batch']
   assert written['method'] == 'run' and written['max_batch_per_device'] == 2
   assert written['probes'][0]['fits']
@@ -96,15 +112,41 @@ def test_find_max_batch_doubles_then_bisects_consistently(tmp_path, capsys):
 
 
 def test_presets_and_bad_arguments():
-  specs = benchmark.specs_from_args(benchmark.parse_args(['--num_devices=1']))
+  specs = benchmark.specs_from_flags(parse(['--num_devices=1']))
   assert [(s.model, s.resolution, s.batch, s.dtype) for s in specs] == [
       ('ViT-Ti_16', 224, 8, 'float32'), ('ViT-S_16', 224, 8, 'float32')]
-  specs = benchmark.specs_from_args(benchmark.parse_args(
-      ['--preset=gpu', '--num_devices=1', '--mode=train']))
+  specs = benchmark.specs_from_flags(parse(['--preset=gpu', '--num_devices=1', '--mode=train']))
   assert {(s.model, s.resolution) for s in specs} == {
       (m, r) for m in ('ViT-B_16', 'ViT-L_16') for r in (224, 384)}
   assert all(s.dtype == 'bfloat16' and s.mode == 'train' for s in specs)
   with pytest.raises(ValueError, match='not a positive multiple'):
-    benchmark.Spec(model='testing', resolution=32, batch=3, num_devices=2).validate()
+    benchmark_lib.Spec(model='testing', resolution=32, batch=3, num_devices=2).validate()
   with pytest.raises(ValueError, match='remat_policy'):
-    benchmark.Spec(model='testing', resolution=32, batch=2, remat_policy='x').validate()
+    benchmark_lib.Spec(model='testing', resolution=32, batch=2, remat_policy='x').validate()
+  with pytest.raises(app.UsageError, match='exclude each other'):
+    benchmark.specs_from_flags(parse(['--preset=gpu', '--model=testing']))
+  with pytest.raises(flags.IllegalFlagValueError):
+    parse(['--remat=sometimes'])
+
+
+def test_cpu_remat_without_scan_is_flagged(tmp_path, capsys):
+  assert 'add --scan' in benchmark_lib.remat_caveat('cpu', 'full', False)
+  for args in (('cpu', 'none', False), ('cpu', 'full', True), ('gpu', 'full', False)):
+    assert benchmark_lib.remat_caveat(*args) is None
+  row, printed = _main(tmp_path, capsys, '--mode=train', '--remat=full')
+  assert ('note: remat without scan_layers' in printed) == (row['backend'] == 'cpu')
+
+
+def test_command_line_entry_point(tmp_path):
+  """`python -m vit_jax.benchmark` parses its absl flags, runs and records its arguments."""
+  path = tmp_path / 'cli.json'
+  argv = [*TINY, '--compile_only', f'--json_out={path}']
+  done = subprocess.run([sys.executable, '-m', 'vit_jax.benchmark', *argv],
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert 'images/s n/a (compile only)' in done.stdout
+  data = json.loads(path.read_text())
+  assert data['argv'] == argv and data['results'][0]['compile_s'] > 0
+  done = subprocess.run([sys.executable, '-m', 'vit_jax.benchmark', '--model=testing', 'extra'],
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode != 0 and 'Unexpected arguments: extra' in done.stderr

@@ -1,5 +1,6 @@
 """The train step and loop on 8 CPU devices: learning, accumulation, sharding, multi-host."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from vit_jax import evaluate
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import train_step as steps
+from vit_jax import trainer as trainer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,6 +68,41 @@ def test_fsdp_and_replicated_sharding_give_the_same_result(monkeypatch):
   mu = state_f['opt_state'][1][0].mu['embedding']['kernel']  # Adam's first moment, (4,4,3,16)
   assert mu.sharding.spec == jax.sharding.PartitionSpec(None, None, None, 'data')
   assert sharding.fsdp_spec((16,), 8) == jax.sharding.PartitionSpec()
+
+
+def _collective_shapes(config) -> list:
+  """(op, result dims) of every collective in the compiled FSDP train step."""
+  trainer = train_fixtures.tiny_trainer(config)
+  r, batch_sharding = config.pp.resolution, sharding.batch_sharding(trainer.mesh)
+  batch = {'image': jax.ShapeDtypeStruct((config.batch, r, r, 3), np.float32,
+                                         sharding=batch_sharding),
+           'label': jax.ShapeDtypeStruct((config.batch,), np.int32, sharding=batch_sharding)}
+  hlo = trainer.train_step.lower(trainer.abstract_state, batch).compile().as_text()
+  found = re.findall(r'= \w+\[([\d,]*)\]\S* (all-gather|all-reduce|reduce-scatter|all-to-all)\(',
+                     hlo)
+  return [(op, tuple(int(d) for d in dims.split(',') if d)) for dims, op in found]
+
+
+def test_fsdp_gathers_weights_not_the_global_batchs_activations(monkeypatch):
+  monkeypatch.setattr(sharding, 'FSDP_MIN_SIZE', 64)
+  config = train_fixtures.tiny_config(sharding='fsdp')
+  # Scanned blocks are where XLA's partitioner, left alone, carries the weights' layout into the
+  # activations (unscanned, it happens to gather the weights at this size).
+  config.model.scan_layers = True
+  tokens = (config.pp.resolution // config.model.patches.size[0])**2 + 1
+
+  def activation_collectives():
+    # Tensors of the whole global batch: [batch, tokens, ...] or [batch, heads, tokens, tokens].
+    return [(op, dims) for op, dims in _collective_shapes(config)
+            if len(dims) >= 3 and dims[0] == config.batch and tokens in dims[1:3]]
+
+  shapes = _collective_shapes(config)
+  assert ('all-gather', (16, 32)) in shapes  # an MLP kernel, gathered for use
+  assert not activation_collectives()
+  # Without the activation layout pinned, XLA's partitioner gathers activations instead.
+  build = trainer_lib.build_model
+  monkeypatch.setattr(trainer_lib, 'build_model', lambda c, n, mesh=None: build(c, n))
+  assert activation_collectives()
 
 
 def test_same_config_and_seed_give_the_same_curve_and_another_seed_does_not():

@@ -1,60 +1,28 @@
-"""Speed and memory of the ViT forward pass (inference) or of the real jitted train step.
+r"""Benchmark the ViT forward pass or train step: images/s, TFLOP/s, MFU, compile time, memory.
 
     python -m vit_jax.benchmark                    # --preset=cpu: ViT-Ti_16, ViT-S_16 @224, batch 8
-    python -m vit_jax.benchmark --model=ViT-B_16 --resolution=384 --batch=32 --mode=train \\
+    python -m vit_jax.benchmark --model=ViT-B_16 --resolution=384 --batch=32 --mode=train \
         --dtype=bfloat16 --remat=full --scan --attention=fused --json_out=b16.json
     python -m vit_jax.benchmark --preset=gpu --mode=train      # B/16 and L/16 at 224 and 384
     python -m vit_jax.benchmark --model=ViT-L_16 --mode=train --find_max_batch
 
-Every row reports images/s (median step time over --steps timed steps, after one untimed
-warm-up step), achieved TFLOP/s and MFU from the analytic FLOPs of `vit_jax.flops` (forward, or
-3x forward for a train step; rematerialised work is not counted, as usual for MFU) and the peak
-of `vit_jax.hardware` (or --peak_flops; MFU is null when neither knows the device), the lowering
-and the XLA compile time separately, the peak memory (the device allocator's
-`peak_bytes_in_use` where the backend has one, else this process's host max RSS, labelled) and
-XLA's own per-device buffer sizes of the compiled program (`compiled.memory_analysis()`), and
-with --with_pipeline the host input pipeline's images/s (fashion_mnist at the same resolution
-and batch) beside it.
-
-`--mode=train` times `vit_jax.trainer.Trainer`'s jitted `train_step` (state donated, batch and
-state sharded over the mesh exactly as in training) on a config from `config_lib.base_config`;
-the model switches travel in `config.model` (which `models.build_model` passes to the module).
-
-`--find_max_batch` searches the largest per-device batch that fits: it doubles the batch until a
-probe fails, then bisects. A probe either compiles only and compares XLA's memory analysis with
-the memory limit (`--max_batch_method=analysis`, the default: no OOM is ever triggered, works on
-any backend; the limit is the device's `bytes_limit`, or host RAM on CPU, or --memory_limit_gb)
-or compiles and runs one step, an out-of-memory error meaning "does not fit" (`run`, for
-accelerators).
-
-Peak memory figures are peaks over the whole process so far; rows run in the order given.
-Single process only.
+Prints one block per row and writes everything as JSON with --json_out. What each figure means
+and how it is taken: `vit_jax.benchmark_lib`. Rows run in the order given; peak memory figures
+are peaks over the whole process so far.
 """
-import argparse
-import dataclasses
-import functools
-import gc
 import json
 import os
-import platform
-import resource
-import statistics
 import sys
-import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import List, Sequence
 
+from absl import app
+from absl import flags
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from vit_jax import flops
-from vit_jax import hardware
-from vit_jax import model_configs
+from vit_jax import benchmark_lib as lib
 from vit_jax import models
 from vit_jax import sharding
 
-MODES = ('inference', 'train')
-DTYPES = ('float32', 'bfloat16')
 # Rows (model, resolution, batch per device) and defaults of each preset.
 PRESETS = {
     'cpu': dict(rows=[('ViT-Ti_16', 224, 8), ('ViT-S_16', 224, 8)], dtype='float32', steps=5),
@@ -63,398 +31,73 @@ PRESETS = {
     'tpu': dict(rows=[('ViT-B_16', 224, 64), ('ViT-B_16', 384, 16), ('ViT-L_16', 224, 32),
                       ('ViT-L_16', 384, 8)], dtype='bfloat16', steps=20),
 }
-DEFAULT_STEPS = 5
-
-# The keys of every result row (JSON), in print order.
-ROW_KEYS = (
-    'model', 'resolution', 'mode', 'dtype', 'attention_impl', 'remat_policy', 'scan_layers',
-    'sharding', 'optimizer', 'batch', 'batch_per_device', 'num_devices', 'steps',
-    'images_per_s', 'step_time_s', 'step_times_s', 'flops_per_image', 'achieved_tflops',
-    'peak_flops_per_device', 'mfu', 'lower_s', 'compile_s', 'peak_memory_bytes',
-    'peak_memory_source', 'xla_memory', 'pipeline_images_per_s', 'backend', 'device_kind')
 
 
-@dataclasses.dataclass(frozen=True)
-class Spec:
-  """One benchmark row. `batch` is global (all devices)."""
-  model: str
-  resolution: int
-  batch: int
-  mode: str = 'inference'
-  dtype: str = 'float32'
-  attention_impl: str = 'xla'
-  remat_policy: str = 'none'
-  scan_layers: bool = False
-  sharding: str = 'replicate'
-  optimizer: str = 'sgd'
-  num_devices: Optional[int] = None  # None: all devices.
-  num_classes: int = 1000
-  steps: int = DEFAULT_STEPS
-
-  def validate(self) -> None:
-    for field, choices in (('mode', MODES), ('dtype', DTYPES),
-                           ('attention_impl', models.ATTENTION_IMPLS),
-                           ('remat_policy', tuple(models.REMAT_POLICIES)),
-                           ('sharding', sharding.STRATEGIES), ('optimizer', ('sgd', 'adam'))):
-      if getattr(self, field) not in choices:
-        raise ValueError(f'{field}={getattr(self, field)!r}; expected one of {choices}.')
-    n = len(self.devices())
-    if self.batch < 1 or self.batch % n:
-      raise ValueError(f'batch={self.batch} is not a positive multiple of the {n} devices '
-                       '(set --num_devices).')
-    if self.steps < 1:
-      raise ValueError(f'steps={self.steps}; expected at least 1.')
-
-  def devices(self) -> list:
-    devices = jax.devices()
-    if self.num_devices is None:
-      return devices
-    if not 1 <= self.num_devices <= len(devices):
-      raise ValueError(f'num_devices={self.num_devices}; this process has {len(devices)}.')
-    return devices[:self.num_devices]
-
-  def model_config(self):
-    cfg = model_configs.get_model_config(self.model)
-    cfg.attention_impl = self.attention_impl
-    cfg.remat_policy = self.remat_policy
-    cfg.scan_layers = self.scan_layers
-    return cfg
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory.
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the command's flags on `fv` (not at import: importing this module defines none)."""
+  define = dict(flag_values=fv)
+  flags.DEFINE_string('model', None, 'Model name or alias; default: the preset\'s models.',
+                      **define)
+  flags.DEFINE_integer('resolution', 224, 'Input resolution (with --model).', **define)
+  flags.DEFINE_integer('batch', 8, 'Global batch, all devices (with --model).', **define)
+  flags.DEFINE_enum('dtype', None, lib.DTYPES,
+                    'Compute dtype (params stay float32); default: the preset\'s.', **define)
+  flags.DEFINE_enum('mode', 'inference', lib.MODES, 'Forward pass or jitted train step.',
+                    **define)
+  flags.DEFINE_integer('steps', None, 'Timed steps (after 1 warm-up); default: the preset\'s.',
+                       **define)
+  flags.DEFINE_enum('remat', 'none', list(models.REMAT_POLICIES), 'Remat policy per block.',
+                    **define)
+  flags.DEFINE_bool('scan', False, 'nn.scan over the encoder blocks.', **define)
+  flags.DEFINE_enum('attention', 'xla', models.ATTENTION_IMPLS, 'Attention implementation.',
+                    **define)
+  flags.DEFINE_enum('sharding', 'replicate', sharding.STRATEGIES, 'Train state sharding.',
+                    **define)
+  flags.DEFINE_enum('optimizer', 'sgd', ['sgd', 'adam'], 'Train step optimizer.', **define)
+  flags.DEFINE_integer('num_devices', None, 'Devices used (default: all).', **define)
+  flags.DEFINE_integer('num_classes', 1000, 'Classifier head size.', **define)
+  flags.DEFINE_float('peak_flops', None,
+                     'Peak FLOP/s per device for MFU (default: vit_jax.hardware).', **define)
+  flags.DEFINE_enum('preset', None, list(PRESETS),
+                    'Rows (model, resolution, batch/device); default cpu without --model.',
+                    **define)
+  flags.DEFINE_bool('with_pipeline', False, 'Also time the host input pipeline per row.',
+                    **define)
+  flags.DEFINE_integer('pipeline_steps', 20, 'Batches timed by --with_pipeline.', **define)
+  flags.DEFINE_integer('pipeline_shuffle_buffer', None, 'Default: the run config\'s; only '
+                       'changes the untimed start-up.', **define)
+  flags.DEFINE_string('data_dir', None, 'fashion_mnist location for --with_pipeline.', **define)
+  flags.DEFINE_bool('find_max_batch', False,
+                    'Search the largest batch per device that fits, instead of timing.', **define)
+  flags.DEFINE_enum('max_batch_method', 'analysis', ['analysis', 'run'],
+                    'analysis: compile only, XLA memory vs the limit; run: one step, OOM = no.',
+                    **define)
+  flags.DEFINE_float('memory_limit_gb', None,
+                     'Limit per device in GiB (default: the device\'s, or host RAM).', **define)
+  flags.DEFINE_integer('max_batch_cap', 4096, 'Largest batch per device tried.', **define)
+  flags.DEFINE_integer('max_batch_granularity', 1,
+                       'Stop bisecting when the fit and the failure are this close.', **define)
+  flags.DEFINE_bool('compile_only', False,
+                    'Lower and compile only (compile time, XLA memory); run nothing.', **define)
+  flags.DEFINE_string('json_out', None, 'Write every figure here as JSON.', **define)
 
 
-def peak_memory(device=None) -> tuple:
-  """(bytes, source): the device allocator's peak where the backend reports one (GPU, TPU), else
-  this process's host max RSS (CPU). Both are peaks over the whole process so far."""
-  stats = (device or jax.devices()[0]).memory_stats() or {}
-  if 'peak_bytes_in_use' in stats:
-    return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use'
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'host max RSS'  # KiB
-
-
-def memory_limit(device=None) -> tuple:
-  """(bytes, source) a program must fit in: the device's `bytes_limit`, else host RAM (CPU)."""
-  stats = (device or jax.devices()[0]).memory_stats() or {}
-  if 'bytes_limit' in stats:
-    return int(stats['bytes_limit']), 'device bytes_limit'
-  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), 'host RAM'
-
-
-def xla_memory(compiled) -> Optional[Dict[str, int]]:
-  """Per-device buffer sizes of a compiled program (XLA's buffer assignment), or None."""
-  try:
-    analysis = compiled.memory_analysis()
-  except (NotImplementedError, jax.errors.JaxRuntimeError):
-    analysis = None
-  if analysis is None:
-    return None
-  out = {name: int(getattr(analysis, f'{name}_size_in_bytes', 0) or 0)
-         for name in ('argument', 'output', 'temp', 'alias', 'generated_code')}
-  # Donated (aliased) outputs reuse their argument buffers.
-  out['total'] = out['argument'] + out['output'] + out['temp'] - out['alias']
-  return out
-
-
-def _cpu_model_name() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def machine() -> dict:
-  device = jax.devices()[0]
-  return {'backend': jax.default_backend(), 'device_kind': device.device_kind,
-          'device_count': jax.device_count(), 'host_cpu': _cpu_model_name(),
-          'host_cpu_count': os.cpu_count(), 'jax': jax.__version__}
-
-
-# ---------------------------------------------------------------------------------------------
-# Programs: (jitted function, abstract args, concrete-args factory).
-
-
-@dataclasses.dataclass
-class _Program:
-  jitted: Any
-  abstract_args: tuple
-  make_args: Any  # () -> concrete args for the first call.
-  step: Any  # (compiled, args) -> args for the next call, after blocking on this one.
-
-
-def _random_batch(spec: Spec, mesh, seed: int = 0):
-  rng = np.random.default_rng(seed)
-  r = spec.resolution
-  images = rng.uniform(-1, 1, (spec.batch, r, r, 3)).astype(np.float32)
-  labels = rng.integers(0, spec.num_classes, spec.batch).astype(np.int32)
-  put = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh))
-  return put(images), put(labels)
-
-
-def _inference_program(spec: Spec, mesh) -> _Program:
-  cfg = spec.model_config()
-  model = models.build_model(cfg, spec.num_classes, dtype=jnp.dtype(spec.dtype))
-  r = spec.resolution
-  abstract_params = jax.eval_shape(
-      lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
-      jax.ShapeDtypeStruct((1, r, r, 3), jnp.float32))['params']
-  param_shardings = sharding.state_shardings(abstract_params, mesh, spec.sharding)
-  batch_sharding = sharding.batch_sharding(mesh)
-  forward = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False),
-                    in_shardings=(param_shardings, batch_sharding), out_shardings=batch_sharding)
-  abstract = (
-      jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                   abstract_params, param_shardings),
-      jax.ShapeDtypeStruct((spec.batch, r, r, 3), jnp.float32, sharding=batch_sharding))
-
-  def make_args():
-    # Throughput does not depend on the values: random numpy params compile nothing.
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(
-        lambda a, s: jax.device_put(0.02 * rng.standard_normal(a.shape, np.float32), s),
-        abstract_params, param_shardings)
-    return params, _random_batch(spec, mesh)[0]
-
-  def step(compiled, args):
-    compiled(*args).block_until_ready()
-    return args
-
-  return _Program(forward, abstract, make_args, step)
-
-
-def train_config(spec: Spec):
-  """A `config_lib.base_config()` run config for `spec` (model switches in `config.model`)."""
-  from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.base_config()
-  config_lib.set_model(config, spec.model)
-  config.model = spec.model_config()
-  config.pp.resolution = spec.resolution
-  config.batch = config.batch_eval = spec.batch
-  config.num_classes = spec.num_classes
-  config.dtype = spec.dtype
-  config.sharding = spec.sharding
-  config.optimizer = spec.optimizer
-  config_lib.validate(config, num_devices=len(spec.devices()), process_count=1)
-  return config
-
-
-def _train_program(spec: Spec, mesh) -> _Program:
-  from vit_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-  trainer = trainer_lib.Trainer(train_config(spec), spec.num_classes, mesh=mesh)
-  r = spec.resolution
-  batch_sharding = sharding.batch_sharding(mesh)
-  abstract_batch = {
-      'image': jax.ShapeDtypeStruct((spec.batch, r, r, 3), jnp.float32, sharding=batch_sharding),
-      'label': jax.ShapeDtypeStruct((spec.batch,), jnp.int32, sharding=batch_sharding)}
-
-  def make_args():
-    images, labels = _random_batch(spec, mesh)
-    return trainer.initial_state(), {'image': images, 'label': labels}
-
-  def step(compiled, args):
-    state, batch = args
-    state, metrics = compiled(state, batch)  # The old state is donated.
-    jax.block_until_ready((state, metrics))
-    return state, batch
-
-  return _Program(trainer.train_step, (trainer.abstract_state, abstract_batch), make_args, step)
-
-
-def _program(spec: Spec, mesh) -> _Program:
-  return (_train_program if spec.mode == 'train' else _inference_program)(spec, mesh)
-
-
-def _compile(program: _Program):
-  start = time.perf_counter()
-  lowered = program.jitted.lower(*program.abstract_args)
-  lower_s = time.perf_counter() - start
-  start = time.perf_counter()
-  compiled = lowered.compile()
-  return compiled, lower_s, time.perf_counter() - start
-
-
-# ---------------------------------------------------------------------------------------------
-# Measurements.
-
-
-def pipeline_images_per_s(spec: Spec, *, steps: int = 20, data_dir: Optional[str] = None,
-                          shuffle_buffer: Optional[int] = None) -> float:
-  """Host input pipeline throughput (`input_pipeline.bench`: the training stream of
-  fashion_mnist at spec's resolution and batch, the run config's preprocessing). The shuffle
-  buffer (default the run config's) only changes the untimed start-up."""
-  from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  config = config_lib.base_config()
-  config_lib.set_dataset(config, 'fashion_mnist')
-  config.data_dir = data_dir
-  config.pp.resolution = spec.resolution
-  config.batch = spec.batch
-  if shuffle_buffer:
-    config.shuffle_buffer = shuffle_buffer
-  return input_pipeline.bench(config, steps)
-
-
-def run(spec: Spec, *, peak_flops: Optional[float] = None, with_pipeline: bool = False,
-        pipeline_steps: int = 20, data_dir: Optional[str] = None,
-        pipeline_shuffle_buffer: Optional[int] = None, compile_only: bool = False) -> dict:
-  """Compiles and times one row; returns its figures (keys `ROW_KEYS`).
-
-  With `compile_only` nothing runs: the speed figures are None (compile time and XLA's memory
-  analysis remain).
-  """
-  spec.validate()
-  devices = spec.devices()
-  mesh = sharding.make_mesh(devices)
-  jax.clear_caches()
-  program = _program(spec, mesh)
-  compiled, lower_s, compile_s = _compile(program)
-  times = []
-  if not compile_only:
-    args = program.make_args()
-    args = program.step(compiled, args)  # Warm-up: allocation and first-call overheads.
-    for _ in range(spec.steps):
-      start = time.perf_counter()
-      args = program.step(compiled, args)
-      times.append(time.perf_counter() - start)
-    del args
-  step_time = statistics.median(times) if times else None
-  images_per_s = spec.batch / step_time if times else None
-  cfg = model_configs.get_model_config(spec.model)
-  per_image = (flops.train_step_flops if spec.mode == 'train' else flops.forward_flops)(
-      cfg, spec.resolution, spec.num_classes)
-  peak = hardware.peak_flops(devices[0], override=peak_flops)
-  achieved = images_per_s * per_image if times else None
-  memory, memory_source = peak_memory(devices[0])
-  row = {
-      'model': cfg.model_name, 'resolution': spec.resolution, 'mode': spec.mode,
-      'dtype': spec.dtype, 'attention_impl': spec.attention_impl,
-      'remat_policy': spec.remat_policy, 'scan_layers': spec.scan_layers,
-      'sharding': spec.sharding, 'optimizer': spec.optimizer if spec.mode == 'train' else None,
-      'batch': spec.batch, 'batch_per_device': spec.batch // len(devices),
-      'num_devices': len(devices), 'steps': spec.steps,
-      'images_per_s': images_per_s, 'step_time_s': step_time, 'step_times_s': times,
-      'flops_per_image': per_image, 'achieved_tflops': achieved and achieved / 1e12,
-      'peak_flops_per_device': peak,
-      'mfu': achieved / (peak * len(devices)) if peak and achieved else None,
-      'lower_s': lower_s, 'compile_s': compile_s,
-      'peak_memory_bytes': memory, 'peak_memory_source': memory_source,
-      'xla_memory': xla_memory(compiled),
-      'pipeline_images_per_s': (pipeline_images_per_s(
-          spec, steps=pipeline_steps, data_dir=data_dir, shuffle_buffer=pipeline_shuffle_buffer)
-                                if with_pipeline else None),
-      'backend': devices[0].platform, 'device_kind': devices[0].device_kind,
-  }
-  del compiled, program
-  gc.collect()
-  return row
-
-
-def _is_oom(error: Exception) -> bool:
-  text = str(error)
-  return any(s in text for s in ('RESOURCE_EXHAUSTED', 'Out of memory', 'out of memory',
-                                 'OOM', 'Allocator'))
-
-
-def _probe(spec: Spec, method: str, limit: int) -> dict:
-  """Whether `spec` fits: compile and compare XLA's memory analysis with `limit` (analysis), or
-  compile and run one step (run)."""
-  mesh = sharding.make_mesh(spec.devices())
-  jax.clear_caches()
-  probe = {'batch_per_device': spec.batch // len(spec.devices()), 'bytes': None}
-  try:
-    program = _program(spec, mesh)
-    compiled, _, compile_s = _compile(program)
-    probe['compile_s'] = compile_s
-    memory = xla_memory(compiled)
-    probe['bytes'] = memory and memory['total']
-    if method == 'analysis':
-      if memory is None:
-        raise ValueError('This backend has no compiled.memory_analysis(); use '
-                         '--max_batch_method=run.')
-      probe['fits'] = memory['total'] <= limit
-    else:
-      args = program.step(compiled, program.make_args())
-      del args
-      probe['fits'] = True
-  except (jax.errors.JaxRuntimeError, MemoryError) as e:
-    if not (isinstance(e, MemoryError) or _is_oom(e)):
-      raise
-    probe.update(fits=False, error=str(e).splitlines()[0][:200])
-  finally:
-    program = compiled = None  # pylint: disable=unused-variable
-    gc.collect()
-  return probe
-
-
-def find_max_batch(spec: Spec, *, method: str = 'analysis',
-                   memory_limit_bytes: Optional[int] = None, start: Optional[int] = None,
-                   cap: int = 4096, granularity: int = 1) -> dict:
-  """Largest per-device batch (<= cap) that fits: doubling from `start` (default: spec's batch
-  per device), then bisection until the largest fit and the smallest failure are `granularity`
-  apart (1: exact).
-
-  Returns the answer, the limit used and every probe (batch per device, bytes, fits).
-  """
-  if method not in ('analysis', 'run'):
-    raise ValueError(f"method={method!r}; expected 'analysis' or 'run'.")
-  spec.validate()
-  n = len(spec.devices())
-  limit, limit_source = ((memory_limit_bytes, 'given') if memory_limit_bytes
-                         else memory_limit(spec.devices()[0]))
-  probes = {}
-
-  def fits(per_device: int) -> bool:
-    if per_device not in probes:
-      probes[per_device] = _probe(dataclasses.replace(spec, batch=per_device * n), method,
-                                  limit)
-      probe = probes[per_device]
-      print(f'  batch/device {per_device:>6}: {"fits" if probe["fits"] else "does not fit"} '
-            f'(XLA program {_gib(probe["bytes"])})', flush=True)
-    return probes[per_device]['fits']
-
-  good, bad = 0, None
-  b = max(1, start or spec.batch // n)
-  while b <= cap:  # Doubling.
-    if fits(b):
-      good, b = b, b * 2
-    else:
-      bad = b
-      break
-  if bad is None:
-    bad = cap + 1 if good >= cap else min(b, cap + 1)
-  while bad - good > max(1, granularity):  # Bisect between the largest fit and smallest failure.
-    mid = (good + bad) // 2
-    if fits(mid):
-      good = mid
-    else:
-      bad = mid
-  return {
-      'model': spec.model, 'resolution': spec.resolution, 'mode': spec.mode,
-      'dtype': spec.dtype, 'attention_impl': spec.attention_impl,
-      'remat_policy': spec.remat_policy, 'scan_layers': spec.scan_layers,
-      'sharding': spec.sharding, 'optimizer': spec.optimizer if spec.mode == 'train' else None,
-      'num_devices': n, 'method': method, 'memory_limit_bytes': limit,
-      'memory_limit_source': limit_source, 'cap': cap, 'granularity': max(1, granularity),
-      'max_batch_per_device': good, 'capped': good >= cap,
-      'smallest_failure_per_device': bad if bad <= cap else None,
-      'probes': [dict(probes[k]) for k in sorted(probes)],
-      'backend': spec.devices()[0].platform, 'device_kind': spec.devices()[0].device_kind,
-  }
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-
-def _gib(x: Optional[float]) -> str:
-  if x is None:
-    return 'n/a'
-  return f'{x / 2**30:.2f} GiB' if x >= 2**30 else f'{x / 2**20:.1f} MiB'
+def specs_from_flags(fv: flags.FlagValues) -> List[lib.Spec]:
+  if fv.model and fv.preset:
+    raise app.UsageError('--model and --preset exclude each other.')
+  preset = PRESETS[fv.preset or 'cpu']
+  if fv.model:
+    rows = [(fv.model, fv.resolution, fv.batch)]
+    dtype, steps = fv.dtype or 'float32', fv.steps or lib.DEFAULT_STEPS
+  else:
+    n = fv.num_devices or jax.device_count()
+    rows = [(m, r, b * n) for m, r, b in preset['rows']]
+    dtype, steps = fv.dtype or preset['dtype'], fv.steps or preset['steps']
+  return [lib.Spec(model=m, resolution=r, batch=b, mode=fv.mode, dtype=dtype,
+                   attention_impl=fv.attention, remat_policy=fv.remat, scan_layers=fv.scan,
+                   sharding=fv.sharding, optimizer=fv.optimizer, num_devices=fv.num_devices,
+                   num_classes=fv.num_classes, steps=steps)
+          for m, r, b in rows]
 
 
 def format_row(row: dict) -> str:
@@ -480,9 +123,12 @@ def format_row(row: dict) -> str:
         f'({row["flops_per_image"] / 1e9:.3g} GFLOP/image)']
   lines += [
       f'  lower {row["lower_s"]:.2f} s   compile {row["compile_s"]:.2f} s',
-      f'  peak memory {_gib(row["peak_memory_bytes"])} ({row["peak_memory_source"]})   '
-      f'XLA program {_gib(xla and xla["total"])}/device (temp {_gib(xla and xla["temp"])})',
+      f'  peak memory {lib.gib(row["peak_memory_bytes"])} ({row["peak_memory_source"]})   '
+      f'XLA program {lib.gib(xla and xla["total"])}/device (temp {lib.gib(xla and xla["temp"])})',
   ]
+  caveat = lib.remat_caveat(row['backend'], row['remat_policy'], row['scan_layers'])
+  if caveat:
+    lines.append(f'  note: {caveat}')
   if row['pipeline_images_per_s'] is not None:
     lines.append(f'  pipeline images/s {row["pipeline_images_per_s"]:.1f} (host, fashion_mnist)')
   return '\n'.join(lines)
@@ -491,112 +137,68 @@ def format_row(row: dict) -> str:
 def format_max_batch(result: dict) -> str:
   failure = result['smallest_failure_per_device']
   slack = failure - result['max_batch_per_device'] - 1 if failure else 0
-  return (f'{result["model"]} @{result["resolution"]} {result["mode"]} {result["dtype"]} '
+  text = (f'{result["model"]} @{result["resolution"]} {result["mode"]} {result["dtype"]} '
           f'remat={result["remat_policy"]} scan={result["scan_layers"]} '
           f'sharding={result["sharding"]} x{result["num_devices"]}: max batch/device '
           f'{result["max_batch_per_device"]}{"+ (cap)" if result["capped"] else ""}'
           f'{f" (up to +{slack} more may fit)" if slack else ""} '
-          f'[{result["method"]}, limit {_gib(result["memory_limit_bytes"])} '
+          f'[{result["method"]}, limit {lib.gib(result["memory_limit_bytes"])} '
           f'({result["memory_limit_source"]})]')
+  caveat = lib.remat_caveat(result['backend'], result['remat_policy'], result['scan_layers'])
+  return f'{text}\n  note: {caveat}' if caveat else text
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog='python -m vit_jax.benchmark', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--model', help='Model name or alias; default: the preset\'s models.')
-  parser.add_argument('--resolution', type=int, default=224)
-  parser.add_argument('--batch', type=int, default=8, help='Global batch (all devices).')
-  parser.add_argument('--dtype', choices=DTYPES, default=None,
-                      help='Compute dtype (params stay float32); default: the preset\'s.')
-  parser.add_argument('--mode', choices=MODES, default='inference')
-  parser.add_argument('--steps', type=int, default=None, help='Timed steps (after 1 warm-up).')
-  parser.add_argument('--remat', choices=tuple(models.REMAT_POLICIES), default='none')
-  parser.add_argument('--scan', action=argparse.BooleanOptionalAction, default=False)
-  parser.add_argument('--attention', choices=models.ATTENTION_IMPLS, default='xla')
-  parser.add_argument('--sharding', choices=sharding.STRATEGIES, default='replicate')
-  parser.add_argument('--optimizer', choices=('sgd', 'adam'), default='sgd')
-  parser.add_argument('--num_devices', type=int, default=None)
-  parser.add_argument('--num_classes', type=int, default=1000)
-  parser.add_argument('--peak_flops', type=float, default=None,
-                      help='Peak FLOP/s per device for MFU (default: vit_jax.hardware).')
-  parser.add_argument('--preset', choices=tuple(PRESETS), default=None,
-                      help='Rows (model, resolution, batch/device); default cpu without --model.')
-  parser.add_argument('--with_pipeline', action='store_true')
-  parser.add_argument('--pipeline_steps', type=int, default=20)
-  parser.add_argument('--pipeline_shuffle_buffer', type=int, default=None,
-                      help='Default: the run config\'s; only changes the untimed start-up.')
-  parser.add_argument('--data_dir', default=None)
-  parser.add_argument('--find_max_batch', action='store_true')
-  parser.add_argument('--max_batch_method', choices=('analysis', 'run'), default='analysis')
-  parser.add_argument('--memory_limit_gb', type=float, default=None)
-  parser.add_argument('--max_batch_cap', type=int, default=4096)
-  parser.add_argument('--max_batch_granularity', type=int, default=1,
-                      help='Stop bisecting when the fit and the failure are this close.')
-  parser.add_argument('--compile_only', action='store_true',
-                      help='Lower and compile only (compile time, XLA memory); run nothing.')
-  parser.add_argument('--json_out', default=None)
-  args = parser.parse_args(argv)
-  if args.model and args.preset:
-    parser.error('--model and --preset exclude each other.')
-  return args
+def _time_pipelines(specs: Sequence[lib.Spec], rows: Sequence[dict], fv: flags.FlagValues):
+  for spec, row in zip(specs, rows):
+    row['pipeline_images_per_s'] = lib.pipeline_images_per_s(
+        spec, steps=fv.pipeline_steps, data_dir=fv.data_dir,
+        shuffle_buffer=fv.pipeline_shuffle_buffer)
+    model_speed = 'n/a' if row['images_per_s'] is None else f'{row["images_per_s"]:.1f}'
+    print(f'{row["model"]} @{row["resolution"]} batch {row["batch"]}: pipeline images/s '
+          f'{row["pipeline_images_per_s"]:.1f} (host, fashion_mnist; model images/s '
+          f'{model_speed})', flush=True)
 
 
-def specs_from_args(args: argparse.Namespace) -> List[Spec]:
-  preset = PRESETS[args.preset or 'cpu']
-  n = args.num_devices or jax.device_count()
-  if args.model:
-    rows = [(args.model, args.resolution, args.batch, False)]
-  else:
-    rows = [(m, r, b * n, True) for m, r, b in preset['rows']]
-  common = dict(mode=args.mode, dtype=args.dtype or (preset['dtype'] if not args.model
-                                                     else 'float32'),
-                attention_impl=args.attention, remat_policy=args.remat, scan_layers=args.scan,
-                sharding=args.sharding, optimizer=args.optimizer, num_devices=args.num_devices,
-                num_classes=args.num_classes,
-                steps=args.steps or (preset['steps'] if not args.model else DEFAULT_STEPS))
-  return [Spec(model=m, resolution=r, batch=b, **common) for m, r, b, _ in rows]
-
-
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-  args = parse_args(argv)
-  specs = specs_from_args(args)
-  info = machine()
+def run(fv: flags.FlagValues, command_line: Sequence[str] = ()) -> dict:
+  """Runs the command for parsed flags `fv`; prints as it goes, returns what --json_out gets
+  (`command_line`, the arguments given, is recorded there)."""
+  specs = specs_from_flags(fv)
+  info = lib.machine()
   print(f'{info["backend"]}: {info["device_count"]} x {info["device_kind"]}; host '
         f'{info["host_cpu"]} ({info["host_cpu_count"]} CPUs); jax {info["jax"]}', flush=True)
-  out = {'machine': info, 'argv': list(sys.argv[1:] if argv is None else argv)}
-  if args.find_max_batch:
-    limit = args.memory_limit_gb and int(args.memory_limit_gb * 2**30)
+  out = {'machine': info, 'argv': list(command_line)}
+  if fv.find_max_batch:
+    limit = fv.memory_limit_gb and int(fv.memory_limit_gb * 2**30)
     out['max_batch'] = []
     for spec in specs:
-      result = find_max_batch(spec, method=args.max_batch_method, memory_limit_bytes=limit,
-                              cap=args.max_batch_cap, granularity=args.max_batch_granularity)
+      result = lib.find_max_batch(spec, method=fv.max_batch_method, memory_limit_bytes=limit,
+                                  cap=fv.max_batch_cap, granularity=fv.max_batch_granularity)
       print(format_max_batch(result), flush=True)
       out['max_batch'].append(result)
   else:
     out['results'] = []
     for spec in specs:
-      row = run(spec, peak_flops=args.peak_flops, compile_only=args.compile_only)
+      row = lib.run(spec, peak_flops=fv.peak_flops, compile_only=fv.compile_only)
       print(format_row(row), flush=True)
       out['results'].append(row)
-    if args.with_pipeline:  # After all rows, so that the host peak RSS above excludes it.
-      for spec, row in zip(specs, out['results']):
-        row['pipeline_images_per_s'] = pipeline_images_per_s(
-            spec, steps=args.pipeline_steps, data_dir=args.data_dir,
-            shuffle_buffer=args.pipeline_shuffle_buffer)
-        model_speed = ('n/a' if row['images_per_s'] is None
-                       else f'{row["images_per_s"]:.1f}')
-        print(f'{row["model"]} @{row["resolution"]} batch {row["batch"]}: pipeline images/s '
-              f'{row["pipeline_images_per_s"]:.1f} (host, fashion_mnist; model images/s '
-              f'{model_speed})', flush=True)
-  if args.json_out:
-    directory = os.path.dirname(args.json_out)
+    if fv.with_pipeline:  # After all rows, so that the host peak RSS above excludes it.
+      _time_pipelines(specs, out['results'], fv)
+  if fv.json_out:
+    directory = os.path.dirname(fv.json_out)
     if directory:
       os.makedirs(directory, exist_ok=True)
-    with open(args.json_out, 'w') as f:
+    with open(fv.json_out, 'w') as f:
       json.dump(out, f, indent=2)
-    print(f'Wrote {args.json_out}')
+    print(f'Wrote {fv.json_out}')
   return out
 
 
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}.')
+  run(flags.FLAGS, sys.argv[1:])
+
+
 if __name__ == '__main__':
-  main()
+  define_flags()
+  app.run(main)

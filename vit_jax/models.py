@@ -24,6 +24,12 @@ the model config; the defaults are the plain model above, and docs/PERFORMANCE.m
     whose leaves carry a leading layer axis (and sown attention weights likewise). The released
     layout stays the contract at load and save time: convert with `stack_encoder_blocks` /
     `unstack_encoder_blocks` (below).
+
+Layout: `activation_sharding` (default None: no constraint) pins the patch embeddings and every
+encoder block's input to a sharding; the trainer passes its batch sharding, so that with FSDP-
+sharded weights XLA gathers the weights and keeps each device's activations to its own images.
+Left free, XLA's partitioner gathers the activations of the whole global batch instead (measured:
+docs/PERFORMANCE.md, "FSDP").
 """
 import re
 from typing import Any, Mapping, Optional, Sequence, Tuple
@@ -54,6 +60,10 @@ REMAT_POLICIES = {
     'dots_saveable': jax.checkpoint_policies.dots_saveable,
     'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def _constrain(x, sharding: Optional[jax.sharding.Sharding]):
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 class StdConv(nn.Conv):
@@ -197,10 +207,12 @@ class Encoder1DBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = 'xla'
+  activation_sharding: Optional[jax.sharding.Sharding] = None
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     # `deterministic` may be passed positionally: `nn.remat` needs it as a static positional.
+    x = _constrain(x, self.activation_sharding)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     y = nn.LayerNorm(name='LayerNorm_0', **kw)(x)
     y = MultiHeadDotProductAttention(
@@ -244,6 +256,7 @@ class Encoder(nn.Module):
   attention_impl: str = 'xla'
   remat_policy: str = 'none'
   scan_layers: bool = False
+  activation_sharding: Optional[jax.sharding.Sharding] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -256,7 +269,8 @@ class Encoder(nn.Module):
     block_kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                     dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-                    param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+                    param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+                    activation_sharding=self.activation_sharding)
     block = _ScannedEncoder1DBlock if self.scan_layers else Encoder1DBlock
     if self.remat_policy != 'none':
       # static_argnums counts `self`: 2 is `deterministic`. Inside a scan, CSE cannot undo the
@@ -291,6 +305,7 @@ class VisionTransformer(nn.Module):
   attention_impl: str = 'xla'
   remat_policy: str = 'none'
   scan_layers: bool = False
+  activation_sharding: Optional[jax.sharding.Sharding] = None  # See the module docstring.
 
   @nn.compact
   def __call__(self, images, *, train: bool):
@@ -305,12 +320,13 @@ class VisionTransformer(nn.Module):
     x = nn.Conv(self.hidden_size, tuple(self.patches['size']), strides=tuple(self.patches['size']),
                 padding='VALID', name='embedding', **kw)(x)
     batch, height, width, channels = x.shape
-    x = jnp.reshape(x, (batch, height * width, channels))
+    x = _constrain(jnp.reshape(x, (batch, height * width, channels)), self.activation_sharding)
     if self.classifier in ('token', 'token_unpooled'):
       cls = self.param('cls', nn.initializers.zeros, (1, 1, channels), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
     x = Encoder(name='Transformer', attention_impl=self.attention_impl,
-                remat_policy=self.remat_policy, scan_layers=self.scan_layers, **kw,
+                remat_policy=self.remat_policy, scan_layers=self.scan_layers,
+                activation_sharding=self.activation_sharding, **kw,
                 **_transformer_kwargs(self.transformer))(x, train=train)
     if self.classifier == 'token':
       x = x[:, 0]

@@ -14,9 +14,12 @@ from vit_jax import sharding
 from vit_jax import train_step as steps
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
-  return models.build_model(config.model, num_classes, dtype=jnp.dtype(config.dtype),
-                            head_bias_init=config.head_bias_init)
+def build_model(config: ml_collections.ConfigDict, num_classes: int, mesh=None):
+  """The run's model; with a `mesh`, its activations are pinned to the batch sharding."""
+  return models.build_model(
+      config.model, num_classes, dtype=jnp.dtype(config.dtype),
+      head_bias_init=config.head_bias_init,
+      activation_sharding=None if mesh is None else sharding.batch_sharding(mesh))
 
 
 def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
@@ -41,7 +44,7 @@ class Trainer:
     self.config = config
     self.num_classes = num_classes
     self.mesh = mesh or sharding.make_mesh()
-    self.model = build_model(config, num_classes)
+    self.model = build_model(config, num_classes, self.mesh)
     self.optimizer = optim.make_optimizer(config)
     image_shape = (config.pp.resolution, config.pp.resolution, 3)
     self._init = lambda rng: steps.init_state(self.model, self.optimizer, rng, image_shape)
