@@ -1,12 +1,14 @@
-"""Peak-FLOPs lookup, and the huge-page malloc tunable that scripts/cpu_env.sh sets."""
+"""Peak-FLOPs lookup, the huge-page malloc tunable of scripts/cpu_env.sh, the remat caveat."""
 import os
 import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from vit_jax import hardware
+from vit_jax import model_configs
 
 _THP = pathlib.Path('/sys/kernel/mm/transparent_hugepage/enabled')
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -47,6 +49,22 @@ def test_check_host_allocator_reads_the_tunable(monkeypatch):
   assert hardware.check_host_allocator()
   monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=0')
   assert hardware.check_host_allocator() is (not sys.platform.startswith('linux'))
+
+
+def test_remat_caveat_only_for_unrolled_remat_on_cpu(monkeypatch):
+  assert 'XLA:CPU' in hardware.remat_caveat('cpu', 'full', False)
+  for args in (('cpu', 'none', False), ('cpu', 'full', True), ('cpu', 'dots_saveable', True),
+               ('gpu', 'full', False), ('tpu', 'full', False)):
+    assert hardware.remat_caveat(*args) is None
+  config = model_configs.get_model_config('testing')
+  config.remat_policy = 'full'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  assert not hardware.check_remat_layout(config)
+  config.scan_layers = True
+  assert hardware.check_remat_layout(config)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  config.scan_layers = False
+  assert hardware.check_remat_layout(config)
 
 
 def _faults_per_call(env):

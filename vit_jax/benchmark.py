@@ -20,6 +20,7 @@ from absl import flags
 import jax
 
 from vit_jax import benchmark_lib as lib
+from vit_jax import hardware
 from vit_jax import models
 from vit_jax import sharding
 
@@ -126,9 +127,9 @@ def format_row(row: dict) -> str:
       f'  peak memory {lib.gib(row["peak_memory_bytes"])} ({row["peak_memory_source"]})   '
       f'XLA program {lib.gib(xla and xla["total"])}/device (temp {lib.gib(xla and xla["temp"])})',
   ]
-  caveat = lib.remat_caveat(row['backend'], row['remat_policy'], row['scan_layers'])
+  caveat = hardware.remat_caveat(row['backend'], row['remat_policy'], row['scan_layers'])
   if caveat:
-    lines.append(f'  note: {caveat}')
+    lines.append(f'  note: {caveat}; add --scan')
   if row['pipeline_images_per_s'] is not None:
     lines.append(f'  pipeline images/s {row["pipeline_images_per_s"]:.1f} (host, fashion_mnist)')
   return '\n'.join(lines)
@@ -144,8 +145,9 @@ def format_max_batch(result: dict) -> str:
           f'{f" (up to +{slack} more may fit)" if slack else ""} '
           f'[{result["method"]}, limit {lib.gib(result["memory_limit_bytes"])} '
           f'({result["memory_limit_source"]})]')
-  caveat = lib.remat_caveat(result['backend'], result['remat_policy'], result['scan_layers'])
-  return f'{text}\n  note: {caveat}' if caveat else text
+  caveat = hardware.remat_caveat(result['backend'], result['remat_policy'],
+                                 result['scan_layers'])
+  return f'{text}\n  note: {caveat}; add --scan' if caveat else text
 
 
 def _time_pipelines(specs: Sequence[lib.Spec], rows: Sequence[dict], fv: flags.FlagValues):

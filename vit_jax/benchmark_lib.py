@@ -125,20 +125,6 @@ def memory_limit(device=None) -> tuple:
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), 'host RAM'
 
 
-def remat_caveat(backend: str, remat_policy: str, scan_layers: bool) -> Optional[str]:
-  """Why a row's memory does not show rematerialisation, or None.
-
-  XLA:CPU schedules the recomputation of unrolled remat blocks early (nothing orders it after the
-  forward pass), so their activations are alive together as without remat; only inside the
-  backward loop of `scan_layers` is each block recomputed when it is reached. Measured:
-  docs/PERFORMANCE.md, "Rematerialisation needs scan on XLA:CPU".
-  """
-  if backend == 'cpu' and remat_policy != 'none' and not scan_layers:
-    return ('remat without scan_layers saves no memory on XLA:CPU (it recomputes early); '
-            'add --scan')
-  return None
-
-
 def xla_memory(compiled) -> Optional[Dict[str, int]]:
   """Per-device buffer sizes of a compiled program (XLA's buffer assignment), or None."""
   try:

@@ -1,4 +1,5 @@
-"""Peak dense matmul throughput per device kind (for MFU), and the host allocator's setting."""
+"""Facts about the backend: peak matmul throughput per device kind (for MFU), the host
+allocator's setting, and where remat saves no memory."""
 import os
 import sys
 from typing import Optional
@@ -52,3 +53,25 @@ def check_host_allocator() -> bool:
                   '(page faults on every step\'s temporaries). scripts/*.sh set it; for your own '
                   'runs: export GLIBC_TUNABLES=%s', HUGEPAGE_TUNABLE, HUGEPAGE_TUNABLE)
   return False
+
+
+def remat_caveat(backend: str, remat_policy: str, scan_layers: bool) -> Optional[str]:
+  """Why `remat_policy` saves no memory on `backend` with this layout, or None.
+
+  XLA:CPU schedules the recomputation of unrolled remat blocks early (nothing orders it after the
+  forward pass), so their activations are alive together as without remat; only inside the
+  backward loop of `scan_layers` is each block recomputed when it is reached. Measured:
+  docs/PERFORMANCE.md, "Rematerialisation needs scan on XLA:CPU".
+  """
+  if backend == 'cpu' and remat_policy != 'none' and not scan_layers:
+    return 'remat without scan_layers saves no memory on XLA:CPU (it recomputes early)'
+  return None
+
+
+def check_remat_layout(model_config) -> bool:
+  """Warns when a run's remat would save no memory on this backend (see `remat_caveat`)."""
+  caveat = remat_caveat(jax.default_backend(), model_config.get('remat_policy', 'none'),
+                        model_config.get('scan_layers', False))
+  if caveat:
+    logging.warning('%s: set config.model.scan_layers=True too.', caveat)
+  return caveat is None
