@@ -9,6 +9,7 @@ from absl import flags
 import jax
 import pytest
 
+from tests.test_analysis import parse_flags
 from vit_jax import benchmark
 from vit_jax import benchmark_lib
 from vit_jax import flops
@@ -22,10 +23,7 @@ PRINTED_FIGURES = ('images/s', 'achieved TFLOP/s', 'MFU', 'GFLOP/image', 'lower'
 
 
 def parse(argv) -> flags.FlagValues:
-  fv = flags.FlagValues()
-  benchmark.define_flags(fv)
-  fv(['benchmark', *argv])
-  return fv
+  return parse_flags(benchmark.define_flags, argv)
 
 
 def run_command(argv) -> dict:

@@ -73,11 +73,7 @@ def test_fsdp_and_replicated_sharding_give_the_same_result(monkeypatch):
 def _collective_shapes(config) -> list:
   """(op, result dims) of every collective in the compiled FSDP train step."""
   trainer = train_fixtures.tiny_trainer(config)
-  r, batch_sharding = config.pp.resolution, sharding.batch_sharding(trainer.mesh)
-  batch = {'image': jax.ShapeDtypeStruct((config.batch, r, r, 3), np.float32,
-                                         sharding=batch_sharding),
-           'label': jax.ShapeDtypeStruct((config.batch,), np.int32, sharding=batch_sharding)}
-  hlo = trainer.train_step.lower(trainer.abstract_state, batch).compile().as_text()
+  hlo = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch).compile().as_text()
   found = re.findall(r'= \w+\[([\d,]*)\]\S* (all-gather|all-reduce|reduce-scatter|all-to-all)\(',
                      hlo)
   return [(op, tuple(int(d) for d in dims.split(',') if d)) for dims, op in found]

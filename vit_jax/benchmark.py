@@ -130,8 +130,6 @@ def format_row(row: dict) -> str:
   caveat = hardware.remat_caveat(row['backend'], row['remat_policy'], row['scan_layers'])
   if caveat:
     lines.append(f'  note: {caveat}; add --scan')
-  if row['pipeline_images_per_s'] is not None:
-    lines.append(f'  pipeline images/s {row["pipeline_images_per_s"]:.1f} (host, fashion_mnist)')
   return '\n'.join(lines)
 
 

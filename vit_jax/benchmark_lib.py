@@ -229,11 +229,6 @@ def train_config(spec: Spec):
 def _train_program(spec: Spec, mesh) -> _Program:
   from vit_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   trainer = trainer_lib.Trainer(train_config(spec), spec.num_classes, mesh=mesh)
-  r = spec.resolution
-  batch_sharding = sharding.batch_sharding(mesh)
-  abstract_batch = {
-      'image': jax.ShapeDtypeStruct((spec.batch, r, r, 3), jnp.float32, sharding=batch_sharding),
-      'label': jax.ShapeDtypeStruct((spec.batch,), jnp.int32, sharding=batch_sharding)}
 
   def make_args():
     images, labels = _random_batch(spec, mesh)
@@ -245,7 +240,8 @@ def _train_program(spec: Spec, mesh) -> _Program:
     jax.block_until_ready((state, metrics))
     return state, batch
 
-  return _Program(trainer.train_step, (trainer.abstract_state, abstract_batch), make_args, step)
+  return _Program(trainer.train_step, (trainer.abstract_state, trainer.abstract_batch),
+                  make_args, step)
 
 
 def _program(spec: Spec, mesh) -> _Program:
@@ -282,13 +278,24 @@ def pipeline_images_per_s(spec: Spec, *, steps: int = 20, data_dir: Optional[str
   return input_pipeline.bench(config, steps)
 
 
-def run(spec: Spec, *, peak_flops: Optional[float] = None, with_pipeline: bool = False,
-        pipeline_steps: int = 20, data_dir: Optional[str] = None,
-        pipeline_shuffle_buffer: Optional[int] = None, compile_only: bool = False) -> dict:
+def _described(spec: Spec, model: str) -> dict:
+  """What a result says about its spec: the model as `model`, the switches and the devices."""
+  device = spec.devices()[0]
+  return {
+      'model': model, 'resolution': spec.resolution, 'mode': spec.mode, 'dtype': spec.dtype,
+      'attention_impl': spec.attention_impl, 'remat_policy': spec.remat_policy,
+      'scan_layers': spec.scan_layers, 'sharding': spec.sharding,
+      'optimizer': spec.optimizer if spec.mode == 'train' else None,
+      'num_devices': len(spec.devices()), 'backend': device.platform,
+      'device_kind': device.device_kind}
+
+
+def run(spec: Spec, *, peak_flops: Optional[float] = None, compile_only: bool = False) -> dict:
   """Compiles and times one row; returns its figures (keys `ROW_KEYS`).
 
   With `compile_only` nothing runs: the speed figures are None (compile time and XLA's memory
-  analysis remain).
+  analysis remain). `pipeline_images_per_s` is None: `pipeline_images_per_s(spec)` measures it,
+  best after every row so that a row's host peak memory excludes the pipeline.
   """
   spec.validate()
   devices = spec.devices()
@@ -314,23 +321,15 @@ def run(spec: Spec, *, peak_flops: Optional[float] = None, with_pipeline: bool =
   achieved = images_per_s * per_image if times else None
   memory, memory_source = peak_memory(devices[0])
   row = {
-      'model': cfg.model_name, 'resolution': spec.resolution, 'mode': spec.mode,
-      'dtype': spec.dtype, 'attention_impl': spec.attention_impl,
-      'remat_policy': spec.remat_policy, 'scan_layers': spec.scan_layers,
-      'sharding': spec.sharding, 'optimizer': spec.optimizer if spec.mode == 'train' else None,
-      'batch': spec.batch, 'batch_per_device': spec.batch // len(devices),
-      'num_devices': len(devices), 'steps': spec.steps,
+      **_described(spec, cfg.model_name),
+      'batch': spec.batch, 'batch_per_device': spec.batch // len(devices), 'steps': spec.steps,
       'images_per_s': images_per_s, 'step_time_s': step_time, 'step_times_s': times,
       'flops_per_image': per_image, 'achieved_tflops': achieved and achieved / 1e12,
       'peak_flops_per_device': peak,
       'mfu': achieved / (peak * len(devices)) if peak and achieved else None,
       'lower_s': lower_s, 'compile_s': compile_s,
       'peak_memory_bytes': memory, 'peak_memory_source': memory_source,
-      'xla_memory': xla_memory(compiled),
-      'pipeline_images_per_s': (pipeline_images_per_s(
-          spec, steps=pipeline_steps, data_dir=data_dir, shuffle_buffer=pipeline_shuffle_buffer)
-                                if with_pipeline else None),
-      'backend': devices[0].platform, 'device_kind': devices[0].device_kind,
+      'xla_memory': xla_memory(compiled), 'pipeline_images_per_s': None,
   }
   del compiled, program
   gc.collect()
@@ -417,16 +416,11 @@ def find_max_batch(spec: Spec, *, method: str = 'analysis',
     else:
       bad = mid
   return {
-      'model': spec.model, 'resolution': spec.resolution, 'mode': spec.mode,
-      'dtype': spec.dtype, 'attention_impl': spec.attention_impl,
-      'remat_policy': spec.remat_policy, 'scan_layers': spec.scan_layers,
-      'sharding': spec.sharding, 'optimizer': spec.optimizer if spec.mode == 'train' else None,
-      'num_devices': n, 'method': method, 'memory_limit_bytes': limit,
+      **_described(spec, spec.model), 'method': method, 'memory_limit_bytes': limit,
       'memory_limit_source': limit_source, 'cap': cap, 'granularity': max(1, granularity),
       'max_batch_per_device': good, 'capped': good >= cap,
       'smallest_failure_per_device': bad if bad <= cap else None,
       'probes': [dict(probes[k]) for k in sorted(probes)],
-      'backend': spec.devices()[0].platform, 'device_kind': spec.devices()[0].device_kind,
   }
 
 

@@ -53,6 +53,11 @@ class Trainer:
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract, self.state_shardings)
+    batch_sharding = sharding.batch_sharding(self.mesh)
+    self.abstract_batch = {  # One global train batch, laid out as the train step takes it.
+        'image': jax.ShapeDtypeStruct((config.batch, *image_shape), jnp.float32,
+                                      sharding=batch_sharding),
+        'label': jax.ShapeDtypeStruct((config.batch,), jnp.int32, sharding=batch_sharding)}
     self.train_step = steps.jit_train_step(
         steps.make_train_step(self.model, self.optimizer, config, num_classes, self.mesh),
         self.state_shardings, self.mesh)
