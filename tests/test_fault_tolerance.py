@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from tests import fault_tolerance_config
 from tests import train_fixtures
+from vit_jax import cli as cli_lib
 from vit_jax import input_pipeline
 from vit_jax import main
 from vit_jax import sharding
@@ -245,7 +246,7 @@ def run_main(monkeypatch, capsys):
     argv = ['vit_jax.main', *args]
     monkeypatch.setattr(sys, 'argv', argv)  # ml_collections reads --config.x overrides there.
     try:
-      main.main(main.parse_flags(argv))
+      main.main(cli_lib.parse_flags(argv))
       code = 0
     except SystemExit as e:
       code = e.code

@@ -23,7 +23,6 @@ Exit codes:
 import os
 import sys
 import threading
-from typing import NoReturn
 
 from absl import app
 from absl import flags
@@ -32,6 +31,7 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
+from vit_jax import cli
 from vit_jax import config_lib
 from vit_jax import evaluate
 from vit_jax import input_pipeline
@@ -53,7 +53,6 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
 
-EXIT_ERROR = 2
 EXIT_NONFINITE = 3
 # Errors that setting up a run raises for what the user must fix (gs:// failures are tf's).
 USER_ERRORS = (ValueError, OSError, tf.errors.OpError)
@@ -109,53 +108,21 @@ def check_config(config, paths) -> None:
   input_pipeline.get_dataset_info(config)
 
 
-def fail(error: BaseException, exit_code: int = EXIT_ERROR) -> NoReturn:
-  """Prints `Error: <error>` to stderr (the traceback only with --verbosity=1) and exits."""
-  logging.debug('Traceback of the error:', exc_info=error)
-  print(f'Error: {error}', file=sys.stderr, flush=True)
-  sys.exit(exit_code)
-
-
-def _flag_error_message(error: flags.Error) -> str:
-  """The flag's message; for a config file that raised, its error instead of the traceback
-  that ml_collections puts in the message."""
-  cause = error
-  while cause.__cause__ or cause.__context__:
-    cause = cause.__cause__ or cause.__context__
-  if cause is error:
-    return str(error)
-  return f'{str(error).splitlines()[0]} {type(cause).__name__}: {cause}'
-
-
-def parse_flags(argv):
-  """absl's flag parsing, but bad flags get `Error: <message>` and exit code 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    message = _flag_error_message(e)
-  except AttributeError as e:  # ml_collections: `--config.x=...` where the config has no x.
-    key_error = e.args[0] if e.args and isinstance(e.args[0], KeyError) else e
-    message = 'Unknown config field ' + str(key_error.args[0]).replace('\n', '. ')
-  print(f'Error: {message}\nPass --helpshort or --helpfull to see help on flags.',
-        file=sys.stderr, flush=True)
-  sys.exit(EXIT_ERROR)
-
-
 def _train(config, workdir: str) -> dict:
   try:
     check_config(config, [workdir])
     run = train.prepare(config, workdir)
   except USER_ERRORS as e:
-    fail(e)
+    cli.fail(e)
   try:
     return run.train()
   except train.TrainingInterrupted as e:
     print(e, file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
   except train.NonFiniteError as e:
-    fail(e, EXIT_NONFINITE)
+    cli.fail(e, EXIT_NONFINITE)
   except train_checkpoint.CheckpointSaveError as e:
-    fail(e)
+    cli.fail(e)
 
 
 def _evaluate(config, path: str) -> dict:
@@ -163,7 +130,7 @@ def _evaluate(config, path: str) -> dict:
     check_config(config, [path])
     return {'eval_top1': evaluate.run(config, path)}
   except USER_ERRORS as e:
-    fail(e)
+    cli.fail(e)
 
 
 def main(argv):
@@ -190,4 +157,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
