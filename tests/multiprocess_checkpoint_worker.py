@@ -1,6 +1,6 @@
 """One of several processes that save and restore a globally sharded train state together.
 
-Run by tests/test_train_checkpoint.py as
+Run by tests/test_state_checkpoint.py as
 `python multiprocess_checkpoint_worker.py PROCESS_ID NUM_PROCESSES PORT DIRECTORY`, with
 JAX_PLATFORMS=cpu and XLA_FLAGS giving each process its own host devices. Exits non-zero (with
 a traceback) when a restored value or sharding is wrong.
@@ -11,7 +11,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
-from vit_jax import train_checkpoint
+from vit_jax import state_checkpoint
 
 # Values every process can compute on its own, so that each checks what the others wrote.
 KERNEL = np.arange(16 * 6, dtype=np.float32).reshape(16, 6) / 7
@@ -51,14 +51,14 @@ def main(process_id: int, num_processes: int, port: int, directory: str) -> None
                      'rng': replicated}
   extra = {'data_position': STEP, 'process_count': num_processes}
 
-  with train_checkpoint.TrainCheckpointer(directory, save_every=2, keep=2) as checkpointer:
+  with state_checkpoint.TrainCheckpointer(directory, save_every=2, keep=2) as checkpointer:
     state = jax.tree.map(_global_array, values, saved_shardings)
     assert checkpointer.maybe_save(STEP, state, extra)
 
   # A fresh checkpointer, as after a restart; the kernel comes back replicated instead of split.
   restore_shardings = {'step': replicated, 'params': {'kernel': replicated, 'bias': replicated},
                        'rng': replicated}
-  with train_checkpoint.TrainCheckpointer(directory, save_every=2, keep=2) as checkpointer:
+  with state_checkpoint.TrainCheckpointer(directory, save_every=2, keep=2) as checkpointer:
     assert checkpointer.latest_step() == STEP
     for shardings in (saved_shardings, restore_shardings):
       restored, restored_extra, step = checkpointer.restore(

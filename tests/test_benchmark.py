@@ -15,7 +15,7 @@ from vit_jax import benchmark_lib
 from vit_jax import flops
 from vit_jax import model_configs
 from vit_jax import sharding
-from vit_jax import trainer as trainer_lib
+from vit_jax import program as trainer_lib
 
 TINY = ['--model=testing', '--resolution=32', '--batch=2', '--steps=2', '--num_devices=1']
 PRINTED_FIGURES = ('images/s', 'achieved TFLOP/s', 'MFU', 'GFLOP/image', 'lower', 'compile',

@@ -31,9 +31,9 @@ from vit_jax import cli as cli_lib
 from vit_jax import input_pipeline
 from vit_jax import main
 from vit_jax import sharding
-from vit_jax import train
-from vit_jax import train_checkpoint
-from vit_jax import trainer as trainer_lib
+from vit_jax import train_loop
+from vit_jax import state_checkpoint
+from vit_jax import program as trainer_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = 'tests/fault_tolerance_config.py'
@@ -359,7 +359,7 @@ def test_first_signal_requests_a_stop_and_a_second_one_interrupts():
   # Python's own handler, whatever the shell left (a background job starts with SIGINT ignored).
   outer = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
-    with train._StopSignals() as stop:  # pylint: disable=protected-access
+    with train_loop._StopSignals() as stop:  # pylint: disable=protected-access
       assert not stop.requested(1)
       os.kill(os.getpid(), signal.SIGINT)
       assert stop.requested(2) and stop.signum == signal.SIGINT
@@ -380,7 +380,7 @@ def test_workdir_config_check_ignores_resumable_fields_and_lists_the_others(tmp_
   saved = json.loads(train_fixtures.tiny_config(dataset='fashion_mnist').to_json_best_effort())
   del saved['pp']['resize']  # As if written before base_config had it: it has its default.
   (tmp_path / 'config.json').write_text(json.dumps(saved))
-  train.check_workdir_config(
+  train_loop.check_workdir_config(
       train_fixtures.tiny_config(dataset='fashion_mnist', log_every=7, checkpoint_every=9,
                                  accum_steps=2, sharding='fsdp', nonfinite='skip'), str(tmp_path))
   other = train_fixtures.tiny_config(dataset='cifar10', total_steps=50)
@@ -389,13 +389,13 @@ def test_workdir_config_check_ignores_resumable_fields_and_lists_the_others(tmp_
   other.pp.resize = 40
   other.num_classes = 100
   with pytest.raises(ValueError) as error:
-    train.check_workdir_config(other, str(tmp_path))
+    train_loop.check_workdir_config(other, str(tmp_path))
   changes = str(error.value).split('\n')[1:-1]
   assert changes == ["  dataset: 'fashion_mnist' -> 'cifar10'", '  model.hidden_size: 16 -> 32',
                      '  num_classes: 10 -> 100', '  pp.resize: None -> 40',
                      '  pp.resolution: 16 -> 32', '  total_steps: 100 -> 50']
   other.allow_config_change = True
-  train.check_workdir_config(other, str(tmp_path))
+  train_loop.check_workdir_config(other, str(tmp_path))
   assert 'Resuming' in caplog.text and 'model.hidden_size: 16 -> 32' in caplog.text
 
 
@@ -429,15 +429,15 @@ def nan_batch_at_step_7(monkeypatch):
   monkeypatch.setattr(input_pipeline, 'build_train_iterator', poisoned)
 
 
-def _run(trainer, workdir: pathlib.Path) -> train.Run:
-  ckpt = train_checkpoint.TrainCheckpointer(
+def _run(trainer, workdir: pathlib.Path) -> train_loop.Run:
+  ckpt = state_checkpoint.TrainCheckpointer(
       str(workdir / 'checkpoints'), save_every=trainer.config.checkpoint_every,
       keep=trainer.config.keep_checkpoints)
-  return train.Run(trainer, ckpt, str(workdir), trainer.initial_state(), 0)
+  return train_loop.Run(trainer, ckpt, str(workdir), trainer.initial_state(), 0)
 
 
 def _restored_params(trainer, workdir: pathlib.Path, step: int):
-  with train_checkpoint.TrainCheckpointer(str(workdir / 'checkpoints'), save_every=1,
+  with state_checkpoint.TrainCheckpointer(str(workdir / 'checkpoints'), save_every=1,
                                           keep=1) as ckpt:
     state, _, _ = ckpt.restore(trainer.abstract_state, step=step)
   return jax.device_get(state['params'])
@@ -464,7 +464,7 @@ def test_nonfinite_step_is_not_applied_on_device(trainer):
 def test_nonfinite_stop_raises_naming_the_step_before_saving_it(trainer, nan_batch_at_step_7,
                                                                tmp_path):
   # Steps 4 and 8 save, 5 and 10 log: step 7 must be caught by the check before the save at 8.
-  with pytest.raises(train.NonFiniteError,
+  with pytest.raises(train_loop.NonFiniteError,
                      match=rf'at step {NAN_STEP} .*the checkpoint of step 4 .* is kept'):
     _run(trainer, tmp_path).train()
   assert _checkpoint_steps(tmp_path) == [4]

@@ -11,7 +11,7 @@ import pytest
 
 from vit_jax import model_configs
 from vit_jax import models
-from vit_jax import train_step
+from vit_jax import steps
 
 NUM_CLASSES = 10
 
@@ -56,7 +56,7 @@ def _loss_and_grads_fn(model):
     labels = jnp.arange(images.shape[0]) % NUM_CLASSES
     logits = model.apply({'params': params}, images, train=True,
                          rngs={'dropout': jax.random.PRNGKey(seed)})
-    return jnp.mean(train_step.cross_entropy(logits, labels, num_classes=NUM_CLASSES))
+    return jnp.mean(steps.cross_entropy(logits, labels, num_classes=NUM_CLASSES))
 
   return jax.jit(jax.value_and_grad(loss_fn))
 

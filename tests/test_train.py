@@ -16,8 +16,8 @@ from vit_jax import config_lib
 from vit_jax import evaluate
 from vit_jax import optim
 from vit_jax import sharding
-from vit_jax import train_step as steps
-from vit_jax import trainer as trainer_lib
+from vit_jax import steps
+from vit_jax import program as trainer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,7 +3,7 @@ import ml_collections
 import numpy as np
 
 from vit_jax import config_lib
-from vit_jax import trainer as trainer_lib
+from vit_jax import program as trainer_lib
 
 NUM_CLASSES = 10
 

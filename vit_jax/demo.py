@@ -16,7 +16,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from vit_jax import logging_util
-from vit_jax import train
+from vit_jax import train_loop
 
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/vit_demo', 'Parent of pretrain/ and finetune/.')
 _PRETRAIN = config_flags.DEFINE_config_file(
@@ -31,12 +31,12 @@ def run(pretrain_config, finetune_config, workdir: str) -> dict:
   logging.info('Stage 1/2: pre-training at %dpx in %s', pretrain_config.pp.resolution,
                pretrain_dir)
   start = time.perf_counter()
-  pretrained = train.train_and_evaluate(pretrain_config, pretrain_dir)
+  pretrained = train_loop.train_and_evaluate(pretrain_config, pretrain_dir)
   middle = time.perf_counter()
   finetune_config.pretrained_path = os.path.join(pretrain_dir, 'model.npz')
   logging.info('Stage 2/2: fine-tuning at %dpx in %s', finetune_config.pp.resolution,
                finetune_dir)
-  finetuned = train.train_and_evaluate(finetune_config, finetune_dir)
+  finetuned = train_loop.train_and_evaluate(finetune_config, finetune_dir)
   return {'pretrain_top1': pretrained['eval_top1'], 'finetune_top1': finetuned['eval_top1'],
           'pretrain_s': middle - start, 'finetune_s': time.perf_counter() - middle}
 

@@ -7,8 +7,8 @@ import ml_collections
 
 from vit_jax import input_pipeline
 from vit_jax import sharding
-from vit_jax import train_checkpoint
-from vit_jax import trainer as trainer_lib
+from vit_jax import state_checkpoint
+from vit_jax import program as trainer_lib
 
 
 def top1(trainer, params) -> float:
@@ -32,7 +32,7 @@ def checkpoint_params(trainer, path: str):
   if path.endswith('.npz'):
     return jax.device_put(trainer.load_released(path, keep_head=True),
                           trainer.state_shardings['params'])
-  ckpt = train_checkpoint.TrainCheckpointer(os.path.join(path, 'checkpoints'), save_every=1,
+  ckpt = state_checkpoint.TrainCheckpointer(os.path.join(path, 'checkpoints'), save_every=1,
                                             keep=1)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f'No training checkpoint under {path}/checkpoints.')

@@ -36,8 +36,8 @@ from vit_jax import config_lib
 from vit_jax import evaluate
 from vit_jax import input_pipeline
 from vit_jax import logging_util
-from vit_jax import train
-from vit_jax import train_checkpoint
+from vit_jax import train_loop
+from vit_jax import state_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/vit.py:b16,cifar10.',
@@ -111,17 +111,17 @@ def check_config(config, paths) -> None:
 def _train(config, workdir: str) -> dict:
   try:
     check_config(config, [workdir])
-    run = train.prepare(config, workdir)
+    run = train_loop.prepare(config, workdir)
   except USER_ERRORS as e:
     cli.fail(e)
   try:
     return run.train()
-  except train.TrainingInterrupted as e:
+  except train_loop.TrainingInterrupted as e:
     print(e, file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
-  except train.NonFiniteError as e:
+  except train_loop.NonFiniteError as e:
     cli.fail(e, EXIT_NONFINITE)
-  except train_checkpoint.CheckpointSaveError as e:
+  except state_checkpoint.CheckpointSaveError as e:
     cli.fail(e)
 
 

@@ -11,7 +11,7 @@ from vit_jax import checkpoint
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import sharding
-from vit_jax import train_step as steps
+from vit_jax import steps
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int, mesh=None):

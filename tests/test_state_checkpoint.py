@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from vit_jax import train_checkpoint
+from vit_jax import state_checkpoint
 
 _REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -88,7 +88,7 @@ def test_sharded_state_round_trips_exactly(tmp_path, mesh, optimizer):
   state = jax.device_put(state, shardings)
   extra = {'data_position': 2, 'config': {'model_name': 'testing', 'lr': 1e-2, 'sizes': [1, 2],
                                           'pp': {'train': 'finetune'}, 'data_dir': None}}
-  with train_checkpoint.TrainCheckpointer(str(tmp_path), save_every=2, keep=3) as checkpointer:
+  with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=2, keep=3) as checkpointer:
     assert checkpointer.maybe_save(2, state, extra)
     checkpointer.wait()
     restored, restored_extra, step = checkpointer.restore(_abstract(state, shardings))
@@ -102,7 +102,7 @@ def test_restores_replicated_save_into_split_shardings_and_back(tmp_path, mesh):
   state = _state(_params(), optax.adam(1e-2), jax.random.PRNGKey(0))
   replicated = _shardings(state, mesh, split_kernels=False)
   split = _shardings(state, mesh, split_kernels=True)
-  with train_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=2) as checkpointer:
+  with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=2) as checkpointer:
     checkpointer.maybe_save(1, jax.device_put(state, replicated), {})
     checkpointer.maybe_save(2, jax.device_put(state, split), {})
     checkpointer.wait()
@@ -123,7 +123,7 @@ def test_restores_replicated_save_into_split_shardings_and_back(tmp_path, mesh):
 @pytest.mark.parametrize('make_key', [jax.random.PRNGKey, jax.random.key], ids=['raw', 'typed'])
 def test_rng_key_round_trips_and_keeps_drawing_the_same_numbers(tmp_path, mesh, make_key):
   state = {'step': jnp.int32(5), 'rng': jax.device_put(make_key(42), _replicated(mesh))}
-  with train_checkpoint.TrainCheckpointer(str(tmp_path), save_every=5, keep=1) as checkpointer:
+  with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=5, keep=1) as checkpointer:
     checkpointer.maybe_save(5, state, {})
     restored, _, _ = checkpointer.restore(_abstract_like(state))
   assert restored['rng'].dtype == state['rng'].dtype
@@ -136,7 +136,7 @@ def test_async_save_copies_arrays_before_returning(tmp_path, mesh):
   expected = np.arange(64 * 1024, dtype=np.float32).reshape(64, 1024)
   state = {'w': jax.device_put(expected, _split_rows(mesh))}
   abstract = _abstract_like(state)
-  with train_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=1) as checkpointer:
+  with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=1) as checkpointer:
     checkpointer.maybe_save(1, state, {})
     state['w'].delete()
     checkpointer.wait()
@@ -146,7 +146,7 @@ def test_async_save_copies_arrays_before_returning(tmp_path, mesh):
 
 def test_saves_every_n_steps_and_when_forced_but_never_twice(tmp_path):
   state = {'step': jnp.int32(0)}
-  with train_checkpoint.TrainCheckpointer(str(tmp_path), save_every=3, keep=10,
+  with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=3, keep=10,
                                           async_save=False) as checkpointer:
     saved = [step for step in range(1, 8) if checkpointer.maybe_save(step, state, {})]
     assert saved == [3, 6]
@@ -158,7 +158,7 @@ def test_saves_every_n_steps_and_when_forced_but_never_twice(tmp_path):
 
 
 def test_keeps_only_the_last_k_checkpoints(tmp_path):
-  with train_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=2) as checkpointer:
+  with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=2) as checkpointer:
     for step in range(1, 6):
       checkpointer.maybe_save(step, {'step': jnp.int32(step)}, {'data_position': step})
     checkpointer.wait()
@@ -167,7 +167,7 @@ def test_keeps_only_the_last_k_checkpoints(tmp_path):
       checkpointer.restore(_abstract_like({'step': jnp.int32(0)}), step=3)
   assert sorted(p.name for p in tmp_path.iterdir()) == ['4', '5']
 
-  with train_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=2) as reopened:
+  with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=2) as reopened:
     state, extra, step = reopened.restore(_abstract_like({'step': jnp.int32(0)}))
   assert (int(state['step']), extra, step) == (5, {'data_position': 5}, 5)
 
@@ -175,7 +175,7 @@ def test_keeps_only_the_last_k_checkpoints(tmp_path):
 def test_half_written_checkpoint_is_ignored_and_redone(tmp_path):
   """A process killed mid-save leaves an uncommitted `<step>.orbax-checkpoint-tmp` directory."""
   abstract = _abstract_like({'w': jnp.zeros((8, 8))})
-  with train_checkpoint.TrainCheckpointer(str(tmp_path), save_every=3, keep=5) as checkpointer:
+  with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=3, keep=5) as checkpointer:
     checkpointer.maybe_save(3, {'w': jnp.full((8, 8), 3.0)}, {'data_position': 3})
     checkpointer.maybe_save(6, {'w': jnp.full((8, 8), 6.0)}, {'data_position': 6})
   # Turn step 6 into what a crash before the commit leaves: data written, nothing committed,
@@ -191,7 +191,7 @@ def test_half_written_checkpoint_is_ignored_and_redone(tmp_path):
       data = data_file.read_bytes()
       data_file.write_bytes(data[:len(data) // 2])
 
-  with train_checkpoint.TrainCheckpointer(str(tmp_path), save_every=3, keep=5) as restarted:
+  with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=3, keep=5) as restarted:
     assert restarted.latest_step() == 3
     state, extra, step = restarted.restore(abstract)
     assert (step, extra) == (3, {'data_position': 3})
@@ -208,11 +208,11 @@ def test_half_written_checkpoint_is_ignored_and_redone(tmp_path):
 def test_a_reader_leaves_a_save_in_progress_alone(tmp_path):
   """An evaluator opening the directory must not delete what a running trainer is writing."""
   abstract = _abstract_like({'w': jnp.zeros((8, 8))})
-  with train_checkpoint.TrainCheckpointer(str(tmp_path), save_every=3, keep=5) as trainer:
+  with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=3, keep=5) as trainer:
     trainer.maybe_save(3, {'w': jnp.full((8, 8), 3.0)}, {})
   in_progress = tmp_path / '6.orbax-checkpoint-tmp' / 'state'
   in_progress.mkdir(parents=True)
-  with train_checkpoint.TrainCheckpointer(str(tmp_path), save_every=3, keep=5) as reader:
+  with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=3, keep=5) as reader:
     state, _, step = reader.restore(abstract)
   assert step == 3
   np.testing.assert_array_equal(state['w'], np.full((8, 8), 3.0))
@@ -221,11 +221,11 @@ def test_a_reader_leaves_a_save_in_progress_alone(tmp_path):
 
 def test_errors_are_explicit(tmp_path):
   with pytest.raises(ValueError, match='save_every=0'):
-    train_checkpoint.TrainCheckpointer(str(tmp_path), save_every=0, keep=1)
+    state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=0, keep=1)
   with pytest.raises(ValueError, match='keep=0'):
-    train_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=0)
+    state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=0)
   state = {'params': {'w': jnp.zeros(3)}}
-  with train_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=1) as checkpointer:
+  with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=1) as checkpointer:
     with pytest.raises(FileNotFoundError, match='No complete training checkpoint'):
       checkpointer.restore(_abstract_like(state))
     with pytest.raises(TypeError, match='JSON-serialisable'):
@@ -279,13 +279,13 @@ def _train(checkpointer, state, data_position, last_step):
 
 
 def test_resumed_training_matches_uninterrupted_training_exactly(tmp_path, mesh):
-  with train_checkpoint.TrainCheckpointer(str(tmp_path / 'a'), save_every=3, keep=2) as ckpt:
+  with state_checkpoint.TrainCheckpointer(str(tmp_path / 'a'), save_every=3, keep=2) as ckpt:
     uninterrupted, expected_losses = _train(ckpt, _initial_state(mesh), 0, last_step=10)
 
   # "Crash" after step 7: no final save; the new checkpointer below is the restarted job.
-  with train_checkpoint.TrainCheckpointer(str(tmp_path / 'b'), save_every=3, keep=2) as ckpt:
+  with state_checkpoint.TrainCheckpointer(str(tmp_path / 'b'), save_every=3, keep=2) as ckpt:
     _, losses_before_crash = _train(ckpt, _initial_state(mesh), 0, last_step=7)
-  with train_checkpoint.TrainCheckpointer(str(tmp_path / 'b'), save_every=3, keep=2) as ckpt:
+  with state_checkpoint.TrainCheckpointer(str(tmp_path / 'b'), save_every=3, keep=2) as ckpt:
     state, extra, step = ckpt.restore(_abstract_like(_initial_state(mesh)))
     assert (step, int(state['step']), extra) == (6, 6, {'data_position': 6})
     resumed, losses_after_restart = _train(ckpt, state, extra['data_position'], last_step=10)
@@ -332,14 +332,14 @@ def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(tmp_path):
   directory = str(tmp_path / 'checkpoints')
   noise = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)  # Incompressible.
   state = lambda value: {'w': jax.device_put(jnp.asarray(noise + value))}  # 16 KiB
-  checkpointer = train_checkpoint.TrainCheckpointer(directory, save_every=1, keep=3)
+  checkpointer = state_checkpoint.TrainCheckpointer(directory, save_every=1, keep=3)
   checkpointer.save(1, state(1.0), {'data_position': 1})
   checkpointer.wait()
   soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
   handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Else the process is killed.
   resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
   try:
-    with pytest.raises(train_checkpoint.CheckpointSaveError,
+    with pytest.raises(state_checkpoint.CheckpointSaveError,
                        match=r'for step 2 to .*checkpoints failed: .* The last complete '
                              r'checkpoint \(step 1\) is kept\.'):
       checkpointer.save(2, state(2.0), {'data_position': 2})
@@ -348,7 +348,7 @@ def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(tmp_path):
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     signal.signal(signal.SIGXFSZ, handler)
   checkpointer.close()
-  with train_checkpoint.TrainCheckpointer(directory, save_every=1, keep=3) as reader:
+  with state_checkpoint.TrainCheckpointer(directory, save_every=1, keep=3) as reader:
     assert reader.latest_step() == 1
     restored, extra, step = reader.restore(_abstract_like(state(0.0)))
   assert (step, extra) == (1, {'data_position': 1})

@@ -5,7 +5,7 @@ restore or initialisation): its errors are the user's to fix. `Run.train()` runs
 
 Fault tolerance:
   * Resuming: the same command continues from the newest checkpoint that restores (see
-    vit_jax.train_checkpoint for unreadable ones), with the same data order (the input pipeline
+    vit_jax.state_checkpoint for unreadable ones), with the same data order (the input pipeline
     starts at the restored step) and RNG (part of the state), so it follows the loss curve of an
     uninterrupted run. metrics.jsonl is first cut back to the restored step.
   * SIGTERM / SIGINT: the current step finishes, its checkpoint is saved and TrainingInterrupted
@@ -46,8 +46,8 @@ from vit_jax import input_pipeline
 from vit_jax import metrics_writer
 from vit_jax import optim
 from vit_jax import sharding
-from vit_jax import train_checkpoint
-from vit_jax import trainer as trainer_lib
+from vit_jax import state_checkpoint
+from vit_jax import program as trainer_lib
 
 
 class TrainingInterrupted(Exception):
@@ -127,7 +127,7 @@ class _StopSignals:
 class _NonFiniteSteps:
   """The train steps' on-device `is_finite` flags, read on the host only by `check()`."""
 
-  def __init__(self, policy: str, ckpt: train_checkpoint.TrainCheckpointer, directory: str):
+  def __init__(self, policy: str, ckpt: state_checkpoint.TrainCheckpointer, directory: str):
     self._policy, self._ckpt, self._directory = policy, ckpt, directory
     self._pending = []
 
@@ -206,7 +206,7 @@ def _rewind_metrics(workdir: str, step: int) -> None:
 class Run:
   """A training run ready to go on from `step` (see `prepare`)."""
   trainer: trainer_lib.Trainer
-  ckpt: train_checkpoint.TrainCheckpointer
+  ckpt: state_checkpoint.TrainCheckpointer
   workdir: str
   state: Any
   step: int
@@ -271,7 +271,7 @@ def _batches(config, trainer, step: int) -> Iterator[dict]:
       sharding.batch_sharding(trainer.mesh), size=config.prefetch)
 
 
-def _restore_or_init(trainer: trainer_lib.Trainer, ckpt: train_checkpoint.TrainCheckpointer,
+def _restore_or_init(trainer: trainer_lib.Trainer, ckpt: state_checkpoint.TrainCheckpointer,
                      workdir: str):
   if ckpt.latest_step() is None:
     return trainer.initial_state(), 0
@@ -294,7 +294,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   hardware.check_remat_layout(config.model)
   trainer_lib.write_config(config, workdir)
   trainer = trainer_lib.Trainer(config, config.num_classes)
-  ckpt = train_checkpoint.TrainCheckpointer(
+  ckpt = state_checkpoint.TrainCheckpointer(
       os.path.join(workdir, 'checkpoints'), save_every=config.checkpoint_every,
       keep=config.keep_checkpoints)
   state, step = _restore_or_init(trainer, ckpt, workdir)
