@@ -15,7 +15,7 @@ from vit_jax import benchmark_lib
 from vit_jax import flops
 from vit_jax import model_configs
 from vit_jax import sharding
-from vit_jax import program as trainer_lib
+from vit_jax import program as program_lib
 
 TINY = ['--model=testing', '--resolution=32', '--batch=2', '--steps=2', '--num_devices=1']
 PRINTED_FIGURES = ('images/s', 'achieved TFLOP/s', 'MFU', 'GFLOP/image', 'lower', 'compile',
@@ -79,7 +79,7 @@ def test_train_step_with_every_switch_and_peak_override(tmp_path, capsys):
 def test_the_switches_reach_the_real_trainer():
   spec = benchmark_lib.Spec(model='testing', resolution=32, batch=2, mode='train', scan_layers=True,
                         remat_policy='dots_saveable', attention_impl='fused', num_devices=1)
-  trainer = trainer_lib.Trainer(benchmark_lib.train_config(spec), 10,
+  trainer = program_lib.Program(benchmark_lib.train_config(spec), 10,
                                 mesh=sharding.make_mesh(jax.devices()[:1]))
   model = trainer.model
   assert (model.scan_layers, model.remat_policy, model.attention_impl) == (

@@ -17,7 +17,7 @@ from vit_jax import evaluate
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import steps
-from vit_jax import program as trainer_lib
+from vit_jax import program as program_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,8 +96,8 @@ def test_fsdp_gathers_weights_not_the_global_batchs_activations(monkeypatch):
   assert ('all-gather', (16, 32)) in shapes  # an MLP kernel, gathered for use
   assert not activation_collectives()
   # Without the activation layout pinned, XLA's partitioner gathers activations instead.
-  build = trainer_lib.build_model
-  monkeypatch.setattr(trainer_lib, 'build_model', lambda c, n, mesh=None: build(c, n))
+  build = program_lib.build_model
+  monkeypatch.setattr(program_lib, 'build_model', lambda c, n, mesh=None: build(c, n))
   assert activation_collectives()
 
 

@@ -3,7 +3,7 @@ import ml_collections
 import numpy as np
 
 from vit_jax import config_lib
-from vit_jax import program as trainer_lib
+from vit_jax import program as program_lib
 
 NUM_CLASSES = 10
 
@@ -26,8 +26,8 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def tiny_trainer(config) -> trainer_lib.Trainer:
-  return trainer_lib.Trainer(config, NUM_CLASSES)
+def tiny_trainer(config) -> program_lib.Program:
+  return program_lib.Program(config, NUM_CLASSES)
 
 
 def synthetic_batches(config, steps: int, seed: int = 0):

@@ -11,7 +11,7 @@ labelled), XLA's own per-device buffer sizes of the compiled program
 (`compiled.memory_analysis()`), and optionally the host input pipeline's images/s (fashion_mnist
 at the same resolution and batch).
 
-A train `Spec` times `vit_jax.program.Trainer`'s jitted `train_step` (state donated, batch and
+A train `Spec` times `vit_jax.program.Program`'s jitted `train_step` (state donated, batch and
 state sharded over the mesh exactly as in training) on a config from `config_lib.base_config`;
 the model switches travel in `config.model` (which `models.build_model` passes to the module).
 
@@ -227,8 +227,8 @@ def train_config(spec: Spec):
 
 
 def _train_program(spec: Spec, mesh) -> _Program:
-  from vit_jax import program as trainer_lib  # pylint: disable=g-import-not-at-top
-  trainer = trainer_lib.Trainer(train_config(spec), spec.num_classes, mesh=mesh)
+  from vit_jax import program as program_lib  # pylint: disable=g-import-not-at-top
+  trainer = program_lib.Program(train_config(spec), spec.num_classes, mesh=mesh)
 
   def make_args():
     images, labels = _random_batch(spec, mesh)

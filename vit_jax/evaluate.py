@@ -8,7 +8,7 @@ import ml_collections
 from vit_jax import input_pipeline
 from vit_jax import sharding
 from vit_jax import state_checkpoint
-from vit_jax import program as trainer_lib
+from vit_jax import program as program_lib
 
 
 def top1(trainer, params) -> float:
@@ -46,5 +46,5 @@ def run(config: ml_collections.ConfigDict, path: str) -> float:
   """`--mode=eval`: top-1 of a checkpoint (`.npz` or workdir) on `config.eval_split`."""
   info = input_pipeline.get_dataset_info(config)
   config.num_classes = config.num_classes or info.num_classes
-  trainer = trainer_lib.Trainer(config, config.num_classes)
+  trainer = program_lib.Program(config, config.num_classes)
   return top1(trainer, checkpoint_params(trainer, path))

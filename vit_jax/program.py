@@ -1,4 +1,4 @@
-"""The trainer's parts: model, mesh, optimizer, jitted steps and the sharded state's layout."""
+"""The compiled training program: model, mesh, optimizer, jitted steps, sharded state layout."""
 import os
 from typing import Optional
 
@@ -37,7 +37,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-class Trainer:
+class Program:
   """Holds what the loop needs: model, mesh, jitted steps and the sharded state's layout."""
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int, mesh=None):

@@ -47,7 +47,7 @@ from vit_jax import metrics_writer
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import state_checkpoint
-from vit_jax import program as trainer_lib
+from vit_jax import program as program_lib
 
 
 class TrainingInterrupted(Exception):
@@ -205,7 +205,7 @@ def _rewind_metrics(workdir: str, step: int) -> None:
 @dataclasses.dataclass
 class Run:
   """A training run ready to go on from `step` (see `prepare`)."""
-  trainer: trainer_lib.Trainer
+  trainer: program_lib.Program
   ckpt: state_checkpoint.TrainCheckpointer
   workdir: str
   state: Any
@@ -271,7 +271,7 @@ def _batches(config, trainer, step: int) -> Iterator[dict]:
       sharding.batch_sharding(trainer.mesh), size=config.prefetch)
 
 
-def _restore_or_init(trainer: trainer_lib.Trainer, ckpt: state_checkpoint.TrainCheckpointer,
+def _restore_or_init(trainer: program_lib.Program, ckpt: state_checkpoint.TrainCheckpointer,
                      workdir: str):
   if ckpt.latest_step() is None:
     return trainer.initial_state(), 0
@@ -292,8 +292,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   check_workdir_config(config, workdir)
   hardware.check_host_allocator()
   hardware.check_remat_layout(config.model)
-  trainer_lib.write_config(config, workdir)
-  trainer = trainer_lib.Trainer(config, config.num_classes)
+  program_lib.write_config(config, workdir)
+  trainer = program_lib.Program(config, config.num_classes)
   ckpt = state_checkpoint.TrainCheckpointer(
       os.path.join(workdir, 'checkpoints'), save_every=config.checkpoint_every,
       keep=config.keep_checkpoints)
