@@ -36,7 +36,6 @@ def get_config(arg: str = 'pretrain'):
     raise ValueError(f"configs/demo.py takes 'pretrain' or 'finetune', not {arg!r}.")
   config = config_lib.base_config()
   config_lib.set_dataset(config, 'fashion_mnist')
-  config.model_name = 'ViT-demo_7'
   config.model = demo_model()
   config.batch = 128
   config.batch_eval = 1000

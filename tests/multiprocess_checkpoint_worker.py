@@ -49,11 +49,10 @@ def main(process_id: int, num_processes: int, port: int, directory: str) -> None
   values = {'step': np.int32(STEP), 'params': {'kernel': KERNEL, 'bias': BIAS}, 'rng': rng}
   saved_shardings = {'step': replicated, 'params': {'kernel': fsdp, 'bias': replicated},
                      'rng': replicated}
-  extra = {'data_position': STEP, 'process_count': num_processes}
 
   with state_checkpoint.TrainCheckpointer(directory, save_every=2, keep=2) as checkpointer:
     state = jax.tree.map(_global_array, values, saved_shardings)
-    assert checkpointer.maybe_save(STEP, state, extra)
+    assert checkpointer.save(STEP, state)
 
   # A fresh checkpointer, as after a restart; the kernel comes back replicated instead of split.
   restore_shardings = {'step': replicated, 'params': {'kernel': replicated, 'bias': replicated},
@@ -61,9 +60,8 @@ def main(process_id: int, num_processes: int, port: int, directory: str) -> None
   with state_checkpoint.TrainCheckpointer(directory, save_every=2, keep=2) as checkpointer:
     assert checkpointer.latest_step() == STEP
     for shardings in (saved_shardings, restore_shardings):
-      restored, restored_extra, step = checkpointer.restore(
-          jax.tree.map(_abstract, values, shardings))
-      assert (step, restored_extra) == (STEP, extra), (step, restored_extra)
+      restored, step = checkpointer.restore(jax.tree.map(_abstract, values, shardings))
+      assert step == STEP, step
       jax.tree.map(_check_shards, restored, values, shardings)
 
   jax.distributed.shutdown()

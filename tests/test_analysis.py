@@ -45,7 +45,7 @@ def init_params(model_config, num_classes: int, resolution: int, head_bias=None)
   head kernel, so the logits are `head_bias` (default zeros) for every image."""
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda leaf: 0.3 * rng.standard_normal(leaf.shape, np.float32),
-                        inference.abstract_params(model_config, num_classes, resolution))
+                        models.abstract_params(model_config, num_classes, resolution))
   params['head']['kernel'] = np.zeros_like(params['head']['kernel'])
   params['head']['bias'] = np.asarray(
       np.zeros(num_classes) if head_bias is None else head_bias, np.float32)

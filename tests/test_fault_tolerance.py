@@ -439,7 +439,7 @@ def _run(trainer, workdir: pathlib.Path) -> train_loop.Run:
 def _restored_params(trainer, workdir: pathlib.Path, step: int):
   with state_checkpoint.TrainCheckpointer(str(workdir / 'checkpoints'), save_every=1,
                                           keep=1) as ckpt:
-    state, _, _ = ckpt.restore(trainer.abstract_state, step=step)
+    state, _ = ckpt.restore(trainer.abstract_state, step=step)
   return jax.device_get(state['params'])
 
 

@@ -23,7 +23,8 @@ def make_config(dataset, *, resolution=8, batch=8, **overrides):
   config = ml_collections.ConfigDict({
       'dataset': dataset, 'data_dir': None, 'train_split': 'train', 'eval_split': 'test',
       'pp': {'train': 'finetune', 'eval': 'resize', 'resolution': resolution},
-      'batch': batch, 'batch_eval': batch, 'shuffle_buffer': 1000, 'seed': 0,
+      'batch': batch, 'batch_eval': batch, 'shuffle_buffer': 1000, 'seed': 0, 'cache': None,
+      'folder_test_fraction': 0.1,
   })
   config.update(overrides)
   return config

@@ -86,14 +86,11 @@ def test_sharded_state_round_trips_exactly(tmp_path, mesh, optimizer):
   state = _state(_params(), optimizer, jax.random.PRNGKey(7))
   shardings = _shardings(state, mesh, split_kernels=True)
   state = jax.device_put(state, shardings)
-  extra = {'data_position': 2, 'config': {'model_name': 'testing', 'lr': 1e-2, 'sizes': [1, 2],
-                                          'pp': {'train': 'finetune'}, 'data_dir': None}}
   with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=2, keep=3) as checkpointer:
-    assert checkpointer.maybe_save(2, state, extra)
+    assert checkpointer.save(2, state)
     checkpointer.wait()
-    restored, restored_extra, step = checkpointer.restore(_abstract(state, shardings))
+    restored, step = checkpointer.restore(_abstract(state, shardings))
   assert step == 2
-  assert restored_extra == extra
   _assert_trees_equal(restored, state)
   _assert_shardings(restored, shardings)
 
@@ -103,11 +100,11 @@ def test_restores_replicated_save_into_split_shardings_and_back(tmp_path, mesh):
   replicated = _shardings(state, mesh, split_kernels=False)
   split = _shardings(state, mesh, split_kernels=True)
   with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=2) as checkpointer:
-    checkpointer.maybe_save(1, jax.device_put(state, replicated), {})
-    checkpointer.maybe_save(2, jax.device_put(state, split), {})
+    checkpointer.save(1, jax.device_put(state, replicated))
+    checkpointer.save(2, jax.device_put(state, split))
     checkpointer.wait()
-    as_split, _, _ = checkpointer.restore(_abstract(state, split), step=1)
-    as_replicated, _, _ = checkpointer.restore(_abstract(state, replicated), step=2)
+    as_split, _ = checkpointer.restore(_abstract(state, split), step=1)
+    as_replicated, _ = checkpointer.restore(_abstract(state, replicated), step=2)
 
   _assert_trees_equal(as_split, state)
   _assert_shardings(as_split, split)
@@ -124,35 +121,36 @@ def test_restores_replicated_save_into_split_shardings_and_back(tmp_path, mesh):
 def test_rng_key_round_trips_and_keeps_drawing_the_same_numbers(tmp_path, mesh, make_key):
   state = {'step': jnp.int32(5), 'rng': jax.device_put(make_key(42), _replicated(mesh))}
   with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=5, keep=1) as checkpointer:
-    checkpointer.maybe_save(5, state, {})
-    restored, _, _ = checkpointer.restore(_abstract_like(state))
+    checkpointer.save(5, state)
+    restored, _ = checkpointer.restore(_abstract_like(state))
   assert restored['rng'].dtype == state['rng'].dtype
   np.testing.assert_array_equal(jax.random.uniform(restored['rng'], (4,)),
                                 jax.random.uniform(make_key(42), (4,)))
 
 
 def test_async_save_copies_arrays_before_returning(tmp_path, mesh):
-  """A trainer donates the state to the next step right after `maybe_save` returns."""
+  """A trainer donates the state to the next step right after `save` returns."""
   expected = np.arange(64 * 1024, dtype=np.float32).reshape(64, 1024)
   state = {'w': jax.device_put(expected, _split_rows(mesh))}
   abstract = _abstract_like(state)
   with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=1) as checkpointer:
-    checkpointer.maybe_save(1, state, {})
+    checkpointer.save(1, state)
     state['w'].delete()
     checkpointer.wait()
-    restored, _, _ = checkpointer.restore(abstract)
+    restored, _ = checkpointer.restore(abstract)
   np.testing.assert_array_equal(restored['w'], expected)
 
 
-def test_saves_every_n_steps_and_when_forced_but_never_twice(tmp_path):
+def test_saves_every_n_steps_and_when_asked_but_never_twice(tmp_path):
   state = {'step': jnp.int32(0)}
   with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=3, keep=10,
                                           async_save=False) as checkpointer:
-    saved = [step for step in range(1, 8) if checkpointer.maybe_save(step, state, {})]
+    saved = [step for step in range(1, 8)
+             if checkpointer.should_save(step) and checkpointer.save(step, state)]
     assert saved == [3, 6]
-    assert checkpointer.maybe_save(7, state, {}, force=True)
-    assert not checkpointer.maybe_save(7, state, {}, force=True)
-    assert not checkpointer.maybe_save(6, state, {}, force=True)
+    assert checkpointer.save(7, state)
+    assert not checkpointer.save(7, state)
+    assert not checkpointer.save(6, state)
     assert checkpointer.latest_step() == 7
   assert sorted(int(p.name) for p in tmp_path.iterdir()) == [3, 6, 7]
 
@@ -160,7 +158,7 @@ def test_saves_every_n_steps_and_when_forced_but_never_twice(tmp_path):
 def test_keeps_only_the_last_k_checkpoints(tmp_path):
   with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=2) as checkpointer:
     for step in range(1, 6):
-      checkpointer.maybe_save(step, {'step': jnp.int32(step)}, {'data_position': step})
+      checkpointer.save(step, {'step': jnp.int32(step)})
     checkpointer.wait()
     assert checkpointer.latest_step() == 5
     with pytest.raises(FileNotFoundError, match=r'step 3 .*available steps: \[4, 5\]'):
@@ -168,16 +166,16 @@ def test_keeps_only_the_last_k_checkpoints(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['4', '5']
 
   with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=2) as reopened:
-    state, extra, step = reopened.restore(_abstract_like({'step': jnp.int32(0)}))
-  assert (int(state['step']), extra, step) == (5, {'data_position': 5}, 5)
+    state, step = reopened.restore(_abstract_like({'step': jnp.int32(0)}))
+  assert (int(state['step']), step) == (5, 5)
 
 
 def test_half_written_checkpoint_is_ignored_and_redone(tmp_path):
   """A process killed mid-save leaves an uncommitted `<step>.orbax-checkpoint-tmp` directory."""
   abstract = _abstract_like({'w': jnp.zeros((8, 8))})
   with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=3, keep=5) as checkpointer:
-    checkpointer.maybe_save(3, {'w': jnp.full((8, 8), 3.0)}, {'data_position': 3})
-    checkpointer.maybe_save(6, {'w': jnp.full((8, 8), 6.0)}, {'data_position': 6})
+    checkpointer.save(3, {'w': jnp.full((8, 8), 3.0)})
+    checkpointer.save(6, {'w': jnp.full((8, 8), 6.0)})
   # Turn step 6 into what a crash before the commit leaves: data written, nothing committed,
   # some files cut short.
   half_written = tmp_path / '6.orbax-checkpoint-tmp'
@@ -193,14 +191,14 @@ def test_half_written_checkpoint_is_ignored_and_redone(tmp_path):
 
   with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=3, keep=5) as restarted:
     assert restarted.latest_step() == 3
-    state, extra, step = restarted.restore(abstract)
-    assert (step, extra) == (3, {'data_position': 3})
+    state, step = restarted.restore(abstract)
+    assert step == 3
     np.testing.assert_array_equal(state['w'], np.full((8, 8), 3.0))
 
-    assert restarted.maybe_save(6, {'w': jnp.full((8, 8), 60.0)}, {'data_position': 6})
+    assert restarted.save(6, {'w': jnp.full((8, 8), 60.0)})
     restarted.wait()
-    state, extra, step = restarted.restore(abstract)
-  assert (step, extra) == (6, {'data_position': 6})
+    state, step = restarted.restore(abstract)
+  assert step == 6
   np.testing.assert_array_equal(state['w'], np.full((8, 8), 60.0))
   assert sorted(p.name for p in tmp_path.iterdir()) == ['3', '6']
 
@@ -209,11 +207,11 @@ def test_a_reader_leaves_a_save_in_progress_alone(tmp_path):
   """An evaluator opening the directory must not delete what a running trainer is writing."""
   abstract = _abstract_like({'w': jnp.zeros((8, 8))})
   with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=3, keep=5) as trainer:
-    trainer.maybe_save(3, {'w': jnp.full((8, 8), 3.0)}, {})
+    trainer.save(3, {'w': jnp.full((8, 8), 3.0)})
   in_progress = tmp_path / '6.orbax-checkpoint-tmp' / 'state'
   in_progress.mkdir(parents=True)
   with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=3, keep=5) as reader:
-    state, _, step = reader.restore(abstract)
+    state, step = reader.restore(abstract)
   assert step == 3
   np.testing.assert_array_equal(state['w'], np.full((8, 8), 3.0))
   assert in_progress.is_dir()
@@ -228,9 +226,7 @@ def test_errors_are_explicit(tmp_path):
   with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=1) as checkpointer:
     with pytest.raises(FileNotFoundError, match='No complete training checkpoint'):
       checkpointer.restore(_abstract_like(state))
-    with pytest.raises(TypeError, match='JSON-serialisable'):
-      checkpointer.maybe_save(1, state, {'data_position': np.arange(2)})
-    checkpointer.maybe_save(1, state, {})
+    checkpointer.save(1, state)
     checkpointer.wait()
     without_sharding = {'params': {'w': jax.ShapeDtypeStruct((3,), jnp.float32)}}
     with pytest.raises(ValueError, match=r"missing for: \['params'\]\['w'\]"):
@@ -266,29 +262,29 @@ def _train_step(state, x, y):
           'opt_state': opt_state, 'rng': rng}, loss
 
 
-def _train(checkpointer, state, data_position, last_step):
-  """Runs steps up to `last_step`; returns the state and {step: loss}."""
+def _train(checkpointer, state, last_step):
+  """Runs steps up to `last_step` (batch i after i steps); returns the state and {step: loss}."""
   losses = {}
   for step in range(int(state['step']) + 1, last_step + 1):
-    rows = np.arange(data_position * _BATCH, (data_position + 1) * _BATCH) % len(_DATA_X)
+    rows = np.arange((step - 1) * _BATCH, step * _BATCH) % len(_DATA_X)
     state, loss = _train_step(state, _DATA_X[rows], _DATA_Y[rows])
-    data_position += 1
     losses[step] = float(loss)
-    checkpointer.maybe_save(step, state, {'data_position': data_position})
+    if checkpointer.should_save(step):
+      checkpointer.save(step, state)
   return state, losses
 
 
 def test_resumed_training_matches_uninterrupted_training_exactly(tmp_path, mesh):
   with state_checkpoint.TrainCheckpointer(str(tmp_path / 'a'), save_every=3, keep=2) as ckpt:
-    uninterrupted, expected_losses = _train(ckpt, _initial_state(mesh), 0, last_step=10)
+    uninterrupted, expected_losses = _train(ckpt, _initial_state(mesh), last_step=10)
 
   # "Crash" after step 7: no final save; the new checkpointer below is the restarted job.
   with state_checkpoint.TrainCheckpointer(str(tmp_path / 'b'), save_every=3, keep=2) as ckpt:
-    _, losses_before_crash = _train(ckpt, _initial_state(mesh), 0, last_step=7)
+    _, losses_before_crash = _train(ckpt, _initial_state(mesh), last_step=7)
   with state_checkpoint.TrainCheckpointer(str(tmp_path / 'b'), save_every=3, keep=2) as ckpt:
-    state, extra, step = ckpt.restore(_abstract_like(_initial_state(mesh)))
-    assert (step, int(state['step']), extra) == (6, 6, {'data_position': 6})
-    resumed, losses_after_restart = _train(ckpt, state, extra['data_position'], last_step=10)
+    state, step = ckpt.restore(_abstract_like(_initial_state(mesh)))
+    assert (step, int(state['step'])) == (6, 6)
+    resumed, losses_after_restart = _train(ckpt, state, last_step=10)
 
   assert expected_losses[10] < expected_losses[1] / 2  # It trains: the comparisons mean something.
   assert losses_before_crash == {s: expected_losses[s] for s in range(1, 8)}
@@ -333,7 +329,7 @@ def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(tmp_path):
   noise = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)  # Incompressible.
   state = lambda value: {'w': jax.device_put(jnp.asarray(noise + value))}  # 16 KiB
   checkpointer = state_checkpoint.TrainCheckpointer(directory, save_every=1, keep=3)
-  checkpointer.save(1, state(1.0), {'data_position': 1})
+  checkpointer.save(1, state(1.0))
   checkpointer.wait()
   soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
   handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Else the process is killed.
@@ -342,7 +338,7 @@ def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(tmp_path):
     with pytest.raises(state_checkpoint.CheckpointSaveError,
                        match=r'for step 2 to .*checkpoints failed: .* The last complete '
                              r'checkpoint \(step 1\) is kept\.'):
-      checkpointer.save(2, state(2.0), {'data_position': 2})
+      checkpointer.save(2, state(2.0))
       checkpointer.wait()
   finally:
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -350,6 +346,6 @@ def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(tmp_path):
   checkpointer.close()
   with state_checkpoint.TrainCheckpointer(directory, save_every=1, keep=3) as reader:
     assert reader.latest_step() == 1
-    restored, extra, step = reader.restore(_abstract_like(state(0.0)))
-  assert (step, extra) == (1, {'data_position': 1})
+    restored, step = reader.restore(_abstract_like(state(0.0)))
+  assert step == 1
   np.testing.assert_array_equal(restored['w'], noise + 1.0)

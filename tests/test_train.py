@@ -17,7 +17,6 @@ from vit_jax import evaluate
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import steps
-from vit_jax import program as program_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,8 +95,7 @@ def test_fsdp_gathers_weights_not_the_global_batchs_activations(monkeypatch):
   assert ('all-gather', (16, 32)) in shapes  # an MLP kernel, gathered for use
   assert not activation_collectives()
   # Without the activation layout pinned, XLA's partitioner gathers activations instead.
-  build = program_lib.build_model
-  monkeypatch.setattr(program_lib, 'build_model', lambda c, n, mesh=None: build(c, n))
+  monkeypatch.setattr(sharding, 'LOGICAL_RULES', ())
   assert activation_collectives()
 
 
@@ -187,6 +185,25 @@ def test_sigmoid_loss_and_label_smoothing_by_hand():
       [expected], rtol=1e-6)
 
 
+# One out-of-range value per numeric field, and the bound it breaks.
+NUMERIC_ERRORS = [
+    ('batch', 0, '>= 1'), ('batch', -8, '>= 1'), ('batch_eval', 0, '>= 1'),
+    ('pp.resolution', 0, '>= 1'), ('pp.resize', 0, '>= 1'), ('pp.area_min', 0.0, '> 0'),
+    ('pp.area_min', 1.5, '<= 1'), ('shuffle_buffer', 0, '>= 1'), ('prefetch', -1, '>= 0'),
+    ('num_classes', 0, '>= 1'), ('total_steps', 0, '>= 1'), ('accum_steps', 0, '>= 1'),
+    ('base_lr', -0.1, '>= 0'), ('momentum', 1.0, '< 1'), ('momentum', -0.5, '>= 0'),
+    ('b1', 1.0, '< 1'), ('b2', 1.5, '< 1'), ('weight_decay', -1e-4, '>= 0'),
+    ('grad_norm_clip', -1.0, '>= 0'), ('label_smoothing', 1.0, '< 1'),
+    ('peak_flops', 0.0, '> 0'), ('log_every', 0, '>= 1'), ('eval_every', 0, '>= 1'),
+    ('checkpoint_every', 0, '>= 1'), ('keep_checkpoints', 0, '>= 1'),
+]
+
+
+def test_every_numeric_field_is_range_checked_and_the_defaults_pass():
+  assert {field for field, _, _ in NUMERIC_ERRORS} == set(config_lib.RANGES)
+  config_lib.validate(config_lib.base_config(), num_devices=8, process_count=2)
+
+
 @pytest.mark.parametrize('overrides,message', [
     ({'batch': 30}, 'config.batch=30 / config.accum_steps=1 = 30 is not divisible by the 8'),
     ({'batch': 32, 'accum_steps': 3}, 'not divisible by config.accum_steps=3'),
@@ -195,7 +212,14 @@ def test_sigmoid_loss_and_label_smoothing_by_hand():
     ({'loss': 'hinge'}, "config.loss='hinge'"),
     ({'sharding': 'tp'}, "config.sharding='tp'"),
     ({'warmup_steps': 100}, 'config.warmup_steps=100'),
-])
+    ({'optimizer': 'lamb'}, "config.optimizer='lamb'"),
+    ({'decay_type': 'step'}, "config.decay_type='step'"),
+    ({'dtype': 'float16'}, "config.dtype='float16'"),
+    ({'nonfinite': 'ignore'}, "config.nonfinite='ignore'"),
+    ({'model.attention_impl': 'flash'}, "config.model.attention_impl='flash'"),
+    ({'model.remat_policy': 'most'}, "config.model.remat_policy='most'"),
+] + [({field: value}, f'config.{field}={value!r} must be {bound}')
+     for field, value, bound in NUMERIC_ERRORS])
 def test_config_errors_name_the_field(overrides, message):
   config = train_fixtures.tiny_config()
   for key, value in overrides.items():

@@ -22,6 +22,7 @@ import jax
 from vit_jax import benchmark_lib as lib
 from vit_jax import hardware
 from vit_jax import models
+from vit_jax import optim
 from vit_jax import sharding
 
 # Rows (model, resolution, batch per device) and defaults of each preset.
@@ -41,7 +42,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       **define)
   flags.DEFINE_integer('resolution', 224, 'Input resolution (with --model).', **define)
   flags.DEFINE_integer('batch', 8, 'Global batch, all devices (with --model).', **define)
-  flags.DEFINE_enum('dtype', None, lib.DTYPES,
+  flags.DEFINE_enum('dtype', None, models.DTYPES,
                     'Compute dtype (params stay float32); default: the preset\'s.', **define)
   flags.DEFINE_enum('mode', 'inference', lib.MODES, 'Forward pass or jitted train step.',
                     **define)
@@ -50,11 +51,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_enum('remat', 'none', list(models.REMAT_POLICIES), 'Remat policy per block.',
                     **define)
   flags.DEFINE_bool('scan', False, 'nn.scan over the encoder blocks.', **define)
-  flags.DEFINE_enum('attention', 'xla', models.ATTENTION_IMPLS, 'Attention implementation.',
+  flags.DEFINE_enum('attention', 'xla', list(models.ATTENTION_IMPLS), 'Attention implementation.',
                     **define)
-  flags.DEFINE_enum('sharding', 'replicate', sharding.STRATEGIES, 'Train state sharding.',
+  flags.DEFINE_enum('sharding', 'replicate', list(sharding.STRATEGIES), 'Train state sharding.',
                     **define)
-  flags.DEFINE_enum('optimizer', 'sgd', ['sgd', 'adam'], 'Train step optimizer.', **define)
+  flags.DEFINE_enum('optimizer', 'sgd', list(optim.OPTIMIZERS), 'Train step optimizer.', **define)
   flags.DEFINE_integer('num_devices', None, 'Devices used (default: all).', **define)
   flags.DEFINE_integer('num_classes', 1000, 'Classifier head size.', **define)
   flags.DEFINE_float('peak_flops', None,

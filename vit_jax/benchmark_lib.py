@@ -42,10 +42,10 @@ from vit_jax import flops
 from vit_jax import hardware
 from vit_jax import model_configs
 from vit_jax import models
+from vit_jax import optim
 from vit_jax import sharding
 
 MODES = ('inference', 'train')
-DTYPES = ('float32', 'bfloat16')
 DEFAULT_STEPS = 5
 
 # The keys of every result row (JSON), in print order.
@@ -75,10 +75,11 @@ class Spec:
   steps: int = DEFAULT_STEPS
 
   def validate(self) -> None:
-    for field, choices in (('mode', MODES), ('dtype', DTYPES),
+    for field, choices in (('mode', MODES), ('dtype', models.DTYPES),
                            ('attention_impl', models.ATTENTION_IMPLS),
                            ('remat_policy', tuple(models.REMAT_POLICIES)),
-                           ('sharding', sharding.STRATEGIES), ('optimizer', ('sgd', 'adam'))):
+                           ('sharding', tuple(sharding.STRATEGIES)),
+                           ('optimizer', tuple(optim.OPTIMIZERS))):
       if getattr(self, field) not in choices:
         raise ValueError(f'{field}={getattr(self, field)!r}; expected one of {choices}.')
     n = len(self.devices())
@@ -183,9 +184,7 @@ def _inference_program(spec: Spec, mesh) -> _Program:
   cfg = spec.model_config()
   model = models.build_model(cfg, spec.num_classes, dtype=jnp.dtype(spec.dtype))
   r = spec.resolution
-  abstract_params = jax.eval_shape(
-      lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
-      jax.ShapeDtypeStruct((1, r, r, 3), jnp.float32))['params']
+  abstract_params = models.abstract_params(cfg, spec.num_classes, r)
   param_shardings = sharding.state_shardings(abstract_params, mesh, spec.sharding)
   batch_sharding = sharding.batch_sharding(mesh)
   forward = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False),

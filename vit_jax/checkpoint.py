@@ -200,7 +200,7 @@ def load_pretrained(*, pretrained_path: str, init_params: Any,
     old = adapted[POSEMB_KEY]
     adapted[POSEMB_KEY] = resize_posemb(
         old, model[POSEMB_KEY].shape[1],
-        has_class_token=model_config.classifier in ('token', 'token_unpooled'))
+        has_class_token=model_configs.has_class_token(model_config))
     logging.info('Resized position embeddings %s -> %s.', old.shape, model[POSEMB_KEY].shape)
   logging.info('Loaded %s; head %s.', pretrained_path,
                'from the checkpoint' if keep_head else 'from the model initialisation')
@@ -322,7 +322,7 @@ def match_model_config(
     num_classes = int(head[0]) if head is not None else None
     num_patches = posemb[1] - ('cls' in shapes)
     grid = math.isqrt(num_patches)
-    resolution = (grid * config.patches.size[0] * _stem_stride(config)
+    resolution = (grid * config.patches.size[0] * model_configs.resnet_stride(config.resnet)
                   if grid * grid == num_patches else None)
     return name, num_classes, resolution
   return None
@@ -348,25 +348,14 @@ def _summary_of_shapes(shapes: Mapping[str, Tuple[int, ...]]) -> tuple:
   return (tuple(kernel[:2]), kernel[-1], num_layers, resnet)
 
 
-def _stem_stride(config: ml_collections.ConfigDict) -> int:
-  """Downsampling of the ResNet stem: root conv and max pool (4), then 2 per further stage."""
-  if config.resnet is None:
-    return 1
-  return 4 * 2**max(len(config.resnet.num_layers) - 1, 0)
-
-
 @functools.lru_cache(maxsize=None)
 def _config_shapes(name: str) -> Dict[str, Tuple[int, ...]]:
   """Parameter shapes of MODEL_CONFIGS[name] without head, on a 2x2 patch grid."""
   config = model_configs.get_model_config(name)
   config.representation_size = None
-  size = 2 * config.patches.size[0] * _stem_stride(config)
-  model = models.build_model(config, num_classes=None)
-  variables = jax.eval_shape(
-      lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
-      jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
-  return {k: tuple(v.shape)
-          for k, v in traverse_util.flatten_dict(variables['params'], sep='/').items()}
+  size = 2 * config.patches.size[0] * model_configs.resnet_stride(config.resnet)
+  params = models.abstract_params(config, None, size)
+  return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(params, sep='/').items()}
 
 
 # ---------------------------------------------------------------------------------------------

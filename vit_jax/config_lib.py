@@ -4,11 +4,16 @@
 assemble their ConfigDicts from these functions, so every recipe shares one set of field names.
 """
 import json
+import operator
 from typing import Any, Mapping
 
 import ml_collections
 
 from vit_jax import model_configs
+from vit_jax import models
+from vit_jax import optim
+from vit_jax import sharding
+from vit_jax import steps
 
 # Fine-tuning schedules and splits of the paper (Table 4, appendix B.1.1).
 DATASETS = {
@@ -35,6 +40,10 @@ RESUMABLE_FIELDS = frozenset({
     'pretrained_path', 'accum_steps', 'sharding', 'nonfinite', 'allow_config_change',
 })
 
+# Fields of older config.json files that base_config no longer has (the model's name is
+# config.model.model_name); ignored when comparing configs.
+REMOVED_FIELDS = frozenset({'model_name'})
+
 
 # The smallest crop of 'inception' preprocessing, as a fraction of the image area: `pp.area_min`
 # here, and input_pipeline's value for a `pp` without the field.
@@ -45,13 +54,18 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field a run reads, with the fine-tuning recipe's defaults."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.model_name = 'ViT-B_16'
-  c.model = model_configs.get_model_config(c.model_name)
+  c.model = model_configs.get_model_config('ViT-B_16')  # Its name: config.model.model_name.
   c.num_classes = ml_collections.FieldReference(None, field_type=int)
   c.head_bias_init = 0.0
   # Data (vit_jax.input_pipeline).
   c.dataset = 'cifar10'
   c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  # For a `folder:` dataset without train/ and test/ folders: the fraction of each class held
+  # out as 'test'.
+  c.folder_test_fraction = 0.1
+  # Decode the split once and keep it in memory: None (when it fits, see input_pipeline), or
+  # True / False to force it.
+  c.cache = ml_collections.FieldReference(None, field_type=bool)
   c.train_split = 'train'
   c.eval_split = 'test'
   # `resize`: the size before the random (train) or central (eval) crop; None: resolution * 8/7.
@@ -81,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = 'float32'
   c.sharding = 'replicate'
   c.peak_flops = ml_collections.FieldReference(None, field_type=float)
-  # Initialisation: `pretrained_path`, else `pretrained_dir/<model_name>.npz`, else scratch.
+  # Initialisation: `pretrained_path`, else `pretrained_dir/<model.model_name>.npz`, else scratch.
   c.pretrained_dir = ml_collections.FieldReference(None, field_type=str)
   c.pretrained_path = ml_collections.FieldReference(None, field_type=str)
   # Loop.
@@ -99,9 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def set_model(config: ml_collections.ConfigDict, name: str) -> None:
-  model = model_configs.get_model_config(name)
-  config.model_name = model.model_name
-  config.model = model
+  config.model = model_configs.get_model_config(name)
 
 
 def set_dataset(config: ml_collections.ConfigDict, name: str) -> None:
@@ -121,10 +133,53 @@ def parse_arg(arg: str, defaults=('b16', 'cifar10')):
   return parts[0], parts[1]
 
 
+# The choices of a run config: field -> the table (next to the code it selects) of its values.
+CHOICES = {
+    'optimizer': optim.OPTIMIZERS, 'decay_type': optim.DECAYS, 'loss': steps.LOSSES,
+    'sharding': sharding.STRATEGIES, 'dtype': models.DTYPES, 'nonfinite': ('stop', 'skip'),
+    'model.attention_impl': models.ATTENTION_IMPLS, 'model.remat_policy': models.REMAT_POLICIES,
+}
+# Numeric fields -> the bounds their values must satisfy, ', '-separated (a field may be None
+# where base_config defaults to None). warmup_steps is checked against total_steps.
+RANGES = {
+    'batch': '>= 1', 'batch_eval': '>= 1', 'pp.resolution': '>= 1', 'pp.resize': '>= 1',
+    'pp.area_min': '> 0, <= 1', 'shuffle_buffer': '>= 1', 'prefetch': '>= 0',
+    'num_classes': '>= 1', 'total_steps': '>= 1', 'accum_steps': '>= 1', 'base_lr': '>= 0',
+    'momentum': '>= 0, < 1', 'b1': '>= 0, < 1', 'b2': '>= 0, < 1', 'weight_decay': '>= 0',
+    'grad_norm_clip': '>= 0', 'label_smoothing': '>= 0, < 1', 'peak_flops': '> 0',
+    'log_every': '>= 1', 'eval_every': '>= 1', 'checkpoint_every': '>= 1',
+    'keep_checkpoints': '>= 1',
+}
+_COMPARISONS = {'>=': operator.ge, '>': operator.gt, '<=': operator.le, '<': operator.lt}
+
+
+def _field(config: ml_collections.ConfigDict, name: str):
+  for part in name.split('.'):
+    config = config[part]
+  return config
+
+
+def _check_choices_and_ranges(config: ml_collections.ConfigDict) -> None:
+  for name, table in CHOICES.items():
+    if _field(config, name) not in table:
+      raise ValueError(f'config.{name}={_field(config, name)!r}; expected one of '
+                       f'{tuple(table)}.')
+  for name, bounds in RANGES.items():
+    value = _field(config, name)
+    for bound in bounds.split(', '):
+      op, limit = bound.split()
+      if value is not None and not _COMPARISONS[op](value, float(limit)):
+        raise ValueError(f'config.{name}={value!r} must be {bound}.')
+  if not 0 <= config.warmup_steps < config.total_steps:
+    raise ValueError(f'config.warmup_steps={config.warmup_steps} must be in '
+                     f'[0, config.total_steps={config.total_steps}).')
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int) -> None:
   """Raises ValueError naming the field for configs that cannot run, before any compilation."""
+  _check_choices_and_ranges(config)
   accum = config.accum_steps
-  if accum < 1 or config.batch % accum:
+  if config.batch % accum:
     raise ValueError(f'config.batch={config.batch} is not divisible by '
                      f'config.accum_steps={accum}.')
   micro = config.batch // accum
@@ -135,19 +190,19 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     raise ValueError(f'config.batch_eval={config.batch_eval} is not divisible by the '
                      f'{num_devices} devices.')
   patch = config.model.patches.size[0]
-  stride = _resnet_stride(config.model)
+  stride = model_configs.resnet_stride(config.model.resnet)
   if config.pp.resolution % (patch * stride):
     raise ValueError(
         f'config.pp.resolution={config.pp.resolution} is not a multiple of the patch size '
-        f'{patch} (x {stride} ResNet stride) of {config.model_name}.')
-  for field, choices in (('loss', ('softmax', 'sigmoid')), ('dtype', ('float32', 'bfloat16')),
-                         ('optimizer', ('sgd', 'adam')), ('decay_type', ('cosine', 'linear')),
-                         ('sharding', ('replicate', 'fsdp')), ('nonfinite', ('stop', 'skip'))):
-    if config[field] not in choices:
-      raise ValueError(f'config.{field}={config[field]!r}; expected one of {choices}.')
-  if not 0 <= config.warmup_steps < config.total_steps:
-    raise ValueError(f'config.warmup_steps={config.warmup_steps} must be in '
-                     f'[0, config.total_steps={config.total_steps}).')
+        f'{patch} (x {stride} ResNet stride) of {config.model.model_name}.')
+
+
+def with_defaults(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A run config read back from config.json, with base_config's value for each top-level field
+  added to base_config after it was written."""
+  defaults = base_config().to_dict()
+  return ml_collections.ConfigDict(
+      {**{k: v for k, v in defaults.items() if k not in saved}, **saved})
 
 
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -160,7 +215,8 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
   missing = '(absent)'
   return [f'{key}: {saved.get(key, missing)!r} -> {current.get(key, missing)!r}'
           for key in sorted(saved.keys() | current.keys())
-          if key not in RESUMABLE_FIELDS and saved.get(key, missing) != current.get(key, missing)]
+          if key not in RESUMABLE_FIELDS | REMOVED_FIELDS
+          and saved.get(key, missing) != current.get(key, missing)]
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict:
@@ -171,9 +227,3 @@ def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict:
     else:
       flat[f'{prefix}{key}'] = value
   return flat
-
-
-def _resnet_stride(model: ml_collections.ConfigDict) -> int:
-  if model.get('resnet') is None:
-    return 1
-  return 4 * 2**max(len(model.resnet.num_layers) - 1, 0)

@@ -36,7 +36,7 @@ def checkpoint_params(trainer, path: str):
                                             keep=1)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f'No training checkpoint under {path}/checkpoints.')
-  state, _, step = ckpt.restore(trainer.abstract_state)
+  state, step = ckpt.restore(trainer.abstract_state)
   logging.info('Evaluating %s at step %d.', path, step)
   ckpt.close()
   return state['params']
@@ -44,7 +44,6 @@ def checkpoint_params(trainer, path: str):
 
 def run(config: ml_collections.ConfigDict, path: str) -> float:
   """`--mode=eval`: top-1 of a checkpoint (`.npz` or workdir) on `config.eval_split`."""
-  info = input_pipeline.get_dataset_info(config)
-  config.num_classes = config.num_classes or info.num_classes
+  program_lib.check_and_complete(config)
   trainer = program_lib.Program(config, config.num_classes)
   return top1(trainer, checkpoint_params(trainer, path))

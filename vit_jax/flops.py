@@ -7,6 +7,8 @@ from typing import Sequence, Tuple
 
 import ml_collections
 
+from vit_jax import model_configs
+
 
 def _conv(size: int, kernel: int, stride: int, c_in: int, c_out: int) -> Tuple[float, int]:
   """FLOPs and output size of a SAME-padded conv on a size x size input."""
@@ -45,7 +47,7 @@ def forward_flops(model_config: ml_collections.ConfigDict, resolution: int,
   grid = size // patch
   hidden = model_config.hidden_size
   flops += 2.0 * grid * grid * patch * patch * channels * hidden
-  tokens = grid * grid + (model_config.classifier in ('token', 'token_unpooled'))
+  tokens = grid * grid + model_configs.has_class_token(model_config)
   t = model_config.transformer
   per_block = (2.0 * tokens * hidden * 3 * hidden  # q, k, v
                + 2.0 * 2 * tokens * tokens * hidden  # logits and weighted sum

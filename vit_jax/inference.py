@@ -22,10 +22,11 @@ from PIL import Image
 import tqdm
 
 from vit_jax import checkpoint
+from vit_jax import config_lib
+from vit_jax import input_pipeline
 from vit_jax import model_configs
 from vit_jax import models
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +49,7 @@ class LoadedModel:
 
   @property
   def has_class_token(self) -> bool:
-    return has_class_token(self.model_config)
+    return model_configs.has_class_token(self.model_config)
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -57,17 +58,10 @@ class LoadedModel:
     return size, size
 
 
-def has_class_token(model_config) -> bool:
-  return model_config.classifier in ('token', 'token_unpooled')
-
-
 def token_stride(model_config) -> int:
   """Input pixels per transformer token along one side: the patch size, times the ResNet stem's
-  total stride for hybrids (root conv + max pool = 4, then 2 per stage after the first)."""
-  patch = model_config.patches.size[0]
-  if model_config.get('resnet') is None:
-    return patch
-  return patch * 4 * 2**max(len(model_config.resnet.num_layers) - 1, 0)
+  total stride for hybrids."""
+  return model_config.patches.size[0] * model_configs.resnet_stride(model_config.resnet)
 
 
 def load_model(checkpoint_arg: str, *, model_name: Optional[str] = None,
@@ -100,7 +94,7 @@ def load_model(checkpoint_arg: str, *, model_name: Optional[str] = None,
                      f'token of {model_config.model_name}.')
   params = jax.device_put(checkpoint.load_pretrained(
       pretrained_path=npz_path, model_config=model_config, keep_head=True,
-      init_params=abstract_params(model_config, num_classes, resolution)))
+      init_params=models.abstract_params(model_config, num_classes, resolution)))
   return LoadedModel(model_config, params, resolution, num_classes, checkpoint_arg, run_config)
 
 
@@ -112,13 +106,14 @@ def _read_workdir(workdir: str, model_name: Optional[str]):
   if not os.path.isfile(npz_path):
     raise FileNotFoundError(f'Workdir {workdir} has no model.npz (written when training ends).')
   with open(config_path) as f:
-    run_config = ml_collections.ConfigDict(json.load(f))
-  if 'model' not in run_config:
+    saved = json.load(f)
+  if 'model' not in saved:
     raise ValueError(f'{config_path} has no `model` field: it is not a vit_jax training config.')
+  run_config = config_lib.with_defaults(saved)
   if model_name and model_configs.ALIASES.get(model_name.lower(),
-                                              model_name) != run_config.model_name:
+                                              model_name) != run_config.model.model_name:
     raise ValueError(f'--model={model_name} but workdir {workdir} trained '
-                     f'{run_config.model_name}.')
+                     f'{run_config.model.model_name}.')
   model_config = run_config.model
   # Inference reads the released layout (no scanned blocks) and sown attention weights (no fused
   # kernel): the plain model, whatever speed switches the run trained with.
@@ -129,22 +124,15 @@ def _read_workdir(workdir: str, model_name: Optional[str]):
 def _resolution_of_posemb(params, model_config, path: str) -> int:
   """The square input resolution a checkpoint's position embeddings were made for."""
   posemb = traverse_util.flatten_dict(params, sep='/').get(checkpoint.POSEMB_KEY)
-  tokens = 0 if posemb is None else posemb.shape[1] - has_class_token(model_config)
+  class_token = model_configs.has_class_token(model_config)
+  tokens = 0 if posemb is None else posemb.shape[1] - class_token
   grid = math.isqrt(max(tokens, 0))
   if not grid or grid * grid != tokens:
     shape = None if posemb is None else posemb.shape
     raise ValueError(f'Checkpoint {path} does not fit model {model_config.model_name}: its '
                      f'position embeddings {shape} are not a square grid of patches '
-                     f'(+ class token: {has_class_token(model_config)}).')
+                     f'(+ class token: {class_token}).')
   return grid * token_stride(model_config)
-
-
-def abstract_params(model_config, num_classes: int, resolution: int):
-  """The model's parameter tree as jax.ShapeDtypeStructs (nothing is allocated)."""
-  model = models.build_model(model_config, num_classes)
-  images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
-  return jax.eval_shape(
-      lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)['params']
 
 
 def list_image_files(paths: Sequence[str]) -> list[str]:
@@ -154,13 +142,14 @@ def list_image_files(paths: Sequence[str]) -> list[str]:
     if os.path.isdir(path):
       files.extend(sorted(
           os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-          if name.lower().endswith(IMAGE_EXTENSIONS)))
+          if name.lower().endswith(input_pipeline.IMAGE_EXTENSIONS)))
     elif os.path.isfile(path):
       files.append(path)
     else:
       raise FileNotFoundError(f'{path} is neither an image file nor a directory.')
   if not files:
-    raise ValueError(f'No {"/".join(IMAGE_EXTENSIONS)} images in {", ".join(paths)}.')
+    raise ValueError(f'No {"/".join(input_pipeline.IMAGE_EXTENSIONS)} images in '
+                     f'{", ".join(paths)}.')
   return files
 
 

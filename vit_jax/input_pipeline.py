@@ -54,7 +54,9 @@ from vit_jax import fashion_mnist
 tf.config.set_visible_devices([], 'GPU')  # TF only feeds the host; JAX owns the accelerators.
 
 FOLDER_PREFIX = 'folder:'
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+# Image files of folder datasets and of the inference commands: what both tf.io.decode_image
+# (here) and PIL (vit_jax.inference) decode.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 _EVAL_SPLIT_NAMES = ('test', 'val', 'validation')
 _AUTO_CACHE_BYTES = 2 << 30
 _MAX_NAMED_FILES = 50  # Undecodable files named in the warning.
@@ -137,8 +139,8 @@ class _FolderSource:
 def _get_source(config):
   if config.dataset.startswith(FOLDER_PREFIX):
     return _FolderSource(config.dataset[len(FOLDER_PREFIX):],
-                         config.get('folder_test_fraction', 0.1))
-  return _TfdsSource(_tfds_builder(config.dataset, config.get('data_dir', None)))
+                         config.folder_test_fraction)
+  return _TfdsSource(_tfds_builder(config.dataset, config.data_dir))
 
 
 def _tfds_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
@@ -414,7 +416,7 @@ def _local_batch_size(batch: int, field: str, process_count: int) -> int:
 
 
 def _use_cache(config, image_shape, num_examples: int) -> bool:
-  cache = config.get('cache', None)
+  cache = config.cache
   if cache is None:
     return None not in image_shape and num_examples * np.prod(image_shape) <= _AUTO_CACHE_BYTES
   return cache

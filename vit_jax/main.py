@@ -32,9 +32,7 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from vit_jax import cli
-from vit_jax import config_lib
 from vit_jax import evaluate
-from vit_jax import input_pipeline
 from vit_jax import logging_util
 from vit_jax import train_loop
 from vit_jax import state_checkpoint
@@ -97,20 +95,17 @@ def check_remote_path(path: str, timeout_s: float = REMOTE_TIMEOUT_S) -> None:
     raise OSError(f'Cannot reach {path}: {errors[0].message}') from errors[0]
 
 
-def check_config(config, paths) -> None:
-  """Fails on an unknown dataset, an impossible config or an unreachable remote path before
-  anything compiles."""
-  config_lib.validate(config, num_devices=jax.device_count(),
-                      process_count=jax.process_count())
+def check_remote_paths(config, paths) -> None:
+  """Fails on an unreachable remote path before anything reads it (the config and dataset are
+  checked by train_loop.prepare / evaluate.run)."""
   for path in (*paths, config.pretrained_path, config.pretrained_dir, config.data_dir):
     if path:
       check_remote_path(path)
-  input_pipeline.get_dataset_info(config)
 
 
 def _train(config, workdir: str) -> dict:
   try:
-    check_config(config, [workdir])
+    check_remote_paths(config, [workdir])
     run = train_loop.prepare(config, workdir)
   except USER_ERRORS as e:
     cli.fail(e)
@@ -127,7 +122,7 @@ def _train(config, workdir: str) -> dict:
 
 def _evaluate(config, path: str) -> dict:
   try:
-    check_config(config, [path])
+    check_remote_paths(config, [path])
     return {'eval_top1': evaluate.run(config, path)}
   except USER_ERRORS as e:
     cli.fail(e)

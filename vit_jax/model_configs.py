@@ -90,6 +90,22 @@ ALIASES = {
 }
 
 
+# classifier -> whether the model prepends a class token (vit_jax.models.VisionTransformer).
+CLASSIFIERS = {'token': True, 'gap': False, 'unpooled': False, 'token_unpooled': True}
+
+
+def has_class_token(model_config: ml_collections.ConfigDict) -> bool:
+  return CLASSIFIERS[model_config.classifier]
+
+
+def resnet_stride(resnet: Optional[ml_collections.ConfigDict]) -> int:
+  """The ResNet stem's total stride: root conv + max pool = 4, then 2 per stage after the first
+  (1 without a stem)."""
+  if resnet is None:
+    return 1
+  return 4 * 2**max(len(resnet['num_layers']) - 1, 0)
+
+
 # Module fields that change speed and memory, never the function computed (see vit_jax.models):
 # their plain-model defaults, carried by every config from `get_model_config` so that a run can
 # set them (`--config.model.scan_layers=True`).

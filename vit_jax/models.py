@@ -25,11 +25,12 @@ the model config; the defaults are the plain model above, and docs/PERFORMANCE.m
     layout stays the contract at load and save time: convert with `stack_encoder_blocks` /
     `unstack_encoder_blocks` (below).
 
-Layout: `activation_sharding` (default None: no constraint) pins the patch embeddings and every
-encoder block's input to a sharding; the trainer passes its batch sharding, so that with FSDP-
-sharded weights XLA gathers the weights and keeps each device's activations to its own images.
-Left free, XLA's partitioner gathers the activations of the whole global batch instead (measured:
-docs/PERFORMANCE.md, "FSDP").
+Layout: the patch embeddings and every encoder block's input carry the logical axis names
+(`BATCH`, None, None) (`nn.with_logical_constraint`). Outside any `nn.logical_axis_rules` this is a
+no-op, so the model knows no mesh; the training program maps `BATCH` to its batch sharding
+(`vit_jax.sharding.with_activation_layout`), so that with FSDP-sharded weights XLA gathers the weights
+and keeps each device's activations to its own images. Left free, XLA's partitioner gathers the
+activations of the whole global batch instead (docs/PERFORMANCE.md, "FSDP").
 """
 import re
 from typing import Any, Mapping, Optional, Sequence, Tuple
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vit_jax import model_configs
 from vit_jax.model_configs import MODEL_CONFIGS  # re-exported: `vit_jax.models.MODEL_CONFIGS`
 
 Dtype = Any
@@ -48,9 +50,14 @@ _XAVIER = nn.initializers.xavier_uniform()
 _MLP_BIAS = nn.initializers.normal(stddev=1e-6)
 
 __all__ = ['MODEL_CONFIGS', 'VisionTransformer', 'Encoder', 'Encoder1DBlock', 'resnet_stem',
-           'ATTENTION_IMPLS', 'REMAT_POLICIES', 'stack_encoder_blocks', 'unstack_encoder_blocks']
+           'ATTENTION_IMPLS', 'REMAT_POLICIES', 'DTYPES', 'BATCH', 'abstract_params',
+           'stack_encoder_blocks', 'unstack_encoder_blocks']
 
 ATTENTION_IMPLS = ('xla', 'fused')
+# Compute dtypes (`dtype=jnp.dtype(name)`); parameters stay float32.
+DTYPES = ('float32', 'bfloat16')
+# The logical name of the batch axis of activations (see the module docstring).
+BATCH = 'batch'
 # Name of the stacked encoder block under `Transformer` with scan_layers=True.
 SCANNED_BLOCK = 'encoderblock'
 # remat_policy name -> jax.checkpoint policy ('none': no rematerialisation at all).
@@ -62,8 +69,19 @@ REMAT_POLICIES = {
 }
 
 
-def _constrain(x, sharding: Optional[jax.sharding.Sharding]):
-  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+def _constrain_batch(x):
+  """Pins [batch, tokens, hidden] activations to the `BATCH` layout, where rules map it."""
+  return nn.with_logical_constraint(x, (BATCH, None, None))
+
+
+def abstract_params(model_config: ml_collections.ConfigDict, num_classes: Optional[int],
+                    resolution: int, **overrides):
+  """The parameter tree of `build_model(model_config, num_classes, **overrides)` at
+  `resolution`, as jax.ShapeDtypeStructs (nothing is allocated)."""
+  model = build_model(model_config, num_classes, **overrides)
+  images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+  return jax.eval_shape(
+      lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)['params']
 
 
 class StdConv(nn.Conv):
@@ -207,12 +225,11 @@ class Encoder1DBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = 'xla'
-  activation_sharding: Optional[jax.sharding.Sharding] = None
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     # `deterministic` may be passed positionally: `nn.remat` needs it as a static positional.
-    x = _constrain(x, self.activation_sharding)
+    x = _constrain_batch(x)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     y = nn.LayerNorm(name='LayerNorm_0', **kw)(x)
     y = MultiHeadDotProductAttention(
@@ -256,7 +273,6 @@ class Encoder(nn.Module):
   attention_impl: str = 'xla'
   remat_policy: str = 'none'
   scan_layers: bool = False
-  activation_sharding: Optional[jax.sharding.Sharding] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -269,8 +285,7 @@ class Encoder(nn.Module):
     block_kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                     dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-                    param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-                    activation_sharding=self.activation_sharding)
+                    param_dtype=self.param_dtype, attention_impl=self.attention_impl)
     block = _ScannedEncoder1DBlock if self.scan_layers else Encoder1DBlock
     if self.remat_policy != 'none':
       # static_argnums counts `self`: 2 is `deterministic`. Inside a scan, CSE cannot undo the
@@ -305,11 +320,10 @@ class VisionTransformer(nn.Module):
   attention_impl: str = 'xla'
   remat_policy: str = 'none'
   scan_layers: bool = False
-  activation_sharding: Optional[jax.sharding.Sharding] = None  # See the module docstring.
 
   @nn.compact
   def __call__(self, images, *, train: bool):
-    if self.classifier not in ('token', 'gap', 'unpooled', 'token_unpooled'):
+    if self.classifier not in model_configs.CLASSIFIERS:
       raise ValueError(f'Unknown classifier {self.classifier!r}; expected token, gap, '
                        'unpooled or token_unpooled.')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -320,13 +334,12 @@ class VisionTransformer(nn.Module):
     x = nn.Conv(self.hidden_size, tuple(self.patches['size']), strides=tuple(self.patches['size']),
                 padding='VALID', name='embedding', **kw)(x)
     batch, height, width, channels = x.shape
-    x = _constrain(jnp.reshape(x, (batch, height * width, channels)), self.activation_sharding)
-    if self.classifier in ('token', 'token_unpooled'):
+    x = _constrain_batch(jnp.reshape(x, (batch, height * width, channels)))
+    if model_configs.CLASSIFIERS[self.classifier]:
       cls = self.param('cls', nn.initializers.zeros, (1, 1, channels), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
     x = Encoder(name='Transformer', attention_impl=self.attention_impl,
-                remat_policy=self.remat_policy, scan_layers=self.scan_layers,
-                activation_sharding=self.activation_sharding, **kw,
+                remat_policy=self.remat_policy, scan_layers=self.scan_layers, **kw,
                 **_transformer_kwargs(self.transformer))(x, train=train)
     if self.classifier == 'token':
       x = x[:, 0]

@@ -3,39 +3,50 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+# config.decay_type -> the decay factor at `progress` in [0, 1] after the warm-up.
+DECAYS = {
+    'cosine': lambda progress: 0.5 * (1.0 + jnp.cos(jnp.pi * progress)),
+    'linear': lambda progress: 1.0 - progress,
+}
+
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up from 0 to `base_lr`, then cosine or linear decay to 0 at `total_steps`."""
+  """Linear warm-up from 0 to `base_lr`, then cosine or linear decay to 0 at `total_steps`.
+
+  `config` is validated (config_lib.validate): a known decay_type, 0 <= warmup < total_steps.
+  """
   base_lr, warmup, total = config.base_lr, config.warmup_steps, config.total_steps
-  if config.decay_type not in ('cosine', 'linear'):
-    raise ValueError(f"config.decay_type={config.decay_type!r}; expected 'cosine' or 'linear'.")
-  if not 0 <= warmup < total:
-    raise ValueError(f'config.warmup_steps={warmup} must be in [0, total_steps={total}).')
+  decay = DECAYS[config.decay_type]
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
     warm = step / max(warmup, 1)
     progress = jnp.clip((step - warmup) / (total - warmup), 0.0, 1.0)
-    if config.decay_type == 'cosine':
-      decay = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    else:
-      decay = 1.0 - progress
-    return base_lr * jnp.where(step < warmup, warm, decay)
+    return base_lr * jnp.where(step < warmup, warm, decay(progress))
 
   return schedule
 
 
+def _sgd(config: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
+  """SGD with momentum (fine-tuning), optionally with coupled weight decay."""
+  opt = optax.sgd(schedule, momentum=config.momentum or None)
+  if config.weight_decay:
+    opt = optax.chain(optax.add_decayed_weights(config.weight_decay), opt)
+  return opt
+
+
+def _adam(config: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
+  """Adam with decoupled weight decay (pre-training)."""
+  return optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+
+
+# config.optimizer -> (config, schedule) -> optax transformation.
+OPTIMIZERS = {'sgd': _sgd, 'adam': _adam}
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Global-norm clipping, then SGD+momentum (fine-tuning) or Adam+decoupled decay (pre-training)."""
-  schedule = learning_rate_schedule(config)
-  if config.optimizer == 'sgd':
-    opt = optax.sgd(schedule, momentum=config.momentum or None)
-    if config.weight_decay:
-      opt = optax.chain(optax.add_decayed_weights(config.weight_decay), opt)
-  elif config.optimizer == 'adam':
-    opt = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
-  else:
-    raise ValueError(f"config.optimizer={config.optimizer!r}; expected 'sgd' or 'adam'.")
+  """Global-norm clipping, then config.optimizer (one of OPTIMIZERS) on the schedule."""
+  opt = OPTIMIZERS[config.optimizer](config, learning_rate_schedule(config))
   if config.grad_norm_clip:
     opt = optax.chain(optax.clip_by_global_norm(config.grad_norm_clip), opt)
   return opt

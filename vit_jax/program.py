@@ -8,25 +8,32 @@ import ml_collections
 import tensorflow as tf
 
 from vit_jax import checkpoint
+from vit_jax import config_lib
+from vit_jax import input_pipeline
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import steps
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int, mesh=None):
-  """The run's model; with a `mesh`, its activations are pinned to the batch sharding."""
-  return models.build_model(
-      config.model, num_classes, dtype=jnp.dtype(config.dtype),
-      head_bias_init=config.head_bias_init,
-      activation_sharding=None if mesh is None else sharding.batch_sharding(mesh))
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  """The run's model (its activations' layout is set where the steps are jitted)."""
+  return models.build_model(config.model, num_classes, dtype=jnp.dtype(config.dtype),
+                            head_bias_init=config.head_bias_init)
+
+
+def check_and_complete(config: ml_collections.ConfigDict) -> None:
+  """Validates `config` for this process's devices (config_lib.validate) and fills num_classes
+  from the dataset: once per run, before anything is written or compiled."""
+  config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  config.num_classes = config.num_classes or input_pipeline.get_dataset_info(config).num_classes
 
 
 def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
   if config.pretrained_path:
     return config.pretrained_path
   if config.pretrained_dir:
-    return os.path.join(config.pretrained_dir, f'{config.model_name}.npz')
+    return os.path.join(config.pretrained_dir, f'{config.model.model_name}.npz')
   return None
 
 
@@ -44,7 +51,7 @@ class Program:
     self.config = config
     self.num_classes = num_classes
     self.mesh = mesh or sharding.make_mesh()
-    self.model = build_model(config, num_classes, self.mesh)
+    self.model = build_model(config, num_classes)
     self.optimizer = optim.make_optimizer(config)
     image_shape = (config.pp.resolution, config.pp.resolution, 3)
     self._init = lambda rng: steps.init_state(self.model, self.optimizer, rng, image_shape)

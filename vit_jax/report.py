@@ -22,6 +22,7 @@ from vit_jax import flops
 from vit_jax import inference
 from vit_jax import metrics_writer
 from vit_jax import model_configs
+from vit_jax import models
 from vit_jax.analysis import data
 from vit_jax.analysis import embeddings
 from vit_jax.analysis import outputs
@@ -66,7 +67,7 @@ def paper_params_m(model_name: str) -> Optional[int]:
 
 
 def count_params(model_config, num_classes: int, resolution: int) -> int:
-  shapes = inference.abstract_params(model_config, num_classes, resolution)
+  shapes = models.abstract_params(model_config, num_classes, resolution)
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
 
 

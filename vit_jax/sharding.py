@@ -2,14 +2,20 @@
 
 The batch is always split over `data`. Parameters and optimizer state are either replicated or,
 with `fsdp`, split over the same axis along their largest dimension that divides evenly
-(FSDP/ZeRO-3 style; XLA inserts the all-gathers and reduce-scatters).
+(FSDP/ZeRO-3 style; XLA inserts the all-gathers and reduce-scatters). Activations follow the
+model's logical axis names (`vit_jax.models.BATCH`), mapped to `data` by `LOGICAL_RULES` while a
+step is traced (`with_activation_layout`).
 """
+import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from vit_jax import models
+
 DATA = 'data'
-STRATEGIES = ('replicate', 'fsdp')
+# The model's logical activation axes -> mesh axes.
+LOGICAL_RULES = ((models.BATCH, DATA),)
 # Leaves smaller than this stay replicated under FSDP: splitting them saves nothing.
 FSDP_MIN_SIZE = 2**12
 
@@ -27,6 +33,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def with_activation_layout(fn, mesh: Mesh):
+  """`fn`, tracing its model calls with the logical activation axes (LOGICAL_RULES) laid out
+  over `mesh`; wrap a step in it before `jax.jit`."""
+  def traced(*args):
+    with nn.logical_axis_rules(LOGICAL_RULES), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return traced
+
+
 def fsdp_spec(shape, num_shards: int) -> P:
   """Splits the largest axis divisible by `num_shards`; replicates small or indivisible leaves."""
   if int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_SIZE:
@@ -39,11 +54,16 @@ def fsdp_spec(shape, num_shards: int) -> P:
   return P()
 
 
+def replicated_spec(shape, num_shards: int) -> P:
+  del shape, num_shards
+  return P()
+
+
+# config.sharding -> (leaf shape, number of devices) -> the leaf's PartitionSpec.
+STRATEGIES = {'replicate': replicated_spec, 'fsdp': fsdp_spec}
+
+
 def state_shardings(abstract_state, mesh: Mesh, strategy: str):
   """NamedShardings for every leaf of a (params / optimizer / train) state pytree."""
-  if strategy not in STRATEGIES:
-    raise ValueError(f'config.sharding={strategy!r}; expected one of {STRATEGIES}.')
-  if strategy == 'replicate':
-    return jax.tree.map(lambda _: replicated(mesh), abstract_state)
-  size = mesh.shape[DATA]
-  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, size)), abstract_state)
+  spec, size = STRATEGIES[strategy], mesh.shape[DATA]
+  return jax.tree.map(lambda x: NamedSharding(mesh, spec(x.shape, size)), abstract_state)

@@ -1,8 +1,8 @@
-"""Training-state checkpoints: the sharded train state plus a small JSON `extra`, via orbax.
+"""Training-state checkpoints: the sharded train state, via orbax.
 
-Each checkpoint is a step directory `DIR/<step>/` holding two orbax items: `state` (the train-state
-pytree of jax.Arrays, written shard by shard by the processes that own them) and `extra` (a
-JSON-able host-side dict such as the data position and the run config).
+Each checkpoint is a step directory `DIR/<step>/` holding one orbax item, `state` (the train-state
+pytree of jax.Arrays, written shard by shard by the processes that own them). The step is all a
+resumed run needs besides it: the input pipeline restarts from it, the RNG is part of the state.
 
 Atomicity is orbax's: a step is written under `<step>.orbax-checkpoint-tmp*` and renamed when
 complete (on GCS, where there is no atomic rename, a `commit_success.txt` marks it complete).
@@ -25,7 +25,6 @@ orbax stores typed keys as their key data and restores them with their implement
 
 Every process must make the same calls with the same arguments (they synchronise inside orbax).
 """
-import json
 import textwrap
 from typing import Any, Optional, Tuple
 
@@ -37,7 +36,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 _STATE = 'state'
-_EXTRA = 'extra'
 # What orbax and tensorstore raise for unreadable or unwritable checkpoint files.
 _IO_ERRORS = (ValueError, OSError)
 _UNRESTORABLE_SUFFIX = '.unrestorable'
@@ -70,7 +68,7 @@ class TrainCheckpointer:
         enable_async_checkpointing=async_save,
         create=True,
     )
-    self._manager = ocp.CheckpointManager(directory, options=options, item_names=(_STATE, _EXTRA))
+    self._manager = ocp.CheckpointManager(directory, options=options, item_names=(_STATE,))
 
   def should_save(self, step: int) -> bool:
     """Whether `step` is due: a multiple of `save_every`, or a preemption sync point.
@@ -79,26 +77,21 @@ class TrainCheckpointer:
     """
     return self._manager.should_save(step)
 
-  def save(self, step: int, state: Any, extra: dict) -> bool:
-    """Saves `state` and `extra` as `step` now, unless `step` is already saved.
+  def save(self, step: int, state: Any) -> bool:
+    """Saves `state` as `step` now, unless `step` is already saved.
 
-    Returns whether it saved. With `async_save` this returns once the arrays are copied to host
-    memory: the caller may then donate or delete them. Raises CheckpointSaveError when this or
-    the previous asynchronous save failed.
+    Returns whether it saved (a step already saved is not written again, so saving the final
+    step is safe even when it was also a regular save). With `async_save` this returns once the
+    arrays are copied to host memory: the caller may then donate or delete them. Raises
+    CheckpointSaveError when this or the previous asynchronous save failed.
     """
-    try:
-      json.dumps(extra)
-    except TypeError as e:
-      raise TypeError(f'extra must be JSON-serialisable (plain dicts, lists, numbers, strings): '
-                      f'{e}') from e
     if step in self._manager.all_steps():
       return False
     self._finish_pending_save()
     try:
       self._manager.save(
           step,
-          args=ocp.args.Composite(
-              **{_STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(extra)}),
+          args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state)}),
           force=True)
     except _IO_ERRORS as e:
       raise self._save_error(step, e) from e
@@ -106,23 +99,13 @@ class TrainCheckpointer:
     logging.info('Saving training checkpoint for step %d to %s.', step, self._directory)
     return True
 
-  def maybe_save(self, step: int, state: Any, extra: dict, *, force: bool = False) -> bool:
-    """`save()` when `should_save(step)` or forced; returns whether it saved.
-
-    A step that is already saved is not written again, so forcing the final step is safe even
-    when it was also a regular save.
-    """
-    if not (force or self.should_save(step)):
-      return False
-    return self.save(step, state, extra)
-
   def latest_step(self) -> Optional[int]:
     """The newest completely written step, or None."""
     return self._manager.latest_step()
 
   def restore(self, abstract_state: Any, step: Optional[int] = None, *,
-              set_aside_unrestorable: bool = False) -> Tuple[Any, dict, int]:
-    """Restores `(state, extra, step)`: `step`, or by default the newest step that restores.
+              set_aside_unrestorable: bool = False) -> Tuple[Any, int]:
+    """Restores `(state, step)`: `step`, or by default the newest step that restores.
 
     `abstract_state` has the structure of the saved state and, on every leaf, the shape, dtype
     and `sharding` to restore into (e.g. `jax.eval_shape` output given the trainer's
@@ -159,19 +142,18 @@ class TrainCheckpointer:
         + '\n'.join(f'  step {s}: {error}' for s, error in failures.items())
         + f'\nRepair them, or move {self._directory} away to start from scratch.')
 
-  def _restore_step(self, abstract_state: Any, step: int) -> Tuple[Any, dict, int]:
+  def _restore_step(self, abstract_state: Any, step: int) -> Tuple[Any, int]:
     logging.info('Restoring training checkpoint for step %d from %s.', step, self._directory)
     error = None
     try:
       restored = self._manager.restore(
           step,
-          args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state),
-                                     _EXTRA: ocp.args.JsonRestore()}))
+          args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)}))
     except _IO_ERRORS as e:
       error = e
     if not _on_all_processes(error is None):
       raise error or ValueError(f'Restoring step {step} failed on another process.')
-    return restored[_STATE], restored[_EXTRA], step
+    return restored[_STATE], step
 
   def _set_aside(self, steps) -> None:
     if jax.process_index() == 0:

@@ -18,17 +18,22 @@ from vit_jax import sharding
 State = Dict[str, Any]
 
 
+# config.loss -> per-example loss of (logits, one-hot or smoothed targets). `sigmoid` treats
+# every class as an independent binary problem.
+LOSSES = {
+    'softmax': optax.softmax_cross_entropy,
+    'sigmoid': lambda logits, targets: jnp.sum(
+        optax.sigmoid_binary_cross_entropy(logits, targets), axis=-1),
+}
+
+
 def cross_entropy(logits, labels, *, num_classes: int, kind: str = 'softmax',
                   label_smoothing: float = 0.0):
-  """Per-example loss. `sigmoid` treats every class as an independent binary problem."""
+  """Per-example loss `LOSSES[kind]` against the (optionally smoothed) one-hot labels."""
   targets = jax.nn.one_hot(labels, num_classes)
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
-  if kind == 'softmax':
-    return optax.softmax_cross_entropy(logits, targets)
-  if kind == 'sigmoid':
-    return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, targets), axis=-1)
-  raise ValueError(f"config.loss={kind!r}; expected 'softmax' or 'sigmoid'.")
+  return LOSSES[kind](logits, targets)
 
 
 def init_state(model: nn.Module, optimizer: optax.GradientTransformation, rng: jax.Array,
@@ -61,12 +66,12 @@ def _microbatches(batch, accum_steps: int, mesh):
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, num_classes: int, mesh) -> Callable:
   """Returns the pure `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
-  accum_steps = config.get('accum_steps', 1) or 1
+  accum_steps = config.accum_steps
 
   def loss_fn(params, images, labels, rng):
     logits = model.apply({'params': params}, images, train=True, rngs={'dropout': rng})
     losses = cross_entropy(logits, labels, num_classes=num_classes, kind=config.loss,
-                           label_smoothing=config.get('label_smoothing', 0.0))
+                           label_smoothing=config.label_smoothing)
     correct = jnp.argmax(logits, -1) == labels
     return jnp.mean(losses), jnp.mean(correct)
 
@@ -124,10 +129,12 @@ def make_eval_step(model: nn.Module) -> Callable:
 
 def jit_train_step(train_step, state_shardings, mesh):
   batch = sharding.batch_sharding(mesh)
-  return jax.jit(train_step, in_shardings=(state_shardings, batch),
+  return jax.jit(sharding.with_activation_layout(train_step, mesh),
+                 in_shardings=(state_shardings, batch),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def jit_eval_step(eval_step, params_shardings, mesh):
-  return jax.jit(eval_step, in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
+  return jax.jit(sharding.with_activation_layout(eval_step, mesh),
+                 in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))

@@ -254,7 +254,7 @@ class Run:
         progress.set_postfix(loss=f'{metrics.get("loss", math.nan):.4f}',
                              lr=f'{metrics["lr"]:.2e}')
       if save:
-        ckpt.save(step, state, {'data_position': step})
+        ckpt.save(step, state)
       if stopping:
         ckpt.wait()
         raise TrainingInterrupted(stop.signum, step, os.path.join(self.workdir, 'checkpoints'))
@@ -275,7 +275,7 @@ def _restore_or_init(trainer: program_lib.Program, ckpt: state_checkpoint.TrainC
                      workdir: str):
   if ckpt.latest_step() is None:
     return trainer.initial_state(), 0
-  state, _, step = ckpt.restore(trainer.abstract_state, set_aside_unrestorable=True)
+  state, step = ckpt.restore(trainer.abstract_state, set_aside_unrestorable=True)
   logging.info('Resumed from %s at step %d.', workdir, step)
   return state, step
 
@@ -285,10 +285,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
   Raises ValueError / OSError for what the user must fix: config, data, paths, checkpoints.
   """
-  config_lib.validate(config, num_devices=jax.device_count(),
-                      process_count=jax.process_count())
-  info = input_pipeline.get_dataset_info(config)
-  config.num_classes = config.num_classes or info.num_classes
+  program_lib.check_and_complete(config)
   check_workdir_config(config, workdir)
   hardware.check_host_allocator()
   hardware.check_remat_layout(config.model)

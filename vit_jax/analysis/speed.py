@@ -34,7 +34,7 @@ def measure(model_config, *, resolution: int, batch_size: int, num_classes: int 
   # Random values straight from numpy: compiling `model.init` would take longer than the timing.
   params = jax.tree.map(
       lambda leaf: jnp.asarray(0.02 * rng.standard_normal(leaf.shape, np.float32)),
-      inference.abstract_params(model_config, num_classes, resolution))
+      models.abstract_params(model_config, num_classes, resolution))
   images = jnp.asarray(rng.uniform(-1.0, 1.0, (batch_size, resolution, resolution, 3)),
                        jnp.float32)
   forward = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
