@@ -42,7 +42,6 @@ import tensorflow as tf
 from vit_jax import inference
 from vit_jax import models
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 SIGNATURES = ('serving_default', 'serving_float')
 # Largest |exported - JAX| logit allowed, as a fraction of max(1, largest |JAX logit|). bfloat16
@@ -188,7 +187,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer('num_classes', None, "Number of classes, checked against the checkpoint's "
                        'head; default: the size of that head.', lower_bound=1,
                        flag_values=flag_values)
-  flags.DEFINE_enum('dtype', 'float32', list(DTYPES), 'Compute dtype (parameters stay float32).',
+  flags.DEFINE_enum('dtype', 'float32', list(models.DTYPES), 'Compute dtype (parameters stay float32).',
                     flag_values=flag_values)
   flags.DEFINE_list('platforms', ['cpu', 'cuda', 'tpu'],
                     f'Platforms to serialise the model for, among {", ".join(PLATFORMS)}.',
@@ -214,7 +213,7 @@ def run(flag_values: flags.FlagValues) -> None:
     raise ValueError(f'--num_classes={fv.num_classes} but the head of checkpoint {loaded.source} '
                      f'has {loaded.num_classes} classes.')
   num_classes = loaded.num_classes
-  model = models.build_model(loaded.model_config, num_classes, dtype=DTYPES[fv.dtype])
+  model = models.build_model(loaded.model_config, num_classes, dtype=jnp.dtype(fv.dtype))
   logging.info('Exporting %s (%s, %d classes, %dx%d, %s) for %s to %s.', loaded.source,
                loaded.name, num_classes, loaded.resolution, loaded.resolution, fv.dtype,
                ','.join(fv.platforms), fv.out)
