@@ -28,7 +28,6 @@ from absl import flags
 from absl import logging
 from flax import traverse_util
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf

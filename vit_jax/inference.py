@@ -15,7 +15,6 @@ from absl import app
 from absl import flags
 from flax import traverse_util
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import inference
 from vit_jax import models
 
 
