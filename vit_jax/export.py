@@ -187,7 +187,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer('num_classes', None, "Number of classes, checked against the checkpoint's "
                        'head; default: the size of that head.', lower_bound=1,
                        flag_values=flag_values)
-  flags.DEFINE_enum('dtype', 'float32', list(models.DTYPES), 'Compute dtype (parameters stay float32).',
+  flags.DEFINE_enum('dtype', 'float32', list(models.DTYPES),
+                    'Compute dtype (parameters stay float32).',
                     flag_values=flag_values)
   flags.DEFINE_list('platforms', ['cpu', 'cuda', 'tpu'],
                     f'Platforms to serialise the model for, among {", ".join(PLATFORMS)}.',

@@ -26,11 +26,11 @@ the model config; the defaults are the plain model above, and docs/PERFORMANCE.m
     `unstack_encoder_blocks` (below).
 
 Layout: the patch embeddings and every encoder block's input carry the logical axis names
-(`BATCH`, None, None) (`nn.with_logical_constraint`). Outside any `nn.logical_axis_rules` this is a
+(`BATCH`, None, None) (`nn.with_logical_constraint`). Outside `nn.logical_axis_rules` this is a
 no-op, so the model knows no mesh; the training program maps `BATCH` to its batch sharding
-(`vit_jax.sharding.with_activation_layout`), so that with FSDP-sharded weights XLA gathers the weights
-and keeps each device's activations to its own images. Left free, XLA's partitioner gathers the
-activations of the whole global batch instead (docs/PERFORMANCE.md, "FSDP").
+(`vit_jax.sharding.with_activation_layout`), so that with FSDP-sharded weights XLA gathers the
+weights and keeps each device's activations to its own images. Left free, XLA's partitioner
+gathers the activations of the whole global batch instead (docs/PERFORMANCE.md, "FSDP").
 """
 import re
 from typing import Any, Mapping, Optional, Sequence, Tuple
