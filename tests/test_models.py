@@ -198,11 +198,11 @@ def _np_layer_norm(x, scale, bias, eps=1e-6):
 
 
 def _np_gelu(x):
-  from scipy.special import erf  # pylint: disable=g-import-not-at-top
-  return 0.5 * x * (1 + erf(x / np.sqrt(2)))
+  """GELU's tanh approximation, which the released models use."""
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
-def _np_encoder_block(x, p):
+def _np_encoder_block(x, p, gelu=_np_gelu):
   """Plain numpy pre-LN block, written from the paper's equations."""
   a = p['MultiHeadDotProductAttention_1']
   y = _np_layer_norm(x, p['LayerNorm_0']['scale'], p['LayerNorm_0']['bias'])
@@ -215,7 +215,7 @@ def _np_encoder_block(x, p):
   x = x + np.einsum('bqhk,hkd->bqd', o, a['out']['kernel']) + a['out']['bias']
   m = p['MlpBlock_3']
   y = _np_layer_norm(x, p['LayerNorm_2']['scale'], p['LayerNorm_2']['bias'])
-  h = _np_gelu(y @ m['Dense_0']['kernel'] + m['Dense_0']['bias'])
+  h = gelu(y @ m['Dense_0']['kernel'] + m['Dense_0']['bias'])
   return x + h @ m['Dense_1']['kernel'] + m['Dense_1']['bias'], w
 
 
