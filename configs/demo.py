@@ -58,7 +58,9 @@ def get_config(arg: str = 'pretrain'):
     config.decay_type = 'cosine'
     config.warmup_steps = 50
     config.total_steps = 5000  # 10.7 epochs
-  # Random flips only: at these sizes a random crop costs more accuracy than it gains.
+  # Random flips only (a random crop of the whole image): at these sizes a random crop costs more
+  # accuracy than it gains.
+  config.pp.train = 'resize_crop'
   config.pp.resize = config.pp.resolution
   config.eval_every = config.total_steps
   return config

@@ -87,7 +87,7 @@ def test_sharded_state_round_trips_exactly(tmp_path, mesh, optimizer):
   shardings = _shardings(state, mesh, split_kernels=True)
   state = jax.device_put(state, shardings)
   extra = {'data_position': 2, 'config': {'model_name': 'testing', 'lr': 1e-2, 'sizes': [1, 2],
-                                          'pp': {'train': 'finetune'}, 'data_dir': None}}
+                                          'pp': {'train': 'resize_crop'}, 'data_dir': None}}
   with train_checkpoint.TrainCheckpointer(str(tmp_path), save_every=2, keep=3) as checkpointer:
     assert checkpointer.maybe_save(2, state, extra)
     checkpointer.wait()

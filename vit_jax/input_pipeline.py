@@ -114,7 +114,7 @@ class _FolderSource:
     self.num_classes = len(self.class_names)
 
   def shard(self, split: str, index: int, count: int) -> _Shard:
-    files = self._splits[self._resolve(split)]
+    files = self._files(split)
     size, remainder = divmod(len(files), count)  # Like tfds.even_splits: first shards get +1.
     start = index * size + min(index, remainder)
     shard = files[start:start + size + (index < remainder)]
@@ -122,14 +122,23 @@ class _FolderSource:
         ([path for path, _ in shard], np.array([label for _, label in shard], np.int64)))
     return _Shard(records, len(shard))
 
-  def _resolve(self, split: str) -> str:
-    """`split` if the folder has it; any eval name stands for the folder's eval split."""
-    if split in self._splits:
-      return split
-    if split in _EVAL_SPLIT_NAMES:
-      return next(name for name in _EVAL_SPLIT_NAMES if name in self._splits)
-    raise ValueError(f'Unknown split {split!r} of {FOLDER_PREFIX}{self._root}: it has '
-                     f'{sorted(self._splits)} (and the aliases {_EVAL_SPLIT_NAMES}).')
+  def _files(self, split: str) -> list[tuple[str, int]]:
+    """The files of a split in TFDS syntax ('train', 'train[:98%]', 'train[98%:]+test'), with
+    TFDS' rounding; any eval name stands for the folder's eval split."""
+    eval_name = next((name for name in _EVAL_SPLIT_NAMES if name in self._splits), None)
+    resolve = {**{alias: eval_name for alias in _EVAL_SPLIT_NAMES if eval_name},
+               **{name: name for name in self._splits}}
+    infos = {name: tfds.core.SplitInfo(name=name, shard_lengths=[len(self._splits[target])],
+                                       num_bytes=0, filename_template=None)
+             for name, target in resolve.items()}
+    try:
+      parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f'Unknown split {split!r} of {FOLDER_PREFIX}{self._root}: it has '
+                       f'{sorted(self._splits)} (and the aliases {_EVAL_SPLIT_NAMES}), sliced '
+                       "as in TFDS, e.g. 'train[:98%]'.") from e
+    return [file for part in parts
+            for file in self._splits[resolve[part.splitname]][part.from_:part.to]]
 
   decode = staticmethod(_decode_file)
 
@@ -289,7 +298,7 @@ def _choose(options: dict, name: str, field: str):
 def train_preprocess(pp) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
   """(decoded uint8 image, stateless seed [2]) -> float32 [R, R, 3] in [-1, 1]."""
   crop = _choose({
-      'finetune': functools.partial(_resize_random_crop, resolution=pp.resolution,
+      'resize_crop': functools.partial(_resize_random_crop, resolution=pp.resolution,
                                     resize=_resize_size(pp)),
       'inception': functools.partial(_inception_crop, resolution=pp.resolution,
                                      area_min=pp.get('area_min', config_lib.DEFAULT_AREA_MIN)),
@@ -354,9 +363,11 @@ def build_train_iterator(config, *, start_step: int = 0, process_index: Optional
   return _numpy_batches(ds, local_batch)
 
 
-def build_eval_iterator(config, *, process_index: Optional[int] = None,
+def build_eval_iterator(config, *, split: Optional[str] = None,
+                        process_index: Optional[int] = None,
                         process_count: Optional[int] = None) -> Iterator[dict]:
-  """One pass of {'image', 'label', 'mask'} batches of batch_eval / processes, padded.
+  """One pass over `split` (default config.eval_split) of {'image', 'label', 'mask'} batches of
+  batch_eval / processes, padded.
 
   Every process yields the same number of batches; padding examples have mask=False, and
   across processes each example of the split appears exactly once with mask=True.
@@ -364,9 +375,10 @@ def build_eval_iterator(config, *, process_index: Optional[int] = None,
   index, count = _process_index_and_count(process_index, process_count)
   local_batch = _local_batch_size(config.batch_eval, 'config.batch_eval', count)
   source = _get_source(config)
-  shard = source.shard(config.eval_split, index, count)
+  split = split or config.eval_split
+  shard = source.shard(split, index, count)
   # Shards differ by at most one example, the first ones being larger (tfds.even_splits).
-  largest_shard = math.ceil(source.shard(config.eval_split, 0, 1).num_examples / count)
+  largest_shard = math.ceil(source.shard(split, 0, 1).num_examples / count)
   num_batches = math.ceil(largest_shard / local_batch)
   preprocess = eval_preprocess(config.pp)
   ds = shard.records.map(

@@ -128,7 +128,7 @@ def _train(config, workdir: str) -> dict:
 def _evaluate(config, path: str) -> dict:
   try:
     check_config(config, [path])
-    return {'eval_top1': evaluate.run(config, path)}
+    return evaluate.run(config, path)
   except USER_ERRORS as e:
     cli.fail(e)
 

@@ -3,9 +3,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+# Where linear decay ends, as in the official code (not 0: the last steps still learn a little).
+LINEAR_DECAY_END = 1e-5
+
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up from 0 to `base_lr`, then cosine or linear decay to 0 at `total_steps`."""
+  """Linear warm-up from 0 to `base_lr`, then cosine decay to 0 or linear decay to
+  LINEAR_DECAY_END at `total_steps`."""
   base_lr, warmup, total = config.base_lr, config.warmup_steps, config.total_steps
   if config.decay_type not in ('cosine', 'linear'):
     raise ValueError(f"config.decay_type={config.decay_type!r}; expected 'cosine' or 'linear'.")
@@ -17,10 +21,10 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     warm = step / max(warmup, 1)
     progress = jnp.clip((step - warmup) / (total - warmup), 0.0, 1.0)
     if config.decay_type == 'cosine':
-      decay = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+      decayed = base_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
     else:
-      decay = 1.0 - progress
-    return base_lr * jnp.where(step < warmup, warm, decay)
+      decayed = LINEAR_DECAY_END + (base_lr - LINEAR_DECAY_END) * (1.0 - progress)
+    return jnp.where(step < warmup, base_lr * warm, decayed)
 
   return schedule
 
