@@ -23,11 +23,8 @@ position in the stream, so the stream is a pure function of (config, process) an
 decoded uint8 images fit in `_AUTO_CACHE_BYTES` are decoded once and cached in memory
 (`config.cache`: True / False force it).
 
-Preprocessing (`config.pp`): train 'finetune' = square resize to `pp.resize` (default
-round(resolution * 8 / 7), e.g. 224 -> 256) + random crop to `pp.resolution` + random flip;
-'inception' = random-resized crop (`pp.area_min`, default 5%, to 100% of the area) + flip.
-Eval 'resize' = resize to the resolution; 'central_crop' = square resize to `pp.resize` +
-central crop. Grayscale images become RGB; values are float32 in [-1, 1], labels int32.
+Decoding and preprocessing (`config.pp`): `vit_jax.preprocessing`, shared with the inference
+commands. Images are float32 in [-1, 1], labels int32.
 """
 import collections
 import dataclasses
@@ -48,10 +45,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax import config_lib
 from vit_jax import fashion_mnist
+from vit_jax import preprocessing
 
-tf.config.set_visible_devices([], 'GPU')  # TF only feeds the host; JAX owns the accelerators.
 
 FOLDER_PREFIX = 'folder:'
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
@@ -74,7 +70,8 @@ class _Shard:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sources: a dataset's classes, per-process shards of undecoded records, and the image decoder.
+# Sources: a dataset's classes, per-process shards of undecoded records, and how a record's
+# encoded image is read (`read`; vit_jax.preprocessing decodes it).
 
 
 class _TfdsSource:
@@ -95,12 +92,11 @@ class _TfdsSource:
       raise ValueError(f'The number of examples of {self._builder.name} {split} is unknown.')
     return _Shard(ds.map(lambda ex: (ex['image'], ex['label'])), int(ds.cardinality()))
 
-  def decode(self, image: tf.Tensor) -> tf.Tensor:
-    return self._image_feature.decode_example(image)
+  read = staticmethod(tf.identity)  # Records hold the encoded image.
 
 
 def _decode_file(path: tf.Tensor) -> tf.Tensor:
-  return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  return preprocessing.decode(tf.io.read_file(path))
 
 
 class _FolderSource:
@@ -140,7 +136,7 @@ class _FolderSource:
     return [file for part in parts
             for file in self._splits[resolve[part.splitname]][part.from_:part.to]]
 
-  decode = staticmethod(_decode_file)
+  read = staticmethod(tf.io.read_file)  # Records hold the path, read only when decoded.
 
 
 def _get_source(config):
@@ -257,72 +253,6 @@ def _drop_undecodable(splits, root: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# Preprocessing.
-
-
-def _resize_size(pp) -> int:
-  return pp.get('resize', None) or round(pp.resolution * 8 / 7)
-
-
-def _to_rgb(image: tf.Tensor) -> tf.Tensor:
-  return tf.image.grayscale_to_rgb(image) if image.shape[-1] == 1 else image[..., :3]
-
-
-def _normalize(image: tf.Tensor) -> tf.Tensor:
-  return tf.cast(image, tf.float32) / 127.5 - 1.0
-
-
-def _resize_random_crop(image, seed, *, resolution: int, resize: int):
-  image = tf.image.resize(image, [resize, resize])
-  return tf.image.stateless_random_crop(image, [resolution, resolution, 3], seed=seed)
-
-
-def _inception_crop(image, seed, *, resolution: int, area_min: float):
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
-      area_range=(area_min, 1.0), use_image_if_no_bounding_boxes=True)
-  return tf.image.resize(tf.slice(image, begin, size), [resolution, resolution])
-
-
-def _central_crop(image, *, resolution: int, resize: int):
-  image = tf.image.resize(image, [resize, resize])
-  return tf.image.resize_with_crop_or_pad(image, resolution, resolution)
-
-
-def _choose(options: dict, name: str, field: str):
-  if name not in options:
-    raise ValueError(f'Unknown {field} {name!r}; expected one of {sorted(options)}.')
-  return options[name]
-
-
-def train_preprocess(pp) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-  """(decoded uint8 image, stateless seed [2]) -> float32 [R, R, 3] in [-1, 1]."""
-  crop = _choose({
-      'resize_crop': functools.partial(_resize_random_crop, resolution=pp.resolution,
-                                    resize=_resize_size(pp)),
-      'inception': functools.partial(_inception_crop, resolution=pp.resolution,
-                                     area_min=pp.get('area_min', config_lib.DEFAULT_AREA_MIN)),
-  }, pp.train, 'config.pp.train')
-
-  def preprocess(image, seed):
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    image = crop(_to_rgb(image), crop_seed)
-    return _normalize(tf.image.stateless_random_flip_left_right(image, flip_seed))
-
-  return preprocess
-
-
-def eval_preprocess(pp) -> Callable[[tf.Tensor], tf.Tensor]:
-  """Decoded uint8 image -> float32 [R, R, 3] in [-1, 1]."""
-  resize = _choose({
-      'resize': lambda image: tf.image.resize(image, [pp.resolution, pp.resolution]),
-      'central_crop': functools.partial(_central_crop, resolution=pp.resolution,
-                                        resize=_resize_size(pp)),
-  }, pp.eval, 'config.pp.eval')
-  return lambda image: _normalize(resize(_to_rgb(image)))
-
-
-# ---------------------------------------------------------------------------------------------
 # Public API.
 
 
@@ -344,14 +274,15 @@ def build_train_iterator(config, *, start_step: int = 0, process_index: Optional
   if not shard.num_examples:
     raise ValueError(f'Process {index} of {count} has no examples of {config.dataset} '
                      f'{config.train_split}.')
-  records, decode = shard.records, source.decode
+  records = shard.records
+  decode = lambda record: preprocessing.decode(source.read(record))
   if _use_cache(config, source.image_shape, shard.num_examples):
     records = records.map(lambda image, label: (decode(image), label),
                           num_parallel_calls=tf.data.AUTOTUNE).cache()
     decode = tf.identity
   seed = tf.constant([config.seed, index], tf.int64)
   first_example = start_step * local_batch
-  preprocess = train_preprocess(config.pp)
+  preprocess = preprocessing.train_preprocess(config.pp)
   ds = _shuffled_epochs(records, shard.num_examples, config.shuffle_buffer, seed, first_example)
 
   def example(i, record):  # i: position in this process' stream, so resuming is exact.
@@ -380,9 +311,8 @@ def build_eval_iterator(config, *, split: Optional[str] = None,
   # Shards differ by at most one example, the first ones being larger (tfds.even_splits).
   largest_shard = math.ceil(source.shard(split, 0, 1).num_examples / count)
   num_batches = math.ceil(largest_shard / local_batch)
-  preprocess = eval_preprocess(config.pp)
   ds = shard.records.map(
-      lambda image, label: {'image': preprocess(source.decode(image)),
+      lambda image, label: {'image': preprocessing.eval_image(source.read(image), config.pp),
                             'label': tf.cast(label, tf.int32), 'mask': True},
       num_parallel_calls=tf.data.AUTOTUNE)
   padding = tf.data.Dataset.from_tensors({
