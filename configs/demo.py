@@ -4,12 +4,12 @@
 pooling) from scratch at 21x21 (Adam, linear decay, a tanh representation layer, as the
 ImageNet-21k models); `configs/demo.py:finetune` fine-tunes its `model.npz` at the native 28x28
 through `load_pretrained`, so the position embeddings are interpolated from a 3x3 to a 4x4 grid
-and the head and pre-logits are replaced. `python -m vit_jax.demo` runs both and evaluates:
-84.29% then 88.28% test top-1 in 6 min 24 s on 2 CPU cores (README, "The demo, measured").
+and the head and pre-logits are replaced. `python -m vit_jax.demo` runs both and evaluates on
+minival and the test set (README, "The demo, measured").
 
 Most of the budget goes to fine-tuning: at 28px every object appears 4/3 larger to the 7x7
-patch embedding than at 21px, which takes the pre-trained model from 84.29% to 36.92% before any
-fine-tuning step, so fine-tuning relearns much of the model. Adam rather than the paper's SGD
+patch embedding than at 21px, which costs the pre-trained model most of its accuracy before any
+fine-tuning step (README), so fine-tuning relearns much of the model. Adam rather than the paper's SGD
 for the same reason: SGD with momentum relearns that more slowly.
 """
 from vit_jax import config_lib

@@ -44,7 +44,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and model.npz go.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
-                          'train: train (resuming from WORKDIR); eval: print top-1.')
+                          'train: train (resuming from WORKDIR); eval: print eval_top1 '
+                          '(config.eval_split) and test_top1 (config.test_split).')
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None, 'For --mode=eval: a released-layout .npz or a workdir (default: '
     '--workdir).')
