@@ -8,9 +8,9 @@ and the head and pre-logits are replaced. `python -m vit_jax.demo` runs both and
 minival and the test set (README, "The demo, measured").
 
 Most of the budget goes to fine-tuning: at 28px every object appears 4/3 larger to the 7x7
-patch embedding than at 21px, which costs the pre-trained model most of its accuracy before any
-fine-tuning step (README), so fine-tuning relearns much of the model. Adam rather than the paper's SGD
-for the same reason: SGD with momentum relearns that more slowly.
+patch embedding than at 21px, which costs the pre-trained model most of its accuracy before
+any fine-tuning step (README), so fine-tuning relearns much of the model. Adam rather than the
+paper's SGD for the same reason: SGD with momentum relearns that more slowly.
 """
 from vit_jax import config_lib
 from vit_jax import model_configs
