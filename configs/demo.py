@@ -4,12 +4,12 @@
 pooling) from scratch at 21x21 (Adam, linear decay, a tanh representation layer, as the
 ImageNet-21k models); `configs/demo.py:finetune` fine-tunes its `model.npz` at the native 28x28
 through `load_pretrained`, so the position embeddings are interpolated from a 3x3 to a 4x4 grid
-and the head and pre-logits are replaced. `python -m vit_jax.demo` runs both and evaluates
-(accuracy and time: README, "The demo, measured").
+and the head and pre-logits are replaced. `python -m vit_jax.demo` runs both and evaluates on
+minival and the test set (README, "The demo, measured").
 
 Most of the budget goes to fine-tuning: at 28px every object appears 4/3 larger to the 7x7
-patch embedding than at 21px, which costs the pre-trained model most of its accuracy before any
-fine-tuning step (README), so fine-tuning relearns much of the model. Adam rather than the
+patch embedding than at 21px, which costs the pre-trained model most of its accuracy before
+any fine-tuning step (README), so fine-tuning relearns much of the model. Adam rather than the
 paper's SGD for the same reason: SGD with momentum relearns that more slowly.
 """
 from vit_jax import config_lib
@@ -57,7 +57,9 @@ def get_config(arg: str = 'pretrain'):
     config.decay_type = 'cosine'
     config.warmup_steps = 50
     config.total_steps = 5000  # 10.7 epochs
-  # Random flips only: at these sizes a random crop costs more accuracy than it gains.
+  # Random flips only (a random crop of the whole image): at these sizes a random crop costs more
+  # accuracy than it gains.
+  config.pp.train = 'resize_crop'
   config.pp.resize = config.pp.resolution
   config.eval_every = config.total_steps
   return config

@@ -20,6 +20,7 @@ def get_config():
   config.pp.resolution = 16
   config.train_split = 'train[:512]'
   config.eval_split = 'test[:32]'
+  config.test_split = 'test[32:64]'
   config.batch = 16
   config.batch_eval = 32
   config.shuffle_buffer = 512

@@ -79,7 +79,7 @@ def write_workdir(tmp_path, *, head_bias=None, metrics=None) -> str:
       'model_name': 'testing', 'model': tiny_model_config(), 'num_classes': NUM_CLASSES,
       'dataset': 'folder:' + write_image_folder(tmp_path / 'images'), 'data_dir': None,
       'train_split': 'train', 'eval_split': 'test', 'batch_eval': 8,
-      'pp': {'train': 'finetune', 'eval': 'resize', 'resolution': 16}})
+      'pp': {'train': 'resize_crop', 'eval': 'resize', 'resolution': 16}})
   (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
   checkpoint.save_npz(init_params(config.model, NUM_CLASSES, 16, head_bias),
                       str(workdir / 'model.npz'))

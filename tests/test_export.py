@@ -61,7 +61,7 @@ def _jax_outputs(config, params, images):
   """Logits and probabilities of the float32 JAX model on uint8 images."""
   model = models.build_model(config, NUM_CLASSES)
   apply = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
-  logits = np.asarray(apply(params, images.astype(np.float32) / 127.5 - 1.0))
+  logits = np.asarray(apply(params, (images.astype(np.float32) - 127.5) / 127.5))
   probabilities = np.exp(logits - logits.max(-1, keepdims=True))
   return logits, probabilities / probabilities.sum(-1, keepdims=True)
 
@@ -99,7 +99,7 @@ def _check_saved_model(out, config, params):
   logits, probabilities = _jax_outputs(config, params, images)
   for batch in (1, 3):  # The model treats examples independently, so slices must agree.
     for name, inputs in (('serving_default', images[:batch]),
-                         ('serving_float', images[:batch].astype(np.float32) / 127.5 - 1.0)):
+                         ('serving_float', (images[:batch].astype(np.float32) - 127.5) / 127.5)):
       outputs = loaded.signatures[name](images=tf.constant(inputs))
       np.testing.assert_allclose(outputs['logits'].numpy(), logits[:batch], atol=1e-4, rtol=1e-4)
       np.testing.assert_allclose(outputs['probabilities'].numpy(), probabilities[:batch],

@@ -327,7 +327,7 @@ def test_non_image_file_in_an_image_folder_is_skipped_with_a_warning(cli, run_ma
   code, stdout, stderr = run_main(
       f'--config={CONFIG}', '--mode=eval', f'--checkpoint={cli["reference"].workdir}/model.npz',
       f'--config.dataset=folder:{images}', '--config.train_split=train',
-      '--config.eval_split=test')
+      '--config.eval_split=test', '--config.test_split=test')
   assert code == 0, stderr
   assert (f'Skipping 1 undecodable image file(s) in {images}: '
           f'{os.path.join("class_3", "notes.png")}') in caplog.text

@@ -22,7 +22,7 @@ needs_debian_files = pytest.mark.skipif(
 def make_config(dataset, *, resolution=8, batch=8, **overrides):
   config = ml_collections.ConfigDict({
       'dataset': dataset, 'data_dir': None, 'train_split': 'train', 'eval_split': 'test',
-      'pp': {'train': 'finetune', 'eval': 'resize', 'resolution': resolution},
+      'pp': {'train': 'resize_crop', 'eval': 'resize', 'resolution': resolution},
       'batch': batch, 'batch_eval': batch, 'shuffle_buffer': 1000, 'seed': 0, 'cache': None,
       'folder_test_fraction': 0.1,
   })
@@ -202,7 +202,7 @@ def test_train_shards_are_disjoint_and_reshuffled_every_epoch(split_folder):
   assert sorted(epochs[0][0] + epochs[1][0]) == sorted(train)  # Disjoint, covering.
 
 
-@pytest.mark.parametrize('pp_train, cache', [('finetune', None), ('finetune', False),
+@pytest.mark.parametrize('pp_train, cache', [('resize_crop', None), ('resize_crop', False),
                                              ('inception', True)])
 def test_train_is_deterministic_and_resumable(split_folder, pp_train, cache):
   root, _, _ = split_folder
@@ -354,7 +354,7 @@ def test_fashion_mnist_info(fashion_config):
 
 
 @needs_debian_files
-@pytest.mark.parametrize('resolution, pp_train', [(32, 'finetune'), (48, 'inception')])
+@pytest.mark.parametrize('resolution, pp_train', [(32, 'resize_crop'), (48, 'inception')])
 def test_fashion_mnist_batches(fashion_config, resolution, pp_train):
   config = fashion_config
   config.pp.resolution, config.pp.train = resolution, pp_train

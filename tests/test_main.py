@@ -16,7 +16,7 @@ TINY = ['--config.model.transformer.num_layers=1', '--config.model.hidden_size=1
         '--config.model.transformer.mlp_dim=32', '--config.model.transformer.num_heads=2',
         '--config.model.representation_size=16', '--config.batch=32',
         '--config.batch_eval=1000', '--config.log_every=2', '--config.eval_every=3',
-        '--config.checkpoint_every=3', '--config.warmup_steps=1']
+        '--config.checkpoint_every=3', '--config.warmup_steps=1', '--config.test_split=test[:500]']
 
 
 def _main(workdir, *flags):
@@ -46,6 +46,12 @@ def test_train_writes_metrics_checkpoints_and_npz(trained):
     if 'loss' in e:
       assert {'loss', 'accuracy', 'lr', 'grad_norm', 'images_per_s', 'eta_s'} <= set(e)
   assert all(0.0 <= e['eval_top1'] <= 1.0 for e in events if 'eval_top1' in e)
+  # Minival periodically, the test split once at the end.
+  assert [e['step'] for e in events if 'test_top1' in e] == [6]
+  with open(os.path.join(trained, 'config.json')) as f:
+    splits = {k: v for k, v in json.load(f).items() if k.endswith('_split')}
+  assert splits == {'train_split': 'train[:98%]', 'eval_split': 'train[98%:]',
+                    'test_split': 'test[:500]'}
   assert sorted(os.listdir(os.path.join(trained, 'checkpoints')))[:2] == ['3', '6']
   assert os.listdir(os.path.join(trained, 'tensorboard'))
   with open(os.path.join(trained, 'config.json')) as f:
@@ -61,8 +67,8 @@ def test_train_writes_metrics_checkpoints_and_npz(trained):
 
 def test_eval_of_the_exported_npz_reproduces_the_final_accuracy(trained):
   out = _main(trained, '--mode=eval', f'--checkpoint={trained}/model.npz')
-  final = [e['eval_top1'] for e in metrics_writer.read_metrics(trained) if 'eval_top1' in e]
-  assert f'eval_top1={final[-1]:.4f}' in out
+  (final,) = [e for e in metrics_writer.read_metrics(trained) if 'test_top1' in e]
+  assert f"eval_top1={final['eval_top1']:.4f} test_top1={final['test_top1']:.4f}" in out
 
 
 def test_extending_a_finished_run_resumes_from_its_latest_checkpoint(trained, tmp_path):

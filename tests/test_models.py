@@ -41,7 +41,7 @@ def _expected_vit_shapes(cfg, num_classes, tokens, in_channels=3):
       'Transformer/encoder_norm/scale': (d,), 'Transformer/encoder_norm/bias': (d,),
       'head/kernel': (cfg.representation_size or d, num_classes), 'head/bias': (num_classes,),
   }
-  if cfg.classifier == 'token':
+  if cfg.classifier in ('token', 'token_unpooled'):
     shapes['cls'] = (1, 1, d)
   if cfg.representation_size:
     shapes['pre_logits/kernel'] = (d, cfg.representation_size)
@@ -90,7 +90,7 @@ def test_every_variant_has_the_released_layout(name):
     expected, channels = _expected_resnet_shapes(cfg.resnet.num_layers)
     stride = 4 * 2**max(len(cfg.resnet.num_layers) - 1, 0)
   grid = resolution // stride // cfg.patches.size[0]
-  tokens = grid * grid + (cfg.classifier == 'token')
+  tokens = grid * grid + (cfg.classifier in ('token', 'token_unpooled'))
   expected.update(_expected_vit_shapes(cfg, num_classes, tokens, channels))
   assert _param_shapes(name, num_classes, resolution) == expected
 
@@ -198,11 +198,11 @@ def _np_layer_norm(x, scale, bias, eps=1e-6):
 
 
 def _np_gelu(x):
-  from scipy.special import erf  # pylint: disable=g-import-not-at-top
-  return 0.5 * x * (1 + erf(x / np.sqrt(2)))
+  """GELU's tanh approximation, which the released models use."""
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
-def _np_encoder_block(x, p):
+def _np_encoder_block(x, p, gelu=_np_gelu):
   """Plain numpy pre-LN block, written from the paper's equations."""
   a = p['MultiHeadDotProductAttention_1']
   y = _np_layer_norm(x, p['LayerNorm_0']['scale'], p['LayerNorm_0']['bias'])
@@ -215,7 +215,7 @@ def _np_encoder_block(x, p):
   x = x + np.einsum('bqhk,hkd->bqd', o, a['out']['kernel']) + a['out']['bias']
   m = p['MlpBlock_3']
   y = _np_layer_norm(x, p['LayerNorm_2']['scale'], p['LayerNorm_2']['bias'])
-  h = _np_gelu(y @ m['Dense_0']['kernel'] + m['Dense_0']['bias'])
+  h = gelu(y @ m['Dense_0']['kernel'] + m['Dense_0']['bias'])
   return x + h @ m['Dense_1']['kernel'] + m['Dense_1']['bias'], w
 
 
@@ -242,6 +242,14 @@ def test_attention_weights_of_every_layer_are_sown():
         'MultiHeadDotProductAttention_1']['attention_weights']
     assert w.shape == (1, 2, 5, 5)
     np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_testing_unpooled_classifies_every_token_with_the_class_token():
+  model = models.build_model(models.MODEL_CONFIGS['testing-unpooled'], 10)
+  x = jnp.zeros((2, 32, 32, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+  assert 'cls' in variables['params']
+  assert jax.eval_shape(lambda v: model.apply(v, x, train=False), variables).shape == (2, 5, 10)
 
 
 def test_unknown_model_and_classifier_are_clear_errors():

@@ -217,9 +217,17 @@ def test_a_reader_leaves_a_save_in_progress_alone(tmp_path):
   assert in_progress.is_dir()
 
 
+def test_save_every_0_saves_only_when_asked(tmp_path):
+  with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=0, keep=2) as checkpointer:
+    assert not any(checkpointer.should_save(step) for step in range(1, 20))
+    checkpointer.save(20, {'w': jnp.ones(3)})
+    checkpointer.wait()
+    assert checkpointer.latest_step() == 20
+
+
 def test_errors_are_explicit(tmp_path):
-  with pytest.raises(ValueError, match='save_every=0'):
-    state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=0, keep=1)
+  with pytest.raises(ValueError, match='save_every=-1'):
+    state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=-1, keep=1)
   with pytest.raises(ValueError, match='keep=0'):
     state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=0)
   state = {'params': {'w': jnp.zeros(3)}}

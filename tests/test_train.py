@@ -153,7 +153,10 @@ def test_schedule_warmup_then_cosine_and_linear():
   assert float(lr(60)) == pytest.approx(0.5, abs=1e-6)
   assert float(lr(110)) == pytest.approx(0.0, abs=1e-7)
   config.decay_type = 'linear'
-  assert float(optim.learning_rate_schedule(config)(35)) == pytest.approx(0.75)
+  lr = optim.learning_rate_schedule(config)
+  end = optim.LINEAR_DECAY_END
+  assert float(lr(35)) == pytest.approx(end + (1.0 - end) * 0.75)
+  assert float(lr(110)) == pytest.approx(1e-5)  # The official code's end, not 0.
 
 
 def test_optimizers_follow_the_recipes():
@@ -195,7 +198,7 @@ NUMERIC_ERRORS = [
     ('b1', 1.0, '< 1'), ('b2', 1.5, '< 1'), ('weight_decay', -1e-4, '>= 0'),
     ('grad_norm_clip', -1.0, '>= 0'), ('label_smoothing', 1.0, '< 1'),
     ('peak_flops', 0.0, '> 0'), ('log_every', 0, '>= 1'), ('eval_every', 0, '>= 1'),
-    ('checkpoint_every', 0, '>= 1'), ('keep_checkpoints', 0, '>= 1'),
+    ('checkpoint_every', -1, '>= 0'), ('keep_checkpoints', 0, '>= 1'),
 ]
 
 

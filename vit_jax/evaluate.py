@@ -1,5 +1,6 @@
 """Top-1 accuracy over a whole eval split (every example exactly once, padding masked out)."""
 import os
+from typing import Optional
 
 from absl import logging
 import jax
@@ -11,20 +12,31 @@ from vit_jax import state_checkpoint
 from vit_jax import program as program_lib
 
 
-def top1(trainer, params) -> float:
-  """Accuracy of `params` on `trainer.config.eval_split`, with the trainer's jitted eval step."""
+def top1(trainer, params, split: Optional[str] = None) -> float:
+  """Accuracy of `params` on `split` (default `trainer.config.eval_split`), with the trainer's
+  jitted eval step."""
   config = trainer.config
+  split = split or config.eval_split
   batches = input_pipeline.prefetch_to_mesh(
-      input_pipeline.build_eval_iterator(config), sharding.batch_sharding(trainer.mesh),
-      size=config.prefetch)
+      input_pipeline.build_eval_iterator(config, split=split),
+      sharding.batch_sharding(trainer.mesh), size=config.prefetch)
   correct = count = 0.0
   for batch in batches:
     out = trainer.eval_step(params, batch)
     correct += float(out['correct'])
     count += float(out['count'])
   if not count:
-    raise ValueError(f'config.eval_split={config.eval_split!r} of {config.dataset!r} is empty.')
+    raise ValueError(f'Split {split!r} of {config.dataset!r} is empty.')
   return correct / count
+
+
+def accuracies(trainer, params, *, with_test: bool) -> dict:
+  """`eval_top1` on config.eval_split (the minival of fine-tuning configs) and, `with_test`,
+  `test_top1` on config.test_split (when set): the split reported once at the end."""
+  metrics = {'eval_top1': top1(trainer, params)}
+  if with_test and trainer.config.get('test_split'):
+    metrics['test_top1'] = top1(trainer, params, trainer.config.test_split)
+  return metrics
 
 
 def checkpoint_params(trainer, path: str):
@@ -42,8 +54,8 @@ def checkpoint_params(trainer, path: str):
   return state['params']
 
 
-def run(config: ml_collections.ConfigDict, path: str) -> float:
-  """`--mode=eval`: top-1 of a checkpoint (`.npz` or workdir) on `config.eval_split`."""
+def run(config: ml_collections.ConfigDict, path: str) -> dict:
+  """`--mode=eval`: `accuracies` of a checkpoint (`.npz` or workdir)."""
   program_lib.check_and_complete(config)
   trainer = program_lib.Program(config, config.num_classes)
-  return top1(trainer, checkpoint_params(trainer, path))
+  return accuracies(trainer, checkpoint_params(trainer, path), with_test=True)

@@ -13,8 +13,9 @@ Signatures of the SavedModel (the batch size is dynamic; R is the resolution, C 
 both returning
   logits:          float32 [batch, C]
   probabilities:   float32 [batch, C]  softmax of the logits.
-Images must already be R x R (resize / crop before calling). uint8 images are scaled as in
-evaluation, x / 127.5 - 1.
+Images must already be R x R (resize / crop before calling, e.g. with
+`vit_jax.preprocessing.eval_preprocess`). uint8 images are scaled as in evaluation,
+(x - 127.5) / 127.5.
 
 The JAX computation is serialised as StableHLO (jax2tf native serialisation) for each of
 --platforms; the parameters are SavedModel variables, so models of any size can be saved. With
@@ -41,6 +42,7 @@ import tensorflow as tf
 
 from vit_jax import inference
 from vit_jax import models
+from vit_jax import preprocessing
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 SIGNATURES = ('serving_default', 'serving_float')
@@ -57,8 +59,9 @@ class VerificationError(RuntimeError):
 
 
 def preprocess_uint8(images: tf.Tensor) -> tf.Tensor:
-  """uint8 RGB 0..255 -> float32 in [-1, 1], as in evaluation."""
-  return tf.cast(images, tf.float32) / 127.5 - 1.0
+  """uint8 RGB 0..255 -> float32 in [-1, 1]: the eval pipeline's scaling (of an image already at
+  the resolution, which its resize leaves as it is)."""
+  return preprocessing.normalize(images)
 
 
 def build_serving_module(model: models.VisionTransformer, params: Mapping[str, Any],

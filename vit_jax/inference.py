@@ -17,7 +17,7 @@ from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
+import tensorflow as tf
 import tqdm
 
 from vit_jax import checkpoint
@@ -25,6 +25,7 @@ from vit_jax import config_lib
 from vit_jax import input_pipeline
 from vit_jax import model_configs
 from vit_jax import models
+from vit_jax import preprocessing
 
 
 
@@ -152,21 +153,32 @@ def list_image_files(paths: Sequence[str]) -> list[str]:
   return files
 
 
-def load_image(path: str, resolution: int) -> np.ndarray:
-  """float32 [resolution, resolution, 3] in [-1, 1]; grayscale and RGBA become RGB."""
+def eval_pp(resolution: int, pp: Optional[ml_collections.ConfigDict] = None):
+  """The eval preprocessing settings of a run (`pp`, e.g. a workdir's config.pp; default: the
+  fine-tuning recipe's) at `resolution`."""
+  pp = ml_collections.ConfigDict((pp or config_lib.base_config().pp).to_dict())
+  pp.resolution = resolution
+  return pp
+
+
+def load_image(path: str, pp: ml_collections.ConfigDict) -> np.ndarray:
+  """float32 [R, R, 3] in [-1, 1]: the file decoded and preprocessed exactly as the eval pipeline
+  does (`vit_jax.preprocessing.eval_image`)."""
   try:
-    with Image.open(path) as image:
-      image = image.convert('RGB').resize((resolution, resolution), Image.BILINEAR)
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise ValueError(f'Cannot decode image file {path}: {e}') from e
-  return np.asarray(image, np.float32) / 127.5 - 1.0
+    with open(path, 'rb') as f:
+      encoded = f.read()
+    return preprocessing.eval_image(tf.constant(encoded), pp).numpy()
+  except (OSError, tf.errors.InvalidArgumentError) as e:
+    raise ValueError(f'Cannot decode image file {path}: {getattr(e, "message", e)}') from e
 
 
-def load_images(paths: Sequence[str], resolution: int) -> tuple[list[str], np.ndarray]:
-  """(image files, float32 [n, resolution, resolution, 3] in [-1, 1]) for files/directories."""
+def load_images(paths: Sequence[str], resolution: int,
+                pp: Optional[ml_collections.ConfigDict] = None) -> tuple[list[str], np.ndarray]:
+  """(image files, float32 [n, R, R, 3] in [-1, 1]) for files/directories, R = `resolution`,
+  preprocessed as `eval_pp(resolution, pp)` says."""
   files = list_image_files(paths)
-  images = [load_image(f, resolution)
-            for f in tqdm.tqdm(files, desc='images', disable=len(files) < 100)]
+  pp = eval_pp(resolution, pp)
+  images = [load_image(f, pp) for f in tqdm.tqdm(files, desc='images', disable=len(files) < 100)]
   return files, np.stack(images)
 
 

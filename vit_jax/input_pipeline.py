@@ -23,11 +23,8 @@ position in the stream, so the stream is a pure function of (config, process) an
 decoded uint8 images fit in `_AUTO_CACHE_BYTES` are decoded once and cached in memory
 (`config.cache`: True / False force it).
 
-Preprocessing (`config.pp`): train 'finetune' = square resize to `pp.resize` (default
-round(resolution * 8 / 7), e.g. 224 -> 256) + random crop to `pp.resolution` + random flip;
-'inception' = random-resized crop (`pp.area_min`, default 5%, to 100% of the area) + flip.
-Eval 'resize' = resize to the resolution; 'central_crop' = square resize to `pp.resize` +
-central crop. Grayscale images become RGB; values are float32 in [-1, 1], labels int32.
+Decoding and preprocessing (`config.pp`): `vit_jax.preprocessing`, shared with the inference
+commands. Images are float32 in [-1, 1], labels int32.
 """
 import collections
 import dataclasses
@@ -48,10 +45,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax import config_lib
 from vit_jax import fashion_mnist
+from vit_jax import preprocessing
 
-tf.config.set_visible_devices([], 'GPU')  # TF only feeds the host; JAX owns the accelerators.
 
 FOLDER_PREFIX = 'folder:'
 # Image files of folder datasets and of the inference commands: what both tf.io.decode_image
@@ -76,7 +72,8 @@ class _Shard:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sources: a dataset's classes, per-process shards of undecoded records, and the image decoder.
+# Sources: a dataset's classes, per-process shards of undecoded records, and how a record's
+# encoded image is read (`read`; vit_jax.preprocessing decodes it).
 
 
 class _TfdsSource:
@@ -97,12 +94,11 @@ class _TfdsSource:
       raise ValueError(f'The number of examples of {self._builder.name} {split} is unknown.')
     return _Shard(ds.map(lambda ex: (ex['image'], ex['label'])), int(ds.cardinality()))
 
-  def decode(self, image: tf.Tensor) -> tf.Tensor:
-    return self._image_feature.decode_example(image)
+  read = staticmethod(tf.identity)  # Records hold the encoded image.
 
 
 def _decode_file(path: tf.Tensor) -> tf.Tensor:
-  return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  return preprocessing.decode(tf.io.read_file(path))
 
 
 class _FolderSource:
@@ -116,7 +112,7 @@ class _FolderSource:
     self.num_classes = len(self.class_names)
 
   def shard(self, split: str, index: int, count: int) -> _Shard:
-    files = self._splits[self._resolve(split)]
+    files = self._files(split)
     size, remainder = divmod(len(files), count)  # Like tfds.even_splits: first shards get +1.
     start = index * size + min(index, remainder)
     shard = files[start:start + size + (index < remainder)]
@@ -124,16 +120,25 @@ class _FolderSource:
         ([path for path, _ in shard], np.array([label for _, label in shard], np.int64)))
     return _Shard(records, len(shard))
 
-  def _resolve(self, split: str) -> str:
-    """`split` if the folder has it; any eval name stands for the folder's eval split."""
-    if split in self._splits:
-      return split
-    if split in _EVAL_SPLIT_NAMES:
-      return next(name for name in _EVAL_SPLIT_NAMES if name in self._splits)
-    raise ValueError(f'Unknown split {split!r} of {FOLDER_PREFIX}{self._root}: it has '
-                     f'{sorted(self._splits)} (and the aliases {_EVAL_SPLIT_NAMES}).')
+  def _files(self, split: str) -> list[tuple[str, int]]:
+    """The files of a split in TFDS syntax ('train', 'train[:98%]', 'train[98%:]+test'), with
+    TFDS' rounding; any eval name stands for the folder's eval split."""
+    eval_name = next((name for name in _EVAL_SPLIT_NAMES if name in self._splits), None)
+    resolve = {**{alias: eval_name for alias in _EVAL_SPLIT_NAMES if eval_name},
+               **{name: name for name in self._splits}}
+    infos = {name: tfds.core.SplitInfo(name=name, shard_lengths=[len(self._splits[target])],
+                                       num_bytes=0, filename_template=None)
+             for name, target in resolve.items()}
+    try:
+      parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f'Unknown split {split!r} of {FOLDER_PREFIX}{self._root}: it has '
+                       f'{sorted(self._splits)} (and the aliases {_EVAL_SPLIT_NAMES}), sliced '
+                       "as in TFDS, e.g. 'train[:98%]'.") from e
+    return [file for part in parts
+            for file in self._splits[resolve[part.splitname]][part.from_:part.to]]
 
-  decode = staticmethod(_decode_file)
+  read = staticmethod(tf.io.read_file)  # Records hold the path, read only when decoded.
 
 
 def _get_source(config):
@@ -250,72 +255,6 @@ def _drop_undecodable(splits, root: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# Preprocessing.
-
-
-def _resize_size(pp) -> int:
-  return pp.get('resize', None) or round(pp.resolution * 8 / 7)
-
-
-def _to_rgb(image: tf.Tensor) -> tf.Tensor:
-  return tf.image.grayscale_to_rgb(image) if image.shape[-1] == 1 else image[..., :3]
-
-
-def _normalize(image: tf.Tensor) -> tf.Tensor:
-  return tf.cast(image, tf.float32) / 127.5 - 1.0
-
-
-def _resize_random_crop(image, seed, *, resolution: int, resize: int):
-  image = tf.image.resize(image, [resize, resize])
-  return tf.image.stateless_random_crop(image, [resolution, resolution, 3], seed=seed)
-
-
-def _inception_crop(image, seed, *, resolution: int, area_min: float):
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
-      area_range=(area_min, 1.0), use_image_if_no_bounding_boxes=True)
-  return tf.image.resize(tf.slice(image, begin, size), [resolution, resolution])
-
-
-def _central_crop(image, *, resolution: int, resize: int):
-  image = tf.image.resize(image, [resize, resize])
-  return tf.image.resize_with_crop_or_pad(image, resolution, resolution)
-
-
-def _choose(options: dict, name: str, field: str):
-  if name not in options:
-    raise ValueError(f'Unknown {field} {name!r}; expected one of {sorted(options)}.')
-  return options[name]
-
-
-def train_preprocess(pp) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-  """(decoded uint8 image, stateless seed [2]) -> float32 [R, R, 3] in [-1, 1]."""
-  crop = _choose({
-      'finetune': functools.partial(_resize_random_crop, resolution=pp.resolution,
-                                    resize=_resize_size(pp)),
-      'inception': functools.partial(_inception_crop, resolution=pp.resolution,
-                                     area_min=pp.get('area_min', config_lib.DEFAULT_AREA_MIN)),
-  }, pp.train, 'config.pp.train')
-
-  def preprocess(image, seed):
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    image = crop(_to_rgb(image), crop_seed)
-    return _normalize(tf.image.stateless_random_flip_left_right(image, flip_seed))
-
-  return preprocess
-
-
-def eval_preprocess(pp) -> Callable[[tf.Tensor], tf.Tensor]:
-  """Decoded uint8 image -> float32 [R, R, 3] in [-1, 1]."""
-  resize = _choose({
-      'resize': lambda image: tf.image.resize(image, [pp.resolution, pp.resolution]),
-      'central_crop': functools.partial(_central_crop, resolution=pp.resolution,
-                                        resize=_resize_size(pp)),
-  }, pp.eval, 'config.pp.eval')
-  return lambda image: _normalize(resize(_to_rgb(image)))
-
-
-# ---------------------------------------------------------------------------------------------
 # Public API.
 
 
@@ -337,14 +276,15 @@ def build_train_iterator(config, *, start_step: int = 0, process_index: Optional
   if not shard.num_examples:
     raise ValueError(f'Process {index} of {count} has no examples of {config.dataset} '
                      f'{config.train_split}.')
-  records, decode = shard.records, source.decode
+  records = shard.records
+  decode = lambda record: preprocessing.decode(source.read(record))
   if _use_cache(config, source.image_shape, shard.num_examples):
     records = records.map(lambda image, label: (decode(image), label),
                           num_parallel_calls=tf.data.AUTOTUNE).cache()
     decode = tf.identity
   seed = tf.constant([config.seed, index], tf.int64)
   first_example = start_step * local_batch
-  preprocess = train_preprocess(config.pp)
+  preprocess = preprocessing.train_preprocess(config.pp)
   ds = _shuffled_epochs(records, shard.num_examples, config.shuffle_buffer, seed, first_example)
 
   def example(i, record):  # i: position in this process' stream, so resuming is exact.
@@ -356,9 +296,11 @@ def build_train_iterator(config, *, start_step: int = 0, process_index: Optional
   return _numpy_batches(ds, local_batch)
 
 
-def build_eval_iterator(config, *, process_index: Optional[int] = None,
+def build_eval_iterator(config, *, split: Optional[str] = None,
+                        process_index: Optional[int] = None,
                         process_count: Optional[int] = None) -> Iterator[dict]:
-  """One pass of {'image', 'label', 'mask'} batches of batch_eval / processes, padded.
+  """One pass over `split` (default config.eval_split) of {'image', 'label', 'mask'} batches of
+  batch_eval / processes, padded.
 
   Every process yields the same number of batches; padding examples have mask=False, and
   across processes each example of the split appears exactly once with mask=True.
@@ -366,13 +308,13 @@ def build_eval_iterator(config, *, process_index: Optional[int] = None,
   index, count = _process_index_and_count(process_index, process_count)
   local_batch = _local_batch_size(config.batch_eval, 'config.batch_eval', count)
   source = _get_source(config)
-  shard = source.shard(config.eval_split, index, count)
+  split = split or config.eval_split
+  shard = source.shard(split, index, count)
   # Shards differ by at most one example, the first ones being larger (tfds.even_splits).
-  largest_shard = math.ceil(source.shard(config.eval_split, 0, 1).num_examples / count)
+  largest_shard = math.ceil(source.shard(split, 0, 1).num_examples / count)
   num_batches = math.ceil(largest_shard / local_batch)
-  preprocess = eval_preprocess(config.pp)
   ds = shard.records.map(
-      lambda image, label: {'image': preprocess(source.decode(image)),
+      lambda image, label: {'image': preprocessing.eval_image(source.read(image), config.pp),
                             'label': tf.cast(label, tf.int32), 'mask': True},
       num_parallel_calls=tf.data.AUTOTUNE)
   padding = tf.data.Dataset.from_tensors({

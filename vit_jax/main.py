@@ -42,7 +42,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and model.npz go.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
-                          'train: train (resuming from WORKDIR); eval: print top-1.')
+                          'train: train (resuming from WORKDIR); eval: print eval_top1 '
+                          '(config.eval_split) and test_top1 (config.test_split).')
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None, 'For --mode=eval: a released-layout .npz or a workdir (default: '
     '--workdir).')
@@ -123,7 +124,7 @@ def _train(config, workdir: str) -> dict:
 def _evaluate(config, path: str) -> dict:
   try:
     check_remote_paths(config, [path])
-    return {'eval_top1': evaluate.run(config, path)}
+    return evaluate.run(config, path)
   except USER_ERRORS as e:
     cli.fail(e)
 

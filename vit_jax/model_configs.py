@@ -51,6 +51,14 @@ def _testing() -> ml_collections.ConfigDict:
   return config
 
 
+def _testing_unpooled() -> ml_collections.ConfigDict:
+  """`testing` whose head classifies every token (class token included): logits [B, T, C]."""
+  config = _testing()
+  config.model_name = 'testing-unpooled'
+  config.classifier = 'token_unpooled'
+  return config
+
+
 def _all_configs():
   configs = [
       _vit('ViT-Ti_16', 'Ti', 16),
@@ -73,6 +81,7 @@ def _all_configs():
       _vit('R50+ViT-B_16', 'B', 1, dropout=0.1, resnet=(3, 4, 9)),
       _vit('R50+ViT-L_32', 'L', 1, resnet=(3, 4, 6, 3)),
       _testing(),
+      _testing_unpooled(),
   ]
   return {c.model_name: c for c in configs}
 

@@ -3,15 +3,20 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-# config.decay_type -> the decay factor at `progress` in [0, 1] after the warm-up.
+# Where linear decay ends, as in the official code (not 0: the last steps still learn a little).
+LINEAR_DECAY_END = 1e-5
+
+# config.decay_type -> the learning rate at `progress` in [0, 1] after the warm-up.
 DECAYS = {
-    'cosine': lambda progress: 0.5 * (1.0 + jnp.cos(jnp.pi * progress)),
-    'linear': lambda progress: 1.0 - progress,
+    'cosine': lambda progress, base_lr: base_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)),
+    'linear': lambda progress, base_lr: (
+        LINEAR_DECAY_END + (base_lr - LINEAR_DECAY_END) * (1.0 - progress)),
 }
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up from 0 to `base_lr`, then cosine or linear decay to 0 at `total_steps`.
+  """Linear warm-up from 0 to `base_lr`, then cosine decay to 0 or linear decay to
+  LINEAR_DECAY_END at `total_steps`.
 
   `config` is validated (config_lib.validate): a known decay_type, 0 <= warmup < total_steps.
   """
@@ -22,7 +27,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     step = jnp.asarray(step, jnp.float32)
     warm = step / max(warmup, 1)
     progress = jnp.clip((step - warmup) / (total - warmup), 0.0, 1.0)
-    return base_lr * jnp.where(step < warmup, warm, decay(progress))
+    return jnp.where(step < warmup, base_lr * warm, decay(progress, base_lr))
 
   return schedule
 

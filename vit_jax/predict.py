@@ -91,7 +91,8 @@ def format_predictions(names: Sequence[str], probs: np.ndarray, labels: Sequence
 def run(fv: flags.FlagValues) -> str:
   loaded = inference.load_model(fv.checkpoint, model_name=fv.model, resolution=fv.resolution)
   labels = class_names(loaded, fv.labels)
-  names, images = inference.load_images(fv.images, loaded.resolution)
+  run_pp = loaded.run_config.pp if loaded.run_config is not None else None
+  names, images = inference.load_images(fv.images, loaded.resolution, run_pp)
   return format_predictions(names, probabilities(loaded, images, fv.batch_size), labels,
                             fv.top_k)
 

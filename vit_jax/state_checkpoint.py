@@ -46,23 +46,25 @@ class CheckpointSaveError(OSError):
 
 
 class TrainCheckpointer:
-  """Saves the train state every `save_every` steps and keeps the last `keep` checkpoints."""
+  """Saves the train state every `save_every` steps (0: only when asked or preempted) and keeps
+  the last `keep` checkpoints."""
 
   def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
-    if save_every < 1:
-      raise ValueError(f'save_every={save_every}; expected a positive number of steps.')
+    if save_every < 0:
+      raise ValueError(f'save_every={save_every}; expected a number of steps, or 0 for no '
+                       'periodic checkpoints.')
     if keep < 1:
       raise ValueError(f'keep={keep}; expected at least one checkpoint to keep.')
     self._directory = directory
     self._pending_step = None  # Of the asynchronous save that may still be running.
     self._save_failed = False
     policies = ocp.checkpoint_managers
+    periodic = [policies.FixedIntervalPolicy(save_every)] if save_every else []
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         # Also saves when the cluster announces a preemption (a no-op where JAX's preemption
         # service is not running, e.g. on CPU).
-        save_decision_policy=policies.AnySavePolicy([
-            policies.FixedIntervalPolicy(save_every),
+        save_decision_policy=policies.AnySavePolicy(periodic + [
             policies.PreemptionCheckpointingPolicy(),
         ]),
         enable_async_checkpointing=async_save,

@@ -212,12 +212,13 @@ class Run:
   step: int
 
   def train(self) -> dict:
-    """Runs the remaining steps, saves the final checkpoint and model.npz; returns eval metrics."""
+    """Runs the remaining steps, saves the final checkpoint and model.npz; returns the final
+    `evaluate.accuracies` (minival `eval_top1`, `test_top1`)."""
     try:
       with _StopSignals() as stop:
         state, eval_metrics = self._loop(stop)
-      if not eval_metrics:  # The run had already finished: report its accuracy all the same.
-        eval_metrics = {'eval_top1': evaluate.top1(self.trainer, state['params'])}
+      if not eval_metrics:  # The run had already finished: report its accuracies all the same.
+        eval_metrics = evaluate.accuracies(self.trainer, state['params'], with_test=True)
       params = self.trainer.released_params(_host_params(state['params']))
       if jax.process_index() == 0:
         checkpoint.save_npz(params, os.path.join(self.workdir, 'model.npz'))
@@ -259,7 +260,8 @@ class Run:
         ckpt.wait()
         raise TrainingInterrupted(stop.signum, step, os.path.join(self.workdir, 'checkpoints'))
       if step % config.eval_every == 0 or step == config.total_steps:
-        eval_metrics = {'eval_top1': evaluate.top1(trainer, state['params'])}
+        eval_metrics = evaluate.accuracies(trainer, state['params'],
+                                           with_test=step == config.total_steps)
         writer.write(step, eval_metrics)
     progress.close()
     return state, eval_metrics

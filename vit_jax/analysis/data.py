@@ -36,9 +36,10 @@ def analysis_images(resolution: int, image_paths: Sequence[str],
                     config: Optional[ml_collections.ConfigDict],
                     num_images: int) -> tuple[list[str], np.ndarray]:
   """(names, images) to analyse: the given image files/directories if any, else the first
-  `num_images` of the dataset config's eval split, at `resolution`."""
+  `num_images` of the dataset config's eval split, at `resolution`, both with the config's eval
+  preprocessing."""
   if image_paths:
-    return inference.load_images(image_paths, resolution)
+    return inference.load_images(image_paths, resolution, config.pp if config else None)
   if config is None:
     raise ValueError('Give images (--images) or a dataset config (--config, or a workdir as the '
                      'checkpoint) to take them from.')

@@ -1,0 +1,110 @@
+"""Image preprocessing, in one place: decoding, train augmentation, eval resizing, scaling.
+
+The input pipeline (TFDS and folder datasets, training and evaluation) and every inference path
+(predict, analyze, report and export through `vit_jax.inference`) decode and preprocess with these
+functions, so an image file is classified exactly as the eval pipeline sees it.
+
+`config.pp` (the official fine-tuning pipeline is the default of configs/vit.py):
+  * train 'inception': a crop of `pp.area_min` (default 5%) to all of the area, any aspect ratio
+    (`sample_distorted_bounding_box`), resized to `pp.resolution`, random horizontal flip;
+    'resize_crop': square resize to `pp.resize` (default round(resolution * 8 / 7)), random crop
+    to the resolution, random flip.
+  * eval 'resize': plain resize to the resolution; 'central_crop': the short side resized to
+    `pp.resize` keeping the aspect ratio, then the central resolution x resolution crop
+    (`pp.resize = pp.resolution` is the official `PreprocessImages(crop=True)`).
+Pixels become float32 (x - 127.5) / 127.5, in [-1, 1]; grayscale, RGBA and 16-bit images become
+8-bit RGB first.
+"""
+import functools
+from typing import Callable
+
+import tensorflow as tf
+
+from vit_jax import config_lib
+
+# TensorFlow only feeds the host (the input pipeline, image decoding): JAX owns the
+# accelerators.
+tf.config.set_visible_devices([], 'GPU')
+
+
+def decode(encoded: tf.Tensor) -> tf.Tensor:
+  """Encoded JPEG / PNG / BMP / GIF bytes -> uint8 [H, W, 3].
+
+  16-bit PNGs are scaled to 8 bits (a 16-bit image of 257 * v decodes to v), not clipped.
+  """
+  return tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+  """Pixel values 0..255 -> float32 (x - 127.5) / 127.5, as the released models were trained."""
+  return (tf.cast(image, tf.float32) - 127.5) / 127.5
+
+
+def _resize_size(pp) -> int:
+  return pp.get('resize', None) or round(pp.resolution * 8 / 7)
+
+
+def _resize_random_crop(image, seed, *, resolution: int, resize: int):
+  image = tf.image.resize(image, [resize, resize])
+  return tf.image.stateless_random_crop(image, [resolution, resolution, 3], seed=seed)
+
+
+def _inception_crop(image, seed, *, resolution: int, area_min: float):
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
+      area_range=(area_min, 1.0), use_image_if_no_bounding_boxes=True)
+  return tf.image.resize(tf.slice(image, begin, size), [resolution, resolution])
+
+
+def _resize(image, *, resolution: int):
+  return tf.image.resize(image, [resolution, resolution])
+
+
+def _central_crop(image, *, resolution: int, resize: int):
+  """Short side to `resize` (aspect ratio kept, sides rounded), then the central crop.
+
+  `image` is [H, W, C] or [N, H, W, C].
+  """
+  height_width = tf.cast(tf.shape(image)[-3:-1], tf.float32)
+  scale = resize / tf.reduce_min(height_width)
+  size = tf.maximum(tf.cast(tf.round(height_width * scale), tf.int32), resize)
+  return tf.image.resize_with_crop_or_pad(tf.image.resize(image, size), resolution, resolution)
+
+
+def _choose(options: dict, name: str, field: str):
+  if name not in options:
+    raise ValueError(f'Unknown {field} {name!r}; expected one of {sorted(options)}.')
+  return options[name]
+
+
+def train_preprocess(pp) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+  """(decoded uint8 [H, W, 3] image, stateless seed [2]) -> float32 [R, R, 3] in [-1, 1]."""
+  crop = _choose({
+      'inception': functools.partial(_inception_crop, resolution=pp.resolution,
+                                     area_min=pp.get('area_min', config_lib.DEFAULT_AREA_MIN)),
+      'resize_crop': functools.partial(_resize_random_crop, resolution=pp.resolution,
+                                       resize=_resize_size(pp)),
+  }, pp.train, 'config.pp.train')
+
+  def preprocess(image, seed):
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = crop(image, crop_seed)
+    return normalize(tf.image.stateless_random_flip_left_right(image, flip_seed))
+
+  return preprocess
+
+
+def eval_preprocess(pp) -> Callable[[tf.Tensor], tf.Tensor]:
+  """Decoded uint8 [(N,) H, W, 3] images -> float32 [(N,) R, R, 3] in [-1, 1]."""
+  resize = _choose({
+      'resize': functools.partial(_resize, resolution=pp.resolution),
+      'central_crop': functools.partial(_central_crop, resolution=pp.resolution,
+                                        resize=_resize_size(pp)),
+  }, pp.eval, 'config.pp.eval')
+  return lambda image: normalize(resize(image))
+
+
+def eval_image(encoded: tf.Tensor, pp) -> tf.Tensor:
+  """Encoded image bytes -> float32 [R, R, 3]: what evaluation and every inference command feed
+  the model."""
+  return eval_preprocess(pp)(decode(encoded))
