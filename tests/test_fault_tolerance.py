@@ -34,6 +34,7 @@ from vit_jax import sharding
 from vit_jax import train
 from vit_jax import train_checkpoint
 from vit_jax import trainer as trainer_lib
+from vit_jax import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = 'tests/fault_tolerance_config.py'
@@ -380,7 +381,7 @@ def test_workdir_config_check_ignores_resumable_fields_and_lists_the_others(tmp_
   saved = json.loads(train_fixtures.tiny_config(dataset='fashion_mnist').to_json_best_effort())
   del saved['pp']['resize']  # As if written before base_config had it: it has its default.
   (tmp_path / 'config.json').write_text(json.dumps(saved))
-  train.check_workdir_config(
+  workdir_lib.check_config(
       train_fixtures.tiny_config(dataset='fashion_mnist', log_every=7, checkpoint_every=9,
                                  accum_steps=2, sharding='fsdp', nonfinite='skip'), str(tmp_path))
   other = train_fixtures.tiny_config(dataset='cifar10', total_steps=50)
@@ -389,13 +390,13 @@ def test_workdir_config_check_ignores_resumable_fields_and_lists_the_others(tmp_
   other.pp.resize = 40
   other.num_classes = 100
   with pytest.raises(ValueError) as error:
-    train.check_workdir_config(other, str(tmp_path))
+    workdir_lib.check_config(other, str(tmp_path))
   changes = str(error.value).split('\n')[1:-1]
   assert changes == ["  dataset: 'fashion_mnist' -> 'cifar10'", '  model.hidden_size: 16 -> 32',
                      '  num_classes: 10 -> 100', '  pp.resize: None -> 40',
                      '  pp.resolution: 16 -> 32', '  total_steps: 100 -> 50']
   other.allow_config_change = True
-  train.check_workdir_config(other, str(tmp_path))
+  workdir_lib.check_config(other, str(tmp_path))
   assert 'Resuming' in caplog.text and 'model.hidden_size: 16 -> 32' in caplog.text
 
 

@@ -1,6 +1,4 @@
 """Top-1 accuracy over a whole eval split (every example exactly once, padding masked out)."""
-import os
-
 from absl import logging
 import jax
 import ml_collections
@@ -9,6 +7,7 @@ from vit_jax import input_pipeline
 from vit_jax import sharding
 from vit_jax import train_checkpoint
 from vit_jax import trainer as trainer_lib
+from vit_jax import workdir as workdir_lib
 
 
 def top1(trainer, params) -> float:
@@ -28,14 +27,15 @@ def top1(trainer, params) -> float:
 
 
 def checkpoint_params(trainer, path: str):
-  """Params of a released-layout `.npz` or of a workdir's latest training checkpoint."""
+  """Params of a released-layout `.npz` or of a workdir's latest training checkpoint (a run in
+  progress or interrupted has no model.npz yet: see vit_jax.workdir)."""
   if path.endswith('.npz'):
     return jax.device_put(trainer.load_released(path, keep_head=True),
                           trainer.state_shardings['params'])
-  ckpt = train_checkpoint.TrainCheckpointer(os.path.join(path, 'checkpoints'), save_every=1,
-                                            keep=1)
+  directory = workdir_lib.path(path, workdir_lib.CHECKPOINTS)
+  ckpt = train_checkpoint.TrainCheckpointer(directory, save_every=1, keep=1)
   if ckpt.latest_step() is None:
-    raise FileNotFoundError(f'No training checkpoint under {path}/checkpoints.')
+    raise FileNotFoundError(f'No training checkpoint under {directory}.')
   state, _, step = ckpt.restore(trainer.abstract_state)
   logging.info('Evaluating %s at step %d.', path, step)
   ckpt.close()
