@@ -247,7 +247,7 @@ def run_main(monkeypatch, capsys):
     argv = ['vit_jax.main', *args]
     monkeypatch.setattr(sys, 'argv', argv)  # ml_collections reads --config.x overrides there.
     try:
-      main.main(cli_lib.parse_flags(argv))
+      cli_lib.guarded(main.main)(cli_lib.parse_flags(argv))
       code = 0
     except SystemExit as e:
       code = e.code
@@ -343,7 +343,7 @@ def test_pickled_npz_as_pretrained_path_is_refused(run_main, tmp_path):
   assert code == 2, stderr
   assert stderr.startswith(f"Error: Checkpoint {npz}: key 'embedding/kernel' holds a pickled "
                            'object array, which is refused')
-  assert _checkpoint_steps(tmp_path / 'workdir') == []
+  assert not (tmp_path / 'workdir').exists()  # A failed start leaves nothing on disk.
 
 
 def test_remote_path_that_does_not_answer_fails_fast(monkeypatch):
@@ -434,7 +434,9 @@ def _run(trainer, workdir: pathlib.Path) -> train.Run:
   ckpt = train_checkpoint.TrainCheckpointer(
       str(workdir / 'checkpoints'), save_every=trainer.config.checkpoint_every,
       keep=trainer.config.keep_checkpoints)
-  return train.Run(trainer, ckpt, str(workdir), trainer.initial_state(), 0)
+  batches = train._batches(trainer.config, trainer, 0)  # pylint: disable=protected-access
+  return train.Run(trainer, ckpt, str(workdir), trainer.initial_state(), 0, batches,
+                   workdir_lib.Lock(str(workdir), None))
 
 
 def _restored_params(trainer, workdir: pathlib.Path, step: int):

@@ -232,3 +232,34 @@ def test_main_evaluates_a_ram_checkpoint(tmp_path, capsys):
                                f'--config={ROOT}/tests/fault_tolerance_config.py']))
     printed.append(capsys.readouterr().out)
   assert printed[0].startswith('eval_top1=') and printed[1] == printed[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes.
+
+
+def _lock_in_two_processes(workdir: str) -> list[str]:
+  """The output lines of tests/multihost_workdir_worker.py in processes 0 and 1."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  worker = os.path.join(ROOT, 'tests', 'multihost_workdir_worker.py')
+  processes = [subprocess.Popen([sys.executable, worker, '2', str(i), str(port), workdir],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  for process, (_, err) in zip(processes, outputs):
+    assert process.returncode == 0, err[-3000:]
+  return [out.strip().splitlines()[-1] for out, _ in outputs]
+
+
+def test_several_processes_hold_the_workdir_once_by_process_0(tmp_path):
+  first, second = _lock_in_two_processes(str(tmp_path / 'free'))
+  assert first.startswith('HELD {"host": ') and second == 'HELD null'
+  held = _lock_naming(str(tmp_path / 'held'), socket.gethostname(), os.getpid())
+  first, second = _lock_in_two_processes(str(tmp_path / 'held'))
+  assert first == (f'REFUSED {tmp_path}/held is in use by host {held["host"]} pid '
+                   f'{os.getpid()} since {held["since"]} (delete {tmp_path}/held/lock if that '
+                   'run is gone).')
+  assert second == f'REFUSED Process 0 could not hold {tmp_path}/held: see its error.'

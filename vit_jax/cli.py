@@ -97,7 +97,8 @@ def check_no_arguments(argv: Sequence[str]) -> None:
     raise UserError(f'Unexpected arguments: {" ".join(argv[1:])} (flags are --name=value)')
 
 
-def _guarded(main: Callable[[list], Any]) -> Callable[[list], Any]:
+def guarded(main: Callable[[list], Any]) -> Callable[[list], Any]:
+  """`main` with the convention above (what `run` runs; tests call a command through it)."""
 
   def run_main(argv):
     try:
@@ -116,4 +117,4 @@ def _guarded(main: Callable[[list], Any]) -> Callable[[list], Any]:
 
 def run(main: Callable[[list], Any]) -> NoReturn:
   """`absl.app.run(main)` with the convention above."""
-  app.run(_guarded(main), flags_parser=parse_flags)
+  app.run(guarded(main), flags_parser=parse_flags)

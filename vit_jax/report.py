@@ -3,9 +3,10 @@ r"""A shareable Markdown report of one or more training runs, figures next to it
   python -m vit_jax.report --workdir=runs/finetune [--workdir=runs/other ...] \
       --out=report/report.md
 
-For each finished run (a vit_jax.workdir with its model.npz, local or gs://): its model (parameters counted
-from the model, analytic FLOPs), training curves from metrics.jsonl, final accuracies and the
-analyses of --analyses on its model, with images from --images or the run's eval split.
+For each finished run (a vit_jax.workdir with its model.npz, local or gs://): its model
+(parameters counted from the model, analytic FLOPs), training curves from metrics.jsonl, final
+accuracies and the analyses of --analyses on its model, with images from --images or the run's
+eval split.
 """
 import datetime
 import math

@@ -178,8 +178,10 @@ class Run:
       if jax.process_index() == 0:
         checkpoint.save_npz(params, workdir_lib.path(self.workdir, workdir_lib.MODEL))
     finally:
-      self.ckpt.close()
-      self.lock.release()
+      try:
+        self.ckpt.close()
+      finally:
+        self.lock.release()
     return eval_metrics
 
   def _loop(self, stop: _StopSignals):
