@@ -5,6 +5,8 @@ a restore that failed) used to leave a config.json that refused the corrected co
 """
 import socket
 
+import pytest
+
 from tests.test_fault_tolerance import _Cli
 from tests.test_fault_tolerance import _env
 from tests.test_fault_tolerance import _losses
@@ -13,8 +15,13 @@ from tests.test_fault_tolerance import _losses
 SHORT = ('--config.total_steps=6', '--config.checkpoint_every=3', '--config.eval_every=6')
 
 
-def test_a_second_run_is_refused_and_a_dead_runs_lock_taken_over(tmp_path):
-  env = _env(tmp_path / 'jax_cache')
+@pytest.fixture(scope='module')
+def env(tmp_path_factory) -> dict:
+  """The runs' environment, with one compilation cache for all of them."""
+  return _env(tmp_path_factory.mktemp('jax_cache'))
+
+
+def test_a_second_run_is_refused_and_a_dead_runs_lock_taken_over(tmp_path, env):
   endless = ('--config.total_steps=1000000', '--config.checkpoint_every=1000000')
   first = _Cli(tmp_path, 'first', 'workdir', *endless, env=env)
   first.wait_for_step(2)
@@ -37,8 +44,7 @@ def test_a_second_run_is_refused_and_a_dead_runs_lock_taken_over(tmp_path):
   assert not (third.workdir / 'lock').exists()
 
 
-def test_a_failed_start_changes_nothing_on_disk(tmp_path):
-  env = _env(tmp_path / 'jax_cache')
+def test_a_failed_start_changes_nothing_on_disk(tmp_path, env):
   bad_batch = _Cli(tmp_path, 'bad_batch', 'workdir', *SHORT, '--config.batch=0', env=env)
   assert bad_batch.finish() == 2, bad_batch.stderr[-3000:]
   assert not bad_batch.workdir.exists()
