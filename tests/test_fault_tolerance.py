@@ -34,6 +34,7 @@ from vit_jax import sharding
 from vit_jax import train_loop
 from vit_jax import state_checkpoint
 from vit_jax import program as program_lib
+from vit_jax import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = 'tests/fault_tolerance_config.py'
@@ -246,7 +247,7 @@ def run_main(monkeypatch, capsys):
     argv = ['vit_jax.main', *args]
     monkeypatch.setattr(sys, 'argv', argv)  # ml_collections reads --config.x overrides there.
     try:
-      main.main(cli_lib.parse_flags(argv))
+      cli_lib.guarded(main.main)(cli_lib.parse_flags(argv))
       code = 0
     except SystemExit as e:
       code = e.code
@@ -342,7 +343,7 @@ def test_pickled_npz_as_pretrained_path_is_refused(run_main, tmp_path):
   assert code == 2, stderr
   assert stderr.startswith(f"Error: Checkpoint {npz}: key 'embedding/kernel' holds a pickled "
                            'object array, which is refused')
-  assert _checkpoint_steps(tmp_path / 'workdir') == []
+  assert not (tmp_path / 'workdir').exists()  # A failed start leaves nothing on disk.
 
 
 def test_remote_path_that_does_not_answer_fails_fast(monkeypatch):
@@ -380,7 +381,7 @@ def test_workdir_config_check_ignores_resumable_fields_and_lists_the_others(tmp_
   saved = json.loads(train_fixtures.tiny_config(dataset='fashion_mnist').to_json_best_effort())
   del saved['pp']['resize']  # As if written before base_config had it: it has its default.
   (tmp_path / 'config.json').write_text(json.dumps(saved))
-  train_loop.check_workdir_config(
+  workdir_lib.check_config(
       train_fixtures.tiny_config(dataset='fashion_mnist', log_every=7, checkpoint_every=9,
                                  accum_steps=2, sharding='fsdp', nonfinite='skip'), str(tmp_path))
   other = train_fixtures.tiny_config(dataset='cifar10', total_steps=50)
@@ -389,13 +390,13 @@ def test_workdir_config_check_ignores_resumable_fields_and_lists_the_others(tmp_
   other.pp.resize = 40
   other.num_classes = 100
   with pytest.raises(ValueError) as error:
-    train_loop.check_workdir_config(other, str(tmp_path))
+    workdir_lib.check_config(other, str(tmp_path))
   changes = str(error.value).split('\n')[1:-1]
   assert changes == ["  dataset: 'fashion_mnist' -> 'cifar10'", '  model.hidden_size: 16 -> 32',
                      '  num_classes: 10 -> 100', '  pp.resize: None -> 40',
                      '  pp.resolution: 16 -> 32', '  total_steps: 100 -> 50']
   other.allow_config_change = True
-  train_loop.check_workdir_config(other, str(tmp_path))
+  workdir_lib.check_config(other, str(tmp_path))
   assert 'Resuming' in caplog.text and 'model.hidden_size: 16 -> 32' in caplog.text
 
 
@@ -433,7 +434,9 @@ def _run(trainer, workdir: pathlib.Path) -> train_loop.Run:
   ckpt = state_checkpoint.TrainCheckpointer(
       str(workdir / 'checkpoints'), save_every=trainer.config.checkpoint_every,
       keep=trainer.config.keep_checkpoints)
-  return train_loop.Run(trainer, ckpt, str(workdir), trainer.initial_state(), 0)
+  batches = train_loop._batches(trainer.config, trainer, 0)  # pylint: disable=protected-access
+  return train_loop.Run(trainer, ckpt, str(workdir), trainer.initial_state(), 0, batches,
+                        workdir_lib.Lock(str(workdir), None))
 
 
 def _restored_params(trainer, workdir: pathlib.Path, step: int):

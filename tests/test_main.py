@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
-from vit_jax import metrics_writer
+from vit_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config.model.transformer.num_layers=1', '--config.model.hidden_size=16',
@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
 
 
 def test_train_writes_metrics_checkpoints_and_npz(trained):
-  events = metrics_writer.read_metrics(trained)
+  events = workdir_lib.read_metrics(trained)
   train_steps = [e['step'] for e in events if 'loss' in e]
   eval_steps = [e['step'] for e in events if 'eval_top1' in e]
   assert train_steps == [2, 4, 6] and eval_steps == [3, 6]
@@ -67,7 +67,7 @@ def test_train_writes_metrics_checkpoints_and_npz(trained):
 
 def test_eval_of_the_exported_npz_reproduces_the_final_accuracy(trained):
   out = _main(trained, '--mode=eval', f'--checkpoint={trained}/model.npz')
-  (final,) = [e for e in metrics_writer.read_metrics(trained) if 'test_top1' in e]
+  (final,) = [e for e in workdir_lib.read_metrics(trained) if 'test_top1' in e]
   assert f"eval_top1={final['eval_top1']:.4f} test_top1={final['test_top1']:.4f}" in out
 
 
@@ -78,7 +78,7 @@ def test_extending_a_finished_run_resumes_from_its_latest_checkpoint(trained, tm
                   resumed], check=True)
   # A longer schedule is a config change, accepted only when asked for.
   _main(resumed, '--config.total_steps=8', '--config.allow_config_change=True')
-  events = metrics_writer.read_metrics(resumed)
+  events = workdir_lib.read_metrics(resumed)
   steps = [e['step'] for e in events if 'loss' in e]
   assert steps == [2, 4, 6, 8]  # steps 1-6 were not trained again
   assert sorted(os.listdir(os.path.join(resumed, 'checkpoints')))[-1] == '8'

@@ -4,7 +4,6 @@ import math
 import os
 import re
 
-from absl import app
 import ml_collections
 import numpy as np
 import pytest
@@ -147,18 +146,6 @@ def test_labels_file_must_match_the_head(tmp_path):
 def test_top_k_orders_by_probability():
   probs = np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])
   np.testing.assert_array_equal(predict.top_k(probs, 2), [[1, 2], [0, 2]])
-
-
-def test_commands_print_errors_as_one_line(capsys):
-  def fail(unused_flags):
-    raise ValueError('Cannot decode image file x.png: not an image')
-
-  assert inference.run_command(fail, ['prog']) == 1
-  assert capsys.readouterr() == ('', 'Error: Cannot decode image file x.png: not an image\n')
-  assert inference.run_command(lambda unused_flags: 'fine', ['prog']) == 0
-  assert capsys.readouterr().out == 'fine\n'
-  with pytest.raises(app.UsageError, match='Unexpected arguments: extra'):
-    inference.run_command(fail, ['prog', 'extra'])
 
 
 # ---------------------------------------------------------------------------------------------

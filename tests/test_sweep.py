@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from vit_jax import metrics_writer
 from vit_jax import sweep
+from vit_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config=tests/fault_tolerance_config.py', '--config.total_steps=4',
@@ -30,7 +30,7 @@ def test_sweep_fine_tunes_each_lr_picks_on_minival_and_resumes(tmp_path):
     summary = json.load(f)
   assert [run['base_lr'] for run in summary['runs']] == [0.0001, 0.01]
   for run in summary['runs']:
-    (final,) = [e for e in metrics_writer.read_metrics(run['workdir']) if 'test_top1' in e]
+    (final,) = [e for e in workdir_lib.read_metrics(run['workdir']) if 'test_top1' in e]
     assert final['step'] == 4
     assert (run['eval_top1'], run['test_top1']) == (final['eval_top1'], final['test_top1'])
     with open(os.path.join(run['workdir'], 'config.json')) as f:

@@ -18,10 +18,10 @@ train split (the first --fewshot_pool examples) and eval split.
 import os
 from typing import Sequence
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from vit_jax import cli
 from vit_jax import inference
 from vit_jax import model_configs
 from vit_jax.analysis import data
@@ -114,6 +114,8 @@ def _speed(fv: flags.FlagValues) -> dict:
 
 def run(fv: flags.FlagValues) -> dict:
   """Runs --analysis; returns outputs' summary (the files written and headline numbers)."""
+  if os.path.exists(fv.out_dir) and not os.path.isdir(fv.out_dir):
+    raise cli.UserError(f'--out_dir={fv.out_dir} is a file, not a directory.')
   os.makedirs(fv.out_dir, exist_ok=True)
   if fv.analysis == 'speed':
     return _speed(fv)
@@ -146,10 +148,11 @@ def run_and_list_files(fv: flags.FlagValues) -> str:
   return '\n'.join(files)
 
 
-def main(argv: Sequence[str]) -> int:
-  return inference.run_command(run_and_list_files, argv)
+def main(argv: Sequence[str]) -> None:
+  cli.check_no_arguments(argv)
+  print(run_and_list_files(flags.FLAGS))
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

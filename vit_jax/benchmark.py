@@ -20,6 +20,7 @@ from absl import flags
 import jax
 
 from vit_jax import benchmark_lib as lib
+from vit_jax import cli
 from vit_jax import hardware
 from vit_jax import models
 from vit_jax import optim
@@ -195,11 +196,10 @@ def run(fv: flags.FlagValues, command_line: Sequence[str] = ()) -> dict:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}.')
+  cli.check_no_arguments(argv)
   run(flags.FLAGS, sys.argv[1:])
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -15,7 +15,6 @@ import io
 import math
 import os
 import re
-import sys
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import urllib.error
 import urllib.parse
@@ -23,7 +22,6 @@ import urllib.request
 import zipfile
 import zlib
 
-from absl import app
 from absl import flags
 from absl import logging
 from flax import traverse_util
@@ -33,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
+from vit_jax import cli
 from vit_jax import model_configs
 from vit_jax import models
 
@@ -457,24 +456,20 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_float('timeout', 10.0, 'Network timeout in seconds.', flag_values=flag_values)
 
 
-def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """`inspect PATH` or `fetch NAME`; errors (OSError includes DownloadError) are the user's."""
   commands = ('inspect', 'fetch')
   if len(argv) != 3 or argv[1] not in commands:
-    raise app.UsageError(f'Expected one of: {" | ".join(c + " ARG" for c in commands)}; '
-                         f'got {list(argv[1:])}.')
+    raise cli.UserError(f'Expected one of: {" | ".join(c + " ARG" for c in commands)}; '
+                        f'got {" ".join(argv[1:]) or "nothing"}.')
   command, arg = argv[1:]
-  try:
-    if command == 'inspect':
-      print(describe(arg))
-    else:
-      fetch(arg, bucket=flag_values.bucket, dest=flag_values.dest,
-            base_url=flag_values.base_url, timeout=flag_values.timeout)
-  except (OSError, ValueError) as e:  # OSError includes DownloadError and FileNotFoundError.
-    print(f'Error: {e}', file=sys.stderr)
-    return 1
-  return 0
+  if command == 'inspect':
+    print(describe(arg))
+  else:
+    fetch(arg, bucket=flag_values.bucket, dest=flag_values.dest,
+          base_url=flag_values.base_url, timeout=flag_values.timeout)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

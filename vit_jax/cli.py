@@ -12,7 +12,7 @@ other exit codes of their own (main's 3 for a non-finite loss) call `fail` with 
 Importing this module imports no TensorFlow (the benchmark runs where there is none).
 """
 import sys
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -63,10 +63,25 @@ def _flag_error_message(error: flags.Error) -> str:
   return f'{str(error).splitlines()[0]} {type(cause).__name__}: {cause}'
 
 
+def _config_file_error(flag_values: flags.FlagValues) -> Optional[str]:
+  """ml_collections keeps a config file that failed to load as a value that raises on first use
+  (with a multi-line message); this names it at parse time, in one line."""
+  for name in flag_values:
+    value = flag_values[name].value
+    if type(value).__name__ == '_ErrorConfig':
+      lines = [line.strip() for line in str(object.__getattribute__(value, '_error')).splitlines()
+               if line.strip()]
+      return f'flag --{name}: {lines[0]}: {lines[-1]}'
+  return None
+
+
 def parse_flags(argv: Sequence[str]):
   """absl's flag parsing, but a bad flag gets one `Error: <message>` line and exit code 2."""
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
+    message = _config_file_error(flags.FLAGS)
+    if message is None:
+      return remaining
   except flags.Error as e:
     message = _flag_error_message(e)
   except AttributeError as e:  # ml_collections: `--config.x=...` where the config has no x.
@@ -82,7 +97,8 @@ def check_no_arguments(argv: Sequence[str]) -> None:
     raise UserError(f'Unexpected arguments: {" ".join(argv[1:])} (flags are --name=value)')
 
 
-def _guarded(main: Callable[[list], Any]) -> Callable[[list], Any]:
+def guarded(main: Callable[[list], Any]) -> Callable[[list], Any]:
+  """`main` with the convention above (what `run` runs; tests call a command through it)."""
 
   def run_main(argv):
     try:
@@ -101,4 +117,4 @@ def _guarded(main: Callable[[list], Any]) -> Callable[[list], Any]:
 
 def run(main: Callable[[list], Any]) -> NoReturn:
   """`absl.app.run(main)` with the convention above."""
-  app.run(_guarded(main), flags_parser=parse_flags)
+  app.run(guarded(main), flags_parser=parse_flags)

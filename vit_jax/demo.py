@@ -10,13 +10,14 @@
 import os
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vit_jax import cli
 from vit_jax import logging_util
 from vit_jax import train_loop
+from vit_jax import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/vit_demo', 'Parent of pretrain/ and finetune/.')
 _PRETRAIN = config_flags.DEFINE_config_file(
@@ -33,12 +34,13 @@ def run(pretrain_config, finetune_config, workdir: str) -> dict:
   start = time.perf_counter()
   pretrained = train_loop.train_and_evaluate(pretrain_config, pretrain_dir)
   middle = time.perf_counter()
-  finetune_config.pretrained_path = os.path.join(pretrain_dir, 'model.npz')
+  finetune_config.pretrained_path = workdir_lib.path(pretrain_dir, workdir_lib.MODEL)
   logging.info('Stage 2/2: fine-tuning at %dpx in %s', finetune_config.pp.resolution,
                finetune_dir)
   finetuned = train_loop.train_and_evaluate(finetune_config, finetune_dir)
   return {'pretrain': pretrained, 'finetune': finetuned, 'pretrain_s': middle - start,
-          'finetune_s': time.perf_counter() - middle}
+          'finetune_s': time.perf_counter() - middle,
+          'model': workdir_lib.path(finetune_dir, workdir_lib.MODEL)}
 
 
 def _accuracies(metrics: dict) -> str:
@@ -47,16 +49,15 @@ def _accuracies(metrics: dict) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.check_no_arguments(argv)
   logging_util.quiet_libraries()
   results = run(_PRETRAIN.value, _FINETUNE.value, _WORKDIR.value)
   print(f'Pre-trained at {_PRETRAIN.value.pp.resolution}px: '
         f'{_accuracies(results["pretrain"])} ({results["pretrain_s"]:.0f} s)')
   print(f'Fine-tuned at {_FINETUNE.value.pp.resolution}px: '
         f'{_accuracies(results["finetune"])} ({results["finetune_s"]:.0f} s; model: '
-        f'{_WORKDIR.value}/finetune/model.npz)')
+        f'{results["model"]})')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -1,5 +1,4 @@
 """Top-1 accuracy over a whole eval split (every example exactly once, padding masked out)."""
-import os
 from typing import Optional
 
 from absl import logging
@@ -10,6 +9,7 @@ from vit_jax import input_pipeline
 from vit_jax import sharding
 from vit_jax import state_checkpoint
 from vit_jax import program as program_lib
+from vit_jax import workdir as workdir_lib
 
 
 def top1(trainer, params, split: Optional[str] = None) -> float:
@@ -40,14 +40,15 @@ def accuracies(trainer, params, *, with_test: bool) -> dict:
 
 
 def checkpoint_params(trainer, path: str):
-  """Params of a released-layout `.npz` or of a workdir's latest training checkpoint."""
+  """Params of a released-layout `.npz` or of a workdir's latest training checkpoint (a run in
+  progress or interrupted has no model.npz yet: see vit_jax.workdir)."""
   if path.endswith('.npz'):
     return jax.device_put(trainer.load_released(path, keep_head=True),
                           trainer.state_shardings['params'])
-  ckpt = state_checkpoint.TrainCheckpointer(os.path.join(path, 'checkpoints'), save_every=1,
-                                            keep=1)
+  directory = workdir_lib.path(path, workdir_lib.CHECKPOINTS)
+  ckpt = state_checkpoint.TrainCheckpointer(directory, save_every=1, keep=1)
   if ckpt.latest_step() is None:
-    raise FileNotFoundError(f'No training checkpoint under {path}/checkpoints.')
+    raise FileNotFoundError(f'No training checkpoint under {directory}.')
   state, step = ckpt.restore(trainer.abstract_state)
   logging.info('Evaluating %s at step %d.', path, step)
   ckpt.close()

@@ -27,11 +27,9 @@ platform): logits within 1e-4 (float32) or 5e-2 (bfloat16, whose rounding differ
 builds) of max(1, largest |logit|), probabilities equal to their softmax. Only a model that
 matches is moved to --out; on a mismatch the command fails and --out is left as it was.
 """
-import sys
 import uuid
 from typing import Any, Mapping, Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -40,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
+from vit_jax import cli
 from vit_jax import inference
 from vit_jax import models
 from vit_jax import preprocessing
@@ -54,7 +53,7 @@ PROBABILITY_TOLERANCE = 1e-5
 NUM_VERIFICATION_IMAGES = 3
 
 
-class VerificationError(RuntimeError):
+class VerificationError(cli.UserError):
   """The reloaded SavedModel does not compute what the JAX model computes."""
 
 
@@ -226,16 +225,11 @@ def run(flag_values: flags.FlagValues) -> None:
   logging.info('Saved %s with signatures %s.', fv.out, ', '.join(SIGNATURES))
 
 
-def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """Runs the export; expected failures end the program with status 1 and one message."""
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  try:
-    run(flag_values)
-  except (FileNotFoundError, FileExistsError, ValueError, VerificationError) as e:
-    sys.exit(f'Error: {e}')
+def main(argv: Sequence[str]) -> None:
+  cli.check_no_arguments(argv)
+  run(flags.FLAGS)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

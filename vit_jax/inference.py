@@ -1,18 +1,14 @@
 """Shared by the inference commands: a checkpoint argument -> a ready model; image files -> arrays.
 
 A checkpoint argument is either a released-layout `.npz` (the model name must then be given) or a
-training workdir (ARCHITECTURE.md: `WORKDIR/model.npz` + `WORKDIR/config.json`, which names the
-model, its config, the number of classes and the resolution).
+training workdir (vit_jax.workdir: its model.npz + config.json, which names the model, its config,
+the number of classes and the resolution), local or any tf.io.gfile URL (gs://...).
 """
 import dataclasses
-import json
 import math
 import os
-import sys
 from typing import Callable, Optional, Sequence
 
-from absl import app
-from absl import flags
 from flax import traverse_util
 import jax
 import ml_collections
@@ -26,6 +22,7 @@ from vit_jax import input_pipeline
 from vit_jax import model_configs
 from vit_jax import models
 from vit_jax import preprocessing
+from vit_jax import workdir as workdir_lib
 
 
 
@@ -69,7 +66,7 @@ def load_model(checkpoint_arg: str, *, model_name: Optional[str] = None,
   """Loads a `.npz` checkpoint or a training workdir with its head, for `resolution` (default:
   the checkpoint's own; otherwise the position embeddings are resized). Raises ValueError when
   the checkpoint does not fit the model."""
-  if os.path.isdir(checkpoint_arg):
+  if workdir_lib.is_workdir(checkpoint_arg):
     run_config, model_config, npz_path = _read_workdir(checkpoint_arg, model_name)
   elif checkpoint_arg.endswith('.npz'):
     if not model_name:
@@ -99,25 +96,22 @@ def load_model(checkpoint_arg: str, *, model_name: Optional[str] = None,
 
 
 def _read_workdir(workdir: str, model_name: Optional[str]):
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f'Workdir {workdir} has no config.json.')
-  npz_path = os.path.join(workdir, 'model.npz')
-  if not os.path.isfile(npz_path):
-    raise FileNotFoundError(f'Workdir {workdir} has no model.npz (written when training ends).')
-  with open(config_path) as f:
-    saved = json.load(f)
-  if 'model' not in saved:
-    raise ValueError(f'{config_path} has no `model` field: it is not a vit_jax training config.')
-  run_config = config_lib.with_defaults(saved)
-  if model_name and model_configs.ALIASES.get(model_name.lower(),
-                                              model_name) != run_config.model.model_name:
-    raise ValueError(f'--model={model_name} but workdir {workdir} trained '
-                     f'{run_config.model.model_name}.')
-  model_config = run_config.model
-  # Inference reads the released layout (no scanned blocks) and sown attention weights (no fused
-  # kernel): the plain model, whatever speed switches the run trained with.
-  model_config.update(model_configs.SPEED_SWITCHES)
+  run_config, npz_path = workdir_lib.read_model_files(workdir)
+  try:
+    model_config = run_config.model
+    # Inference reads the released layout (no scanned blocks) and sown attention weights (no
+    # fused kernel): the plain model, whatever speed switches the run trained with.
+    model_config.update(model_configs.SPEED_SWITCHES)
+    resolution = run_config.pp.resolution
+    if not isinstance(resolution, int) or resolution < 1:
+      raise TypeError(f'pp.resolution={resolution!r} is not a positive integer')
+    models.abstract_params(model_config, 1, resolution)  # What load_model builds, named if it fails.
+  except (TypeError, KeyError, AttributeError, ValueError) as e:
+    raise ValueError(f'{workdir_lib.path(workdir, workdir_lib.CONFIG)} does not describe a model '
+                     f'vit_jax can build (edited by hand?): {type(e).__name__}: {e}') from e
+  trained = model_config.model_name
+  if model_name and model_configs.ALIASES.get(model_name.lower(), model_name) != trained:
+    raise ValueError(f'--model={model_name} but workdir {workdir} trained {trained}.')
   return run_config, model_config, npz_path
 
 
@@ -198,16 +192,3 @@ def map_batches(fn: Callable[[jax.Array], jax.Array], images: np.ndarray, batch_
     outputs.append(np.asarray(fn(batch))[:count])
   return np.concatenate(outputs)
 
-
-def run_command(run: Callable[[flags.FlagValues], str], argv: Sequence[str]) -> int:
-  """The `main` of the inference commands: prints what `run(flags.FLAGS)` returns; a ValueError or
-  FileNotFoundError (a bad checkpoint, image or argument) becomes one 'Error: ...' line on stderr
-  and exit status 1 instead of a traceback."""
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}.')
-  try:
-    print(run(flags.FLAGS))
-  except (ValueError, FileNotFoundError) as e:
-    print(f'Error: {e}', file=sys.stderr)
-    return 1
-  return 0

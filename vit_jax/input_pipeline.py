@@ -36,7 +36,6 @@ import os
 import time
 from typing import Callable, Iterator, Optional
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -45,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax import cli
 from vit_jax import fashion_mnist
 from vit_jax import preprocessing
 
@@ -412,7 +412,7 @@ def _main():
   steps_flag = flags.DEFINE_integer('bench_steps', 50, 'Batches to time.')
 
   def main(argv):
-    del argv
+    cli.check_no_arguments(argv)
     config = config_flag.value
     images_per_s = bench(config, steps_flag.value)
     print(f'{config.dataset} {config.train_split} @ {config.pp.resolution}px, pp.train='
@@ -420,7 +420,7 @@ def _main():
           f'{images_per_s:,.0f} images/s')
 
   flags.mark_flag_as_required('config')
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

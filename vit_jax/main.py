@@ -11,20 +11,18 @@ Training resumes from WORKDIR: rerun the same command after a crash, `kill -9` o
 Exit codes:
   0      done.
   1      an unexpected error (a bug): Python's traceback.
-  2      `Error: <message>` on stderr: a bad flag, config, dataset, path or checkpoint, a workdir
-         holding a run with another config, a training checkpoint that could not be saved (disk
-         full). Only errors raised while setting up a training run (before its first step) are
-         reported this way, besides that last one; in --mode=eval the whole evaluation counts
-         as setting up. Add --verbosity=1 to log their traceback too.
+  2      `Error: <message>` on stderr (vit_jax.cli): a bad flag, config, dataset, path or
+         checkpoint, a workdir holding a run with another config or held by another run
+         (vit_jax.workdir.lock), a training checkpoint that could not be saved (disk full).
+         A start that fails so leaves the workdir as it was. Add --verbosity=1 to log the
+         traceback too.
   3      training stopped on a non-finite loss or gradient (config.nonfinite='stop').
   128+N  stopped by signal N (143: SIGTERM, 130: SIGINT) after saving a checkpoint of the last
          finished step; the same command resumes.
 """
 import os
-import sys
 import threading
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -35,12 +33,12 @@ from vit_jax import cli
 from vit_jax import evaluate
 from vit_jax import logging_util
 from vit_jax import train_loop
-from vit_jax import state_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/vit.py:b16,cifar10.',
     lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and model.npz go.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where the run writes (vit_jax.workdir); local '
+                                'or gs://.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                           'train: train (resuming from WORKDIR); eval: print eval_top1 '
                           '(config.eval_split) and test_top1 (config.test_split).')
@@ -53,8 +51,6 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
 
 EXIT_NONFINITE = 3
-# Errors that setting up a run raises for what the user must fix (gs:// failures are tf's).
-USER_ERRORS = (ValueError, OSError, tf.errors.OpError)
 # A remote path (gs://...) that does not answer within this time is reported as unreachable.
 REMOTE_TIMEOUT_S = 60.0
 
@@ -105,52 +101,41 @@ def check_remote_paths(config, paths) -> None:
 
 
 def _train(config, workdir: str) -> dict:
-  try:
-    check_remote_paths(config, [workdir])
-    run = train_loop.prepare(config, workdir)
-  except USER_ERRORS as e:
-    cli.fail(e)
+  """Trains; a signal ends it with 128 + N and a non-finite loss with EXIT_NONFINITE (cli)."""
+  check_remote_paths(config, [workdir])
+  run = train_loop.prepare(config, workdir)
   try:
     return run.train()
-  except train_loop.TrainingInterrupted as e:
-    print(e, file=sys.stderr, flush=True)
-    sys.exit(128 + e.signum)
   except train_loop.NonFiniteError as e:
     cli.fail(e, EXIT_NONFINITE)
-  except state_checkpoint.CheckpointSaveError as e:
-    cli.fail(e)
 
 
 def _evaluate(config, path: str) -> dict:
-  try:
-    check_remote_paths(config, [path])
-    return evaluate.run(config, path)
-  except USER_ERRORS as e:
-    cli.fail(e)
+  check_remote_paths(config, [path])
+  return evaluate.run(config, path)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.check_no_arguments(argv)
   logging_util.quiet_libraries()
   if _CONFIG.value is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/vit.py:b16,cifar10.')
+    raise cli.UserError('--config is required, e.g. --config=configs/vit.py:b16,cifar10.')
   initialize_distributed()
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value.unlock()
   if _MODE.value == 'train':
     if not _WORKDIR.value:
-      raise app.UsageError('--workdir is required for --mode=train.')
+      raise cli.UserError('--workdir is required for --mode=train.')
     metrics = _train(config, _WORKDIR.value)
   else:
     path = _CHECKPOINT.value or _WORKDIR.value
     if not path:
-      raise app.UsageError('--mode=eval needs --checkpoint or --workdir.')
+      raise cli.UserError('--mode=eval needs --checkpoint or --workdir.')
     metrics = _evaluate(config, path)
   if jax.process_index() == 0:
     print(' '.join(f'{k}={v:.4f}' for k, v in metrics.items()), flush=True)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

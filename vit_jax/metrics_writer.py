@@ -1,9 +1,9 @@
 """Metrics out: JSON lines in WORKDIR/metrics.jsonl and TensorBoard event files.
 
 Only process 0 writes; the others get a writer that does nothing, so callers need no checks.
+`vit_jax.workdir.read_metrics` reads them back.
 """
 import json
-import os
 from typing import Mapping
 
 from absl import logging
@@ -11,16 +11,19 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from vit_jax import workdir as workdir_lib
+
 
 class MetricsWriter:
 
   def __init__(self, workdir: str, *, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._path = workdir_lib.path(workdir, workdir_lib.METRICS)
     self._summary = None
     if self.enabled:
       tf.io.gfile.makedirs(workdir)
-      self._summary = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+      self._summary = tf.summary.create_file_writer(
+          workdir_lib.path(workdir, workdir_lib.TENSORBOARD))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -34,11 +37,3 @@ class MetricsWriter:
     self._summary.flush()
     logging.info('step %d: %s', step, ', '.join(f'{k}={v:.5g}' for k, v in scalars.items()))
 
-
-def read_metrics(workdir: str) -> list:
-  """All events of WORKDIR/metrics.jsonl, in order."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not tf.io.gfile.exists(path):
-    return []
-  with tf.io.gfile.GFile(path) as f:
-    return [json.loads(line) for line in f if line.strip()]

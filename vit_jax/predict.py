@@ -11,11 +11,11 @@ import functools
 import os
 from typing import Optional, Sequence
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 
+from vit_jax import cli
 from vit_jax import inference
 
 LABELS_DIR = os.path.join(os.path.dirname(__file__), 'labels')
@@ -97,10 +97,11 @@ def run(fv: flags.FlagValues) -> str:
                             fv.top_k)
 
 
-def main(argv: Sequence[str]) -> int:
-  return inference.run_command(run, argv)
+def main(argv: Sequence[str]) -> None:
+  cli.check_no_arguments(argv)
+  print(run(flags.FLAGS))
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -5,7 +5,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-import tensorflow as tf
 
 from vit_jax import checkpoint
 from vit_jax import config_lib
@@ -35,13 +34,6 @@ def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
   if config.pretrained_dir:
     return os.path.join(config.pretrained_dir, f'{config.model.model_name}.npz')
   return None
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  if jax.process_index() == 0:
-    tf.io.gfile.makedirs(workdir)
-    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 class Program:

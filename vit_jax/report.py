@@ -3,9 +3,10 @@ r"""A shareable Markdown report of one or more training runs, figures next to it
   python -m vit_jax.report --workdir=runs/finetune [--workdir=runs/other ...] \
       --out=report/report.md
 
-For each finished run (ARCHITECTURE.md workdir, with model.npz): its model (parameters counted
-from the model, analytic FLOPs), training curves from metrics.jsonl, final accuracies and the
-analyses of --analyses on its model, with images from --images or the run's eval split.
+For each finished run (a vit_jax.workdir with its model.npz, local or gs://): its model
+(parameters counted from the model, analytic FLOPs), training curves from metrics.jsonl, final
+accuracies and the analyses of --analyses on its model, with images from --images or the run's
+eval split.
 """
 import datetime
 import math
@@ -13,16 +14,16 @@ import os
 import re
 from typing import Optional, Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 
+from vit_jax import cli
 from vit_jax import flops
 from vit_jax import inference
-from vit_jax import metrics_writer
 from vit_jax import model_configs
 from vit_jax import models
+from vit_jax import workdir as workdir_lib
 from vit_jax.analysis import data
 from vit_jax.analysis import embeddings
 from vit_jax.analysis import outputs
@@ -99,7 +100,7 @@ class Run:
     self.workdir, self.name = workdir, name
     self.loaded = inference.load_model(workdir)
     self.config = self.loaded.run_config
-    self.events = metrics_writer.read_metrics(workdir)
+    self.events = workdir_lib.read_metrics(workdir)
 
   def last(self, key: str) -> Optional[float]:
     values = [e[key] for e in self.events if key in e]
@@ -219,10 +220,11 @@ def write_report(fv: flags.FlagValues) -> str:
   return fv.out
 
 
-def main(argv: Sequence[str]) -> int:
-  return inference.run_command(write_report, argv)
+def main(argv: Sequence[str]) -> None:
+  cli.check_no_arguments(argv)
+  print(write_report(flags.FLAGS))
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -26,8 +26,8 @@ import tensorflow as tf
 
 from vit_jax import cli
 from vit_jax import logging_util
-from vit_jax import metrics_writer
 from vit_jax import train_loop
+from vit_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Fine-tuning config, e.g. configs/vit.py:b16,cifar10.', lock_config=True)
@@ -60,10 +60,10 @@ def run_workdir(workdir: str, base_lr: float) -> str:
 
 def finished_result(workdir: str, total_steps: int) -> Optional[dict]:
   """The final accuracies of a run that finished (model.npz written), else None."""
-  if not tf.io.gfile.exists(os.path.join(workdir, 'model.npz')):
+  if not tf.io.gfile.exists(workdir_lib.path(workdir, workdir_lib.MODEL)):
     return None
   result = {}
-  for event in metrics_writer.read_metrics(workdir):
+  for event in workdir_lib.read_metrics(workdir):
     if event['step'] == total_steps:
       result.update({k: event[k] for k in RESULT_FIELDS if k in event})
   return result if 'eval_top1' in result else None

@@ -18,12 +18,13 @@ Fault tolerance:
     before anything else is saved; 'skip' logs the skipped steps and goes on.
   * Workdir reuse: a config differing from WORKDIR/config.json outside
     config_lib.RESUMABLE_FIELDS is refused (ValueError listing the differences) unless
-    config.allow_config_change.
+    config.allow_config_change; a workdir another run holds is refused (vit_jax.workdir.lock).
+  * A start that fails (bad config or data, a restore that fails) changes nothing on disk:
+    config.json and metrics.jsonl are written only once the state is restored and the input
+    pipeline built.
 """
 import dataclasses
-import json
 import math
-import os
 import signal
 import threading
 import time
@@ -34,11 +35,10 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
-import tensorflow as tf
 import tqdm
 
 from vit_jax import checkpoint
-from vit_jax import config_lib
+from vit_jax import cli
 from vit_jax import evaluate
 from vit_jax import flops
 from vit_jax import hardware
@@ -48,15 +48,16 @@ from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import state_checkpoint
 from vit_jax import program as program_lib
+from vit_jax import workdir as workdir_lib
 
 
-class TrainingInterrupted(Exception):
-  """Training stopped on a signal after saving a checkpoint of the last finished step."""
+class TrainingInterrupted(cli.Interrupted):
+  """Training stopped on a signal after saving a checkpoint of the last finished step (the
+  command exits with 128 + the signal number, vit_jax.cli)."""
 
   def __init__(self, signum: int, step: int, directory: str):
-    self.signum = signum
-    super().__init__(f'Stopped by {signal.Signals(signum).name} after step {step}, saved to '
-                     f'{directory}. Run the same command to resume.')
+    super().__init__(signum, f'Stopped by {signal.Signals(signum).name} after step {step}, '
+                     f'saved to {directory}. Run the same command to resume.')
 
 
 class NonFiniteError(FloatingPointError):
@@ -154,54 +155,6 @@ class _NonFiniteSteps:
         f"--config.allow_config_change=True), or set config.nonfinite='skip'.")
 
 
-def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses a workdir written by a run with another config (see config_lib.RESUMABLE_FIELDS)."""
-  path = os.path.join(workdir, 'config.json')
-  if not tf.io.gfile.exists(path):
-    return
-  with tf.io.gfile.GFile(path) as f:
-    try:
-      saved = json.load(f)
-    except ValueError as e:
-      raise ValueError(f'{path} is not valid JSON ({e}); delete it to resume with this '
-                       'config.') from e
-  changes = config_lib.config_changes(saved, json.loads(config.to_json_best_effort()))
-  if not changes:
-    return
-  listing = '\n  '.join(changes)
-  if not config.allow_config_change:
-    raise ValueError(
-        f'{workdir} holds a run with another config (field: in config.json -> now):\n  '
-        f'{listing}\nUse another --workdir, or --config.allow_config_change=True to resume this '
-        'run with the new config.')
-  logging.warning('Resuming %s with a changed config (config.allow_config_change=True):\n  %s',
-                  workdir, listing)
-
-
-def _is_event_up_to(line: str, step: int) -> bool:
-  """Whether a metrics.jsonl line is a complete event of `step` or before (not cut short)."""
-  try:
-    return line.endswith('\n') and json.loads(line)['step'] <= step
-  except (ValueError, KeyError, TypeError):
-    return False
-
-
-def _rewind_metrics(workdir: str, step: int) -> None:
-  """Drops the metrics.jsonl events after `step` (the resumed run writes them again)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if jax.process_index() != 0 or not tf.io.gfile.exists(path):
-    return
-  with tf.io.gfile.GFile(path) as f:
-    lines = f.read().splitlines(keepends=True)
-  kept = [line for line in lines if _is_event_up_to(line, step)]
-  if len(kept) == len(lines):
-    return
-  logging.info('Dropping %d events after step %d from %s.', len(lines) - len(kept), step, path)
-  with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
-    f.write(''.join(kept))
-  tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
-
-
 @dataclasses.dataclass
 class Run:
   """A training run ready to go on from `step` (see `prepare`)."""
@@ -210,6 +163,8 @@ class Run:
   workdir: str
   state: Any
   step: int
+  batches: Iterator[dict]
+  lock: workdir_lib.Lock
 
   def train(self) -> dict:
     """Runs the remaining steps, saves the final checkpoint and model.npz; returns the final
@@ -221,16 +176,19 @@ class Run:
         eval_metrics = evaluate.accuracies(self.trainer, state['params'], with_test=True)
       params = self.trainer.released_params(_host_params(state['params']))
       if jax.process_index() == 0:
-        checkpoint.save_npz(params, os.path.join(self.workdir, 'model.npz'))
+        checkpoint.save_npz(params, workdir_lib.path(self.workdir, workdir_lib.MODEL))
     finally:
-      self.ckpt.close()
+      try:
+        self.ckpt.close()
+      finally:
+        self.lock.release()
     return eval_metrics
 
   def _loop(self, stop: _StopSignals):
     config, trainer, ckpt, state, step = (self.trainer.config, self.trainer, self.ckpt,
                                           self.state, self.step)
     writer = metrics_writer.MetricsWriter(self.workdir)
-    batches = _batches(config, trainer, step)
+    batches = self.batches
     schedule = optim.learning_rate_schedule(config)
     throughput = _Throughput(config, trainer.num_classes, step)
     nonfinite = _NonFiniteSteps(config.nonfinite, ckpt, self.workdir)
@@ -258,7 +216,8 @@ class Run:
         ckpt.save(step, state)
       if stopping:
         ckpt.wait()
-        raise TrainingInterrupted(stop.signum, step, os.path.join(self.workdir, 'checkpoints'))
+        raise TrainingInterrupted(stop.signum, step,
+                                  workdir_lib.path(self.workdir, workdir_lib.CHECKPOINTS))
       if step % config.eval_every == 0 or step == config.total_steps:
         eval_metrics = evaluate.accuracies(trainer, state['params'],
                                            with_test=step == config.total_steps)
@@ -283,22 +242,33 @@ def _restore_or_init(trainer: program_lib.Program, ckpt: state_checkpoint.TrainC
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Checks the config and workdir, then restores WORKDIR/checkpoints or initialises the state.
+  """Checks the config and workdir, holds the workdir, restores WORKDIR/checkpoints or
+  initialises the state and builds the input pipeline; only then writes config.json.
 
-  Raises ValueError / OSError for what the user must fix: config, data, paths, checkpoints.
+  Raises ValueError / OSError for what the user must fix: config, data, paths, checkpoints, a
+  workdir in use; a start that fails leaves the workdir as it was.
   """
   program_lib.check_and_complete(config)
-  check_workdir_config(config, workdir)
+  workdir_lib.check_config(config, workdir)
   hardware.check_host_allocator()
   hardware.check_remat_layout(config.model)
-  program_lib.write_config(config, workdir)
-  trainer = program_lib.Program(config, config.num_classes)
-  ckpt = state_checkpoint.TrainCheckpointer(
-      os.path.join(workdir, 'checkpoints'), save_every=config.checkpoint_every,
-      keep=config.keep_checkpoints)
-  state, step = _restore_or_init(trainer, ckpt, workdir)
-  _rewind_metrics(workdir, step)
-  return Run(trainer, ckpt, workdir, state, step)
+  lock = workdir_lib.lock(workdir)
+  ckpt = None
+  try:
+    trainer = program_lib.Program(config, config.num_classes)
+    ckpt = state_checkpoint.TrainCheckpointer(
+        workdir_lib.path(workdir, workdir_lib.CHECKPOINTS), save_every=config.checkpoint_every,
+        keep=config.keep_checkpoints)
+    state, step = _restore_or_init(trainer, ckpt, workdir)
+    batches = _batches(config, trainer, step)
+    workdir_lib.rewind_metrics(workdir, step)
+    workdir_lib.write_config(config, workdir)
+  except BaseException:
+    if ckpt is not None:
+      ckpt.close()
+    lock.release(failed_start=True)
+    raise
+  return Run(trainer, ckpt, workdir, state, step, batches, lock)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
