@@ -225,11 +225,12 @@ def test_flags_are_all_defined_and_platforms_validated():
     flag_values(['export', '--checkpoint=c', '--out=o', '--platforms=cpu,gpu'])
 
 
-def test_main_exits_with_status_1_and_the_error(vit, tmp_path):
+def test_main_exits_with_status_2_and_the_error(vit, tmp_path, capsys):
   _, _, npz = vit
   (tmp_path / 'saved').mkdir()
   flag_values = _parse_flags(model='testing', checkpoint=npz, out=tmp_path / 'saved')
   with pytest.raises(SystemExit) as exit_:
     export.main(['export'], flag_values)
-  assert exit_.value.code == (f'Error: --out={tmp_path}/saved already exists; pass --overwrite '
-                              'to replace it.')  # Python prints it to stderr and exits with 1.
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err == (f'Error: --out={tmp_path}/saved already exists; pass '
+                                     '--overwrite to replace it.\n')

@@ -153,7 +153,7 @@ def test_commands_print_errors_as_one_line(capsys):
   def fail(unused_flags):
     raise ValueError('Cannot decode image file x.png: not an image')
 
-  assert inference.run_command(fail, ['prog']) == 1
+  assert inference.run_command(fail, ['prog']) == 2
   assert capsys.readouterr() == ('', 'Error: Cannot decode image file x.png: not an image\n')
   assert inference.run_command(lambda unused_flags: 'fine', ['prog']) == 0
   assert capsys.readouterr().out == 'fine\n'

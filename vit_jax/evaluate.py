@@ -5,6 +5,7 @@ from absl import logging
 import jax
 import ml_collections
 
+from vit_jax import checkpoint
 from vit_jax import input_pipeline
 from vit_jax import sharding
 from vit_jax import train_checkpoint
@@ -37,8 +38,10 @@ def checkpoint_params(trainer, path: str):
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f'No training checkpoint under {path}/checkpoints.')
   state, _, step = ckpt.restore(trainer.abstract_state)
-  logging.info('Evaluating %s at step %d.', path, step)
   ckpt.close()
+  checkpoint.check_weights(state['params'],
+                           f'The training checkpoint of step {step} in {path}/checkpoints')
+  logging.info('Evaluating %s at step %d.', path, step)
   return state['params']
 
 

@@ -26,7 +26,6 @@ platform): logits within 1e-4 (float32) or 5e-2 (bfloat16, whose rounding differ
 builds) of max(1, largest |logit|), probabilities equal to their softmax. Only a model that
 matches is moved to --out; on a mismatch the command fails and --out is left as it was.
 """
-import sys
 import uuid
 from typing import Any, Mapping, Sequence
 
@@ -39,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
+from vit_jax import cli
 from vit_jax import inference
 from vit_jax import models
 
@@ -224,13 +224,13 @@ def run(flag_values: flags.FlagValues) -> None:
 
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """Runs the export; expected failures end the program with status 1 and one message."""
+  """Runs the export; expected failures end the program with one message (vit_jax.cli)."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   try:
     run(flag_values)
   except (FileNotFoundError, FileExistsError, ValueError, VerificationError) as e:
-    sys.exit(f'Error: {e}')
+    cli.fail(e)
 
 
 if __name__ == '__main__':

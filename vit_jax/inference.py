@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from PIL import Image
 import tqdm
 
 from vit_jax import checkpoint
+from vit_jax import cli
 from vit_jax import model_configs
 from vit_jax import models
 
@@ -175,10 +177,23 @@ def load_image(path: str, resolution: int) -> np.ndarray:
 
 
 def load_images(paths: Sequence[str], resolution: int) -> tuple[list[str], np.ndarray]:
-  """(image files, float32 [n, resolution, resolution, 3] in [-1, 1]) for files/directories."""
-  files = list_image_files(paths)
-  images = [load_image(f, resolution)
-            for f in tqdm.tqdm(files, desc='images', disable=len(files) < 100)]
+  """(image files, float32 [n, resolution, resolution, 3] in [-1, 1]) for files/directories.
+
+  A file that cannot be decoded (empty, not an image, a dangling link) is skipped with a warning
+  naming it; ValueError when none can be.
+  """
+  files, images = [], []
+  candidates = list_image_files(paths)
+  for path in tqdm.tqdm(candidates, desc='images', disable=len(candidates) < 100):
+    try:
+      images.append(load_image(path, resolution))
+    except ValueError as e:
+      logging.warning('%s Skipping it.', e)
+      continue
+    files.append(path)
+  if not images:
+    raise ValueError(f'None of the {len(candidates)} image files in {", ".join(paths)} can be '
+                     'decoded.')
   return files, np.stack(images)
 
 
@@ -202,12 +217,12 @@ def map_batches(fn: Callable[[jax.Array], jax.Array], images: np.ndarray, batch_
 def run_command(run: Callable[[flags.FlagValues], str], argv: Sequence[str]) -> int:
   """The `main` of the inference commands: prints what `run(flags.FLAGS)` returns; a ValueError or
   FileNotFoundError (a bad checkpoint, image or argument) becomes one 'Error: ...' line on stderr
-  and exit status 1 instead of a traceback."""
+  and exit status 2 (vit_jax.cli) instead of a traceback."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}.')
   try:
     print(run(flags.FLAGS))
   except (ValueError, FileNotFoundError) as e:
     print(f'Error: {e}', file=sys.stderr)
-    return 1
+    return cli.EXIT_ERROR
   return 0

@@ -167,8 +167,10 @@ class TrainCheckpointer:
           step,
           args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state),
                                      _EXTRA: ocp.args.JsonRestore()}))
-    except _IO_ERRORS as e:
-      error = e
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_io_error(e):
+        raise
+      error = e if isinstance(e, _IO_ERRORS) else e.__cause__
     if not _on_all_processes(error is None):
       raise error or ValueError(f'Restoring step {step} failed on another process.')
     return restored[_STATE], restored[_EXTRA], step
@@ -220,6 +222,12 @@ class TrainCheckpointer:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def _is_io_error(error: BaseException) -> bool:
+  """Whether `error` is, or wraps, an unreadable-file error (orbax raises a bare Exception
+  around tensorstore's ValueError when an array's data is truncated)."""
+  return isinstance(error, _IO_ERRORS) or isinstance(error.__cause__, _IO_ERRORS)
 
 
 def _on_all_processes(ok: bool) -> bool:

@@ -1,0 +1,169 @@
+"""Bad input never gives a silent wrong answer: non-finite or integer weights in any checkpoint,
+undecodable images in predict, orbax's thread tracebacks, checkpoints of another model, kill -9
+during asynchronous saves, a step that does not fit in memory, messages naming what the user
+wrote, `report` never writing into its inputs. Commands run as real subprocesses.
+"""
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import train_fixtures
+from tests.test_analysis import init_params
+from tests.test_analysis import tiny_model_config
+from tests.test_analysis import write_image_folder
+from tests.test_analysis import write_workdir
+from vit_jax import checkpoint
+from vit_jax import evaluate
+from vit_jax import train_checkpoint
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIG = 'tests/fault_tolerance_config.py'
+
+
+def _env(**extra) -> dict:
+  return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+              XLA_FLAGS='--xla_force_host_platform_device_count=1', **extra)
+
+
+def _command(module: str, *args, env=None, timeout: float = 300) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', f'vit_jax.{module}', *map(str, args)], cwd=ROOT,
+                        env=env or _env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_user_error(result: subprocess.CompletedProcess, message: str) -> None:
+  """Exit 2, one `Error: ...` line matching the regular expression `message`, no traceback."""
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert re.search(f'^Error: {message}', result.stderr, re.MULTILINE), result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+
+
+def _poison(npz_path: str, value: float, keys=('Transformer/encoder_norm/scale',)) -> None:
+  """Rewrites `keys` of an .npz checkpoint to `value` (NaN, Inf)."""
+  with np.load(npz_path) as f:
+    arrays = dict(f)
+  for key in keys:
+    arrays[key] = np.full_like(arrays[key], value)
+  np.savez(npz_path, **arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite and integer weights.
+
+
+@pytest.fixture(scope='module')
+def nan_workdir(tmp_path_factory) -> pathlib.Path:
+  """A finished workdir whose model.npz has a NaN encoder_norm/scale."""
+  workdir = pathlib.Path(write_workdir(tmp_path_factory.mktemp('nan')))
+  _poison(str(workdir / 'model.npz'), np.nan)
+  return workdir
+
+
+NAN_MESSAGE = (r'Checkpoint .*model\.npz holds NaN or Inf weights in 1 of \d+ arrays: '
+               r'Transformer/encoder_norm/scale\.')
+
+
+def test_nan_checkpoint_is_refused_by_eval(nan_workdir):
+  images = nan_workdir.parent / 'images'
+  result = _command('main', '--mode=eval', f'--checkpoint={nan_workdir}/model.npz',
+                    f'--config={CONFIG}', '--config.model.transformer.num_layers=2',
+                    f'--config.dataset=folder:{images}', '--config.train_split=train',
+                    '--config.eval_split=test')
+  _assert_user_error(result, NAN_MESSAGE)
+  assert 'eval_top1' not in result.stdout
+
+
+def test_nan_checkpoint_is_refused_by_predict(nan_workdir):
+  result = _command('predict', f'--checkpoint={nan_workdir}',
+                    f'--images={nan_workdir.parent / "images" / "class0"}')
+  _assert_user_error(result, NAN_MESSAGE)
+  assert not result.stdout
+
+
+def test_nan_checkpoint_is_refused_by_export(nan_workdir, tmp_path):
+  result = _command('export', f'--checkpoint={nan_workdir}', f'--out={tmp_path / "saved"}')
+  _assert_user_error(result, NAN_MESSAGE)
+  assert not os.listdir(tmp_path)
+
+
+def test_check_weights_names_the_first_keys_and_counts_the_rest():
+  params = {'a': {'x': np.zeros(2, np.float32)}, **{f'k{i}': np.array([np.inf], np.float32)
+                                                    for i in range(5)}}
+  with pytest.raises(ValueError, match=r'^src holds NaN or Inf weights in 5 of 6 arrays: k0, k1, '
+                                       r'k2 and 2 more\.'):
+    checkpoint.check_weights(params, 'src')
+  checkpoint.check_weights({'a': {'x': jnp.ones(3, jnp.bfloat16)}}, 'src')  # No error.
+
+
+def test_integer_weights_in_a_checkpoint_are_refused(tmp_path):
+  npz = tmp_path / 'ints.npz'
+  np.savez(npz, **{'embedding/kernel': np.ones((4, 4, 3, 16), np.int32),
+                   'embedding/bias': np.zeros(16, np.float32)})
+  with pytest.raises(ValueError, match=rf'^Checkpoint {npz} holds non-floating-point weights in '
+                                       r'embedding/kernel \(int32, \.\.\.\); expected float'):
+    checkpoint.load(str(npz))
+
+
+def test_fine_tuning_from_an_all_inf_pretrained_path_is_refused(tmp_path):
+  config = train_fixtures.tiny_config()
+  params = init_params(tiny_model_config(), train_fixtures.NUM_CLASSES, 16)
+  npz = checkpoint.save_npz(jax.tree.map(lambda p: np.full_like(p, np.inf), params),
+                            str(tmp_path / 'inf.npz'))
+  config.pretrained_path = npz
+  trainer = train_fixtures.tiny_trainer(config)
+  with pytest.raises(ValueError, match=rf'^Checkpoint {npz} holds NaN or Inf weights in (\d+) of '
+                                       r'\1 arrays: '):
+    trainer.initial_state()
+
+
+def test_nan_training_checkpoint_is_refused_by_eval(tmp_path):
+  trainer = train_fixtures.tiny_trainer(train_fixtures.tiny_config())
+  state = trainer.initial_state()
+  state['params']['head']['bias'] = jnp.full_like(state['params']['head']['bias'], jnp.nan)
+  with train_checkpoint.TrainCheckpointer(str(tmp_path / 'checkpoints'), save_every=1,
+                                          keep=1) as ckpt:
+    ckpt.save(7, state, {'data_position': 7})
+  with pytest.raises(ValueError, match=r'^The training checkpoint of step 7 in .*/checkpoints '
+                                       r'holds NaN or Inf weights in 1 of \d+ arrays: head/bias\.'):
+    evaluate.checkpoint_params(trainer, str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# predict: undecodable images.
+
+
+def _folder_with_undecodable_files(root: pathlib.Path, good: bool) -> pathlib.Path:
+  root.mkdir(parents=True)
+  if good:
+    write_image_folder(root / 'good')
+  (root / 'empty.png').write_bytes(b'')
+  (root / 'text.png').write_text('not an image')
+  (root / 'dangling.png').symlink_to(root / 'no_such_file.png')
+  return root
+
+
+def test_predict_skips_undecodable_files_with_a_warning_naming_each(tmp_path):
+  workdir = write_workdir(tmp_path)
+  images = _folder_with_undecodable_files(tmp_path / 'mixed', good=True)
+  result = _command('predict', f'--checkpoint={workdir}', f'--images={images}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  for name in ('empty.png', 'text.png', 'dangling.png'):
+    assert re.search(rf'Cannot decode image file {images / name}: .* Skipping it\.',
+                     result.stderr), result.stderr[-3000:]
+    assert name not in result.stdout
+  assert result.stdout.count(str(images / 'good')) == 36  # 3 classes x 12 images.
+
+
+def test_predict_fails_when_no_image_can_be_read(tmp_path):
+  workdir = write_workdir(tmp_path)
+  images = _folder_with_undecodable_files(tmp_path / 'bad', good=False)
+  result = _command('predict', f'--checkpoint={workdir}', f'--images={images}')
+  _assert_user_error(result, rf'None of the 3 image files in {images} can be decoded\.')
