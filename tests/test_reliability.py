@@ -167,3 +167,41 @@ def test_predict_fails_when_no_image_can_be_read(tmp_path):
   images = _folder_with_undecodable_files(tmp_path / 'bad', good=False)
   result = _command('predict', f'--checkpoint={workdir}', f'--images={images}')
   _assert_user_error(result, rf'None of the 3 image files in {images} can be decoded\.')
+
+
+# ---------------------------------------------------------------------------------------------
+# Orbax's thread tracebacks.
+
+_DISK_FULL = '''
+import resource, signal, sys
+from absl import app, logging
+import jax, jax.numpy as jnp, numpy as np
+from vit_jax import logging_util, train_checkpoint
+
+def main(argv):
+  logging_util.quiet_libraries()
+  noise = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)  # Incompressible.
+  state = lambda v: {f'w{i}': jax.device_put(jnp.asarray(noise + v)) for i in range(20)}
+  ckpt = train_checkpoint.TrainCheckpointer(argv[1], save_every=1, keep=3)
+  ckpt.save(1, state(1.0), {})
+  ckpt.wait()
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Files may not grow past 1 KiB: EFBIG.
+  resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+  try:
+    ckpt.save(2, state(2.0), {})
+    ckpt.wait()
+  except train_checkpoint.CheckpointSaveError as e:
+    logging.warning('%s', e)
+
+app.run(main)
+'''
+
+
+def test_a_failed_save_is_one_warning_without_orbax_thread_tracebacks(tmp_path):
+  result = subprocess.run([sys.executable, '-c', _DISK_FULL, str(tmp_path / 'checkpoints')],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stderr.count('Traceback') == 0, result.stderr[-3000:]
+  warnings = [line for line in result.stderr.splitlines() if line.startswith(('W', 'E'))]
+  assert len(warnings) == 1 and 'Saving the training checkpoint for step 2' in warnings[0], (
+      result.stderr[-3000:])
