@@ -24,6 +24,7 @@ from tests.test_analysis import write_workdir
 from vit_jax import checkpoint
 from vit_jax import evaluate
 from vit_jax import train_checkpoint
+from vit_jax import trainer as trainer_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = 'tests/fault_tolerance_config.py'
@@ -205,3 +206,33 @@ def test_a_failed_save_is_one_warning_without_orbax_thread_tracebacks(tmp_path):
   warnings = [line for line in result.stderr.splitlines() if line.startswith(('W', 'E'))]
   assert len(warnings) == 1 and 'Saving the training checkpoint for step 2' in warnings[0], (
       result.stderr[-3000:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints of another model config.
+
+
+def test_checkpoints_of_another_model_config_are_named_as_such_with_the_fields(tmp_path):
+  config = train_fixtures.tiny_config()
+  trainer = train_fixtures.tiny_trainer(config)
+  with train_checkpoint.TrainCheckpointer(str(tmp_path / 'checkpoints'), save_every=1,
+                                          keep=1) as ckpt:
+    ckpt.save(1, trainer.initial_state(), {'data_position': 1})
+  trainer_lib.write_config(config, str(tmp_path))
+  scanned = train_fixtures.tiny_config()
+  scanned.model.scan_layers = True
+  with pytest.raises(ValueError) as error:
+    evaluate.checkpoint_params(train_fixtures.tiny_trainer(scanned), str(tmp_path))
+  message = str(error.value)
+  assert message.startswith(f'The 1 training checkpoints in {tmp_path}/checkpoints belong to '
+                            'another model config: their arrays differ from this run\'s state '
+                            '(saved -> now):\n  ')
+  # Stacked blocks (2 layers) in place of encoderblock_0 / _1; the params only, 8 lines of 48.
+  assert 'opt_state' not in message
+  assert re.search(r'params\.Transformer\.encoderblock\.MlpBlock_3\.Dense_0\.kernel: \(absent\) '
+                   r'-> \(2, 16, 32\)', message), message
+  assert '  ... and 40 more\n' in message
+  assert message.endswith(f'The fields that differ from {tmp_path}/config.json (there -> now):\n'
+                          '  model.scan_layers: False -> True\nUse the config they were trained '
+                          'with, or another --workdir.')
+  assert 'Repair' not in message

@@ -37,8 +37,12 @@ def checkpoint_params(trainer, path: str):
                                             keep=1)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f'No training checkpoint under {path}/checkpoints.')
-  state, _, step = ckpt.restore(trainer.abstract_state)
-  ckpt.close()
+  try:
+    state, _, step = ckpt.restore(trainer.abstract_state)
+  except train_checkpoint.CheckpointMismatchError as e:
+    raise trainer_lib.mismatch_error(e, trainer.config, path) from e
+  finally:
+    ckpt.close()
   checkpoint.check_weights(state['params'],
                            f'The training checkpoint of step {step} in {path}/checkpoints')
   logging.info('Evaluating %s at step %d.', path, step)

@@ -275,7 +275,10 @@ def _restore_or_init(trainer: trainer_lib.Trainer, ckpt: train_checkpoint.TrainC
                      workdir: str):
   if ckpt.latest_step() is None:
     return trainer.initial_state(), 0
-  state, _, step = ckpt.restore(trainer.abstract_state, set_aside_unrestorable=True)
+  try:
+    state, _, step = ckpt.restore(trainer.abstract_state, set_aside_unrestorable=True)
+  except train_checkpoint.CheckpointMismatchError as e:
+    raise trainer_lib.mismatch_error(e, trainer.config, workdir) from e
   logging.info('Resumed from %s at step %d.', workdir, step)
   return state, step
 

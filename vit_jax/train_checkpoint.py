@@ -47,6 +47,10 @@ class CheckpointSaveError(OSError):
   """A training checkpoint could not be written; the previous ones are kept."""
 
 
+class CheckpointMismatchError(ValueError):
+  """The checkpoints are intact but hold another state layout (another model config)."""
+
+
 class TrainCheckpointer:
   """Saves the train state every `save_every` steps and keeps the last `keep` checkpoints."""
 
@@ -141,6 +145,12 @@ class TrainCheckpointer:
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f'No complete training checkpoint in {self._directory}.')
+    differences = self._layout_differences(abstract_state, steps[0])
+    if differences:
+      raise CheckpointMismatchError(
+          f'The {len(steps)} training checkpoints in {self._directory} belong to another model '
+          'config: their arrays differ from this run\'s state (saved -> now):\n  '
+          + '\n  '.join(differences))
     failures = {}
     for candidate in steps:
       try:
@@ -174,6 +184,23 @@ class TrainCheckpointer:
     if not _on_all_processes(error is None):
       raise error or ValueError(f'Restoring step {step} failed on another process.')
     return restored[_STATE], restored[_EXTRA], step
+
+  def _layout_differences(self, abstract_state: Any, step: int, shown: int = 8) -> list:
+    """How the arrays saved at `step` differ from `abstract_state` in names or shapes (at most
+    `shown` lines); [] when they agree or the step's metadata cannot be read."""
+    try:
+      saved = _shapes(ocp.StandardCheckpointHandler().metadata(
+          epath.Path(self._directory) / str(step) / _STATE))
+    except _IO_ERRORS:
+      return []
+    wanted = _shapes(abstract_state)
+    lines = [f'{key}: {saved[key]} -> {wanted[key]}'
+             for key in sorted(saved.keys() & wanted.keys()) if saved[key] != wanted[key]]
+    lines += [f'{key}: (absent) -> {wanted[key]}' for key in sorted(wanted.keys() - saved.keys())]
+    lines += [f'{key}: {saved[key]} -> (absent)' for key in sorted(saved.keys() - wanted.keys())]
+    params = [line for line in lines if line.startswith('params.')]
+    lines = params or lines  # The optimizer state mirrors the params.
+    return lines[:shown] + ([f'... and {len(lines) - shown} more'] if len(lines) > shown else [])
 
   def _set_aside(self, steps) -> None:
     if jax.process_index() == 0:
@@ -222,6 +249,18 @@ class TrainCheckpointer:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def _shapes(tree: Any) -> dict:
+  """`a.b.0.c` -> shape for each array of a state pytree or of its orbax metadata (which stores
+  named tuples as dicts and tuples as lists, so keys are compared by name or index only)."""
+  def name(key) -> str:
+    for attribute in ('key', 'idx', 'name'):
+      if hasattr(key, attribute):
+        return str(getattr(key, attribute))
+    return str(key)
+  return {'.'.join(map(name, path)): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _is_io_error(error: BaseException) -> bool:

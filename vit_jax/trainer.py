@@ -1,4 +1,5 @@
 """The trainer's parts: model, mesh, optimizer, jitted steps and the sharded state's layout."""
+import json
 import os
 from typing import Optional
 
@@ -8,6 +9,7 @@ import ml_collections
 import tensorflow as tf
 
 from vit_jax import checkpoint
+from vit_jax import config_lib
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import sharding
@@ -28,6 +30,24 @@ def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
   if config.pretrained_dir:
     return os.path.join(config.pretrained_dir, f'{config.model_name}.npz')
   return None
+
+
+def mismatch_error(error: ValueError, config: ml_collections.ConfigDict,
+                   workdir: str) -> ValueError:
+  """`error` (train_checkpoint.CheckpointMismatchError) with the fields that shape the state
+  (config_lib.STATE_FIELDS) in which WORKDIR/config.json differs from `config`."""
+  path = os.path.join(workdir, 'config.json')
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      saved = json.load(f)
+  except (ValueError, tf.errors.OpError):
+    return error
+  changes = config_lib.state_changes(saved, json.loads(config.to_json_best_effort()))
+  if not changes:
+    return error
+  return ValueError(f'{error}\nThe fields that differ from {path} (there -> now):\n  '
+                    + '\n  '.join(changes) + '\nUse the config they were trained with, or '
+                    'another --workdir.')
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
