@@ -3,12 +3,14 @@ undecodable images in predict, orbax's thread tracebacks, checkpoints of another
 during asynchronous saves, a step that does not fit in memory, messages naming what the user
 wrote, `report` never writing into its inputs. Commands run as real subprocesses.
 """
+import json
 import os
 import pathlib
 import re
 import signal
 import subprocess
 import sys
+import time
 
 from absl import flags
 import jax
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import fault_tolerance_config
 from tests import train_fixtures
 from tests.test_analysis import init_params
 from tests.test_analysis import tiny_model_config
@@ -236,3 +239,36 @@ def test_checkpoints_of_another_model_config_are_named_as_such_with_the_fields(t
                           '  model.scan_layers: False -> True\nUse the config they were trained '
                           'with, or another --workdir.')
   assert 'Repair' not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# kill -9 during asynchronous saves.
+
+
+def _last_logged_step(workdir: pathlib.Path) -> int:
+  lines = (workdir / 'metrics.jsonl').read_text().splitlines(keepends=True)
+  return max(json.loads(line)['step'] for line in lines if line.endswith('\n'))
+
+
+def test_kill9_resumes_from_the_last_save_started_half_an_interval_earlier(tmp_path):
+  """Whenever the kill comes, every save started save_every // 2 steps before the last logged
+  step is complete (the loop waits for it there), so at most 1.5 intervals are lost."""
+  every, workdir = 10, tmp_path / 'workdir'
+  with open(tmp_path / 'stderr', 'w') as stderr:
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', f'--config={CONFIG}',
+         f'--config.checkpoint_every={every}', '--config.keep_checkpoints=5'],
+        cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+  try:
+    deadline = time.monotonic() + 300
+    while not ((workdir / 'metrics.jsonl').exists() and _last_logged_step(workdir) >= 47):
+      assert process.poll() is None and time.monotonic() < deadline, (
+          (tmp_path / 'stderr').read_text()[-3000:])
+      time.sleep(0.01)
+  finally:
+    process.kill()
+    process.wait()
+  logged = _last_logged_step(workdir)
+  complete = [int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()]
+  assert logged < fault_tolerance_config.TOTAL_STEPS
+  assert max(complete) >= (logged - every // 2) // every * every, (logged, complete)

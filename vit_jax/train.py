@@ -244,6 +244,7 @@ class Run:
       stopping = stop.requested(step)
       log = step % config.log_every == 0 or step == config.total_steps
       save = stopping or step == config.total_steps or ckpt.should_save(step)
+      ckpt.finish_overdue_save(step)
       if log or save:
         nonfinite.check()
       if log:
