@@ -26,6 +26,7 @@ from tests.test_analysis import write_image_folder
 from tests.test_analysis import write_workdir
 from vit_jax import checkpoint
 from vit_jax import evaluate
+from vit_jax import hardware
 from vit_jax import train_checkpoint
 from vit_jax import trainer as trainer_lib
 
@@ -272,3 +273,29 @@ def test_kill9_resumes_from_the_last_save_started_half_an_interval_earlier(tmp_p
   complete = [int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()]
   assert logged < fault_tolerance_config.TOTAL_STEPS
   assert max(complete) >= (logged - every // 2) // every * every, (logged, complete)
+
+
+# ---------------------------------------------------------------------------------------------
+# Out of memory.
+
+
+def test_a_step_that_does_not_fit_fails_before_the_first_step_with_the_numbers(tmp_path):
+  result = _command('main', f'--workdir={tmp_path / "workdir"}', f'--config={CONFIG}',
+                    env=_env(**{hardware.MEMORY_LIMIT_ENV: '0.0001'}))
+  _assert_user_error(
+      result, r'Out of memory: The train step needs \d+\.\d MiB per device \(XLA\'s memory '
+              r'analysis: arguments [\d.]+ MiB, temporaries [\d.]+ MiB\) of 0\.1 MiB '
+              r'\(\$VIT_JAX_MEMORY_LIMIT_GB\)\. To need less: raise config\.accum_steps \(now 1;')
+  assert "config.sharding='fsdp' (now 'replicate')" in result.stderr
+  assert not (tmp_path / 'workdir' / 'metrics.jsonl').exists()
+
+
+def test_memory_budget_is_the_override_else_the_host_s_available_memory(monkeypatch):
+  monkeypatch.setenv(hardware.MEMORY_LIMIT_ENV, '2.5')
+  assert hardware.memory_budget() == (int(2.5 * 2**30), '$VIT_JAX_MEMORY_LIMIT_GB')
+  monkeypatch.delenv(hardware.MEMORY_LIMIT_ENV)
+  budget, source = hardware.memory_budget()
+  with open('/proc/meminfo') as f:
+    available = next(int(l.split()[1]) * 1024 for l in f if l.startswith('MemAvailable:'))
+  assert abs(budget * jax.local_device_count() - available) < 2**30
+  assert source == f'the host\'s available memory / {jax.local_device_count()} CPU devices'

@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
+from vit_jax import benchmark_lib
 from vit_jax import checkpoint
 from vit_jax import config_lib
 from vit_jax import evaluate
@@ -284,6 +285,37 @@ def _restore_or_init(trainer: trainer_lib.Trainer, ckpt: train_checkpoint.TrainC
   return state, step
 
 
+# A step whose XLA buffers need more than this fraction of the memory budget gets a warning.
+MEMORY_WARNING_FRACTION = 0.9
+
+
+def check_step_memory(trainer: trainer_lib.Trainer) -> None:
+  """Compiles the train step (the loop reuses the executable) and compares XLA's memory analysis
+  with hardware.memory_budget: ValueError when it does not fit, a warning when it nearly does,
+  both with the numbers and what to change. A step that does not fit would otherwise be killed
+  by the kernel (exit 137) or the device allocator without a word."""
+  compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch).compile()
+  memory = benchmark_lib.xla_memory(compiled)
+  if memory is None:
+    return
+  budget, source = hardware.memory_budget()
+  if memory['total'] <= MEMORY_WARNING_FRACTION * budget:
+    return
+  config = trainer.config
+  message = (
+      f'The train step needs {benchmark_lib.gib(memory["total"])} per device (XLA\'s memory '
+      f'analysis: arguments {benchmark_lib.gib(memory["argument"])}, temporaries '
+      f'{benchmark_lib.gib(memory["temp"])}) of {benchmark_lib.gib(budget)} ({source}). To need '
+      f'less: raise config.accum_steps (now {config.accum_steps}; the batch is split into that '
+      'many micro-batches), set config.model.remat_policy=\'full\' (with '
+      f'config.model.scan_layers=True on CPU; now {config.model.get("remat_policy", "none")!r}), '
+      f'or config.sharding=\'fsdp\' (now {config.sharding!r}) to split the train state over '
+      'the devices.')
+  if memory['total'] > budget:
+    raise ValueError(f'Out of memory: {message}')
+  logging.warning('Close to the memory limit: %s', message)
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Checks the config and workdir, then restores WORKDIR/checkpoints or initialises the state.
 
@@ -298,6 +330,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   hardware.check_remat_layout(config.model)
   trainer_lib.write_config(config, workdir)
   trainer = trainer_lib.Trainer(config, config.num_classes)
+  check_step_memory(trainer)
   ckpt = train_checkpoint.TrainCheckpointer(
       os.path.join(workdir, 'checkpoints'), save_every=config.checkpoint_every,
       keep=config.keep_checkpoints)
