@@ -21,12 +21,18 @@ import pytest
 from tests import fault_tolerance_config
 from tests import train_fixtures
 from tests.test_analysis import init_params
+from tests.test_analysis import parse_flags
 from tests.test_analysis import tiny_model_config
 from tests.test_analysis import write_image_folder
 from tests.test_analysis import write_workdir
+from vit_jax import analyze
 from vit_jax import checkpoint
+from vit_jax import config_lib
 from vit_jax import evaluate
 from vit_jax import hardware
+from vit_jax import inference
+from vit_jax import input_pipeline
+from vit_jax import report
 from vit_jax import train_checkpoint
 from vit_jax import trainer as trainer_lib
 
@@ -299,3 +305,55 @@ def test_memory_budget_is_the_override_else_the_host_s_available_memory(monkeypa
     available = next(int(l.split()[1]) * 1024 for l in f if l.startswith('MemAvailable:'))
   assert abs(budget * jax.local_device_count() - available) < 2**30
   assert source == f'the host\'s available memory / {jax.local_device_count()} CPU devices'
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages naming what the user wrote.
+
+
+@pytest.mark.parametrize('field', ['checkpoint_every', 'keep_checkpoints'])
+def test_checkpoint_fields_below_one_are_named_as_written(field):
+  config = fault_tolerance_config.get_config()
+  config[field] = 0
+  with pytest.raises(ValueError, match=rf'^config\.{field}=0; expected at least 1\.$'):
+    config_lib.validate(config, num_devices=1, process_count=1)
+
+
+def test_an_empty_train_split_is_named():
+  config = fault_tolerance_config.get_config()
+  config.train_split = 'train[:0]'
+  with pytest.raises(ValueError, match=re.escape(
+      "config.train_split='train[:0]' selects no examples of 'fashion_mnist'.")):
+    input_pipeline.get_dataset_info(config)
+
+
+def test_a_truncated_config_json_is_named(tmp_path):
+  workdir = pathlib.Path(write_workdir(tmp_path))
+  text = (workdir / 'config.json').read_text()
+  (workdir / 'config.json').write_text(text[:len(text) // 2])
+  with pytest.raises(ValueError, match=rf'^{workdir}/config\.json is not valid JSON \('):
+    inference.load_model(str(workdir))
+
+
+@pytest.mark.parametrize('define_flags,argv', [
+    (analyze.define_flags, ['--analysis=filters', '--out_dir=o', '--num_images=0']),
+    (report.define_flags, ['--workdir=w', '--out=o.md', '--num_images=-1']),
+])
+def test_non_positive_num_images_is_a_flag_error(define_flags, argv):
+  with pytest.raises(flags.IllegalFlagValueError, match='num_images'):
+    parse_flags(define_flags, argv)
+
+
+@pytest.mark.parametrize('values', [['8', '0'], ['-1'], ['x']])
+def test_non_positive_batch_sizes_are_an_error(values):
+  with pytest.raises(ValueError, match=rf'^--batch_sizes takes positive integers; got '
+                                       rf'{",".join(values)}\.$'):
+    analyze._ints(values, 'batch_sizes')  # pylint: disable=protected-access
+
+
+def test_zero_bench_steps_is_a_flag_error():
+  result = _command('input_pipeline', f'--config={CONFIG}', '--bench_steps=0', timeout=120)
+  assert result.returncode != 0
+  assert re.search(r'--bench_steps=0: 0 is not a positive integer', result.stderr), (
+      result.stderr[-2000:])
+  assert 'images/s' not in result.stdout

@@ -145,6 +145,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
                          ('sharding', ('replicate', 'fsdp')), ('nonfinite', ('stop', 'skip'))):
     if config[field] not in choices:
       raise ValueError(f'config.{field}={config[field]!r}; expected one of {choices}.')
+  for field in ('checkpoint_every', 'keep_checkpoints'):
+    if config[field] < 1:
+      raise ValueError(f'config.{field}={config[field]}; expected at least 1.')
   if not 0 <= config.warmup_steps < config.total_steps:
     raise ValueError(f'config.warmup_steps={config.warmup_steps} must be in '
                      f'[0, config.total_steps={config.total_steps}).')

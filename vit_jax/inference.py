@@ -114,7 +114,11 @@ def _read_workdir(workdir: str, model_name: Optional[str]):
   if not os.path.isfile(npz_path):
     raise FileNotFoundError(f'Workdir {workdir} has no model.npz (written when training ends).')
   with open(config_path) as f:
-    run_config = ml_collections.ConfigDict(json.load(f))
+    try:
+      run_config = ml_collections.ConfigDict(json.load(f))
+    except ValueError as e:
+      raise ValueError(f'{config_path} is not valid JSON ({e}): truncated or edited by hand?'
+                       ) from e
   if 'model' not in run_config:
     raise ValueError(f'{config_path} has no `model` field: it is not a vit_jax training config.')
   if model_name and model_configs.ALIASES.get(model_name.lower(),

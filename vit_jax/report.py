@@ -50,7 +50,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_list('images', [], 'Image files/directories for the attention analyses (default: '
                     'the run\'s eval split).', flag_values=fv)
   flags.DEFINE_integer('num_images', 128, 'Eval images averaged by attention_distance.',
-                       flag_values=fv)
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_integer('num_attention_maps', 4, 'Images shown by attention_maps.',
                        flag_values=fv)
   flags.DEFINE_list('shots', ['1', '5', '10', '25'], 'fewshot: examples per class.',
