@@ -357,3 +357,35 @@ def test_zero_bench_steps_is_a_flag_error():
   assert re.search(r'--bench_steps=0: 0 is not a positive integer', result.stderr), (
       result.stderr[-2000:])
   assert 'images/s' not in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# report never writes into the workdirs it reads.
+
+
+def _tree(root: pathlib.Path) -> dict:
+  return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob('*')}
+
+
+@pytest.mark.parametrize('out,message', [
+    ('{parent}/report.md', r"the figures of run 'workdir' would be written to {parent}/workdir, "
+                           r'into the workdir {workdir} that the report reads'),
+    ('{workdir}/report.md', r'--out={workdir}/report\.md would be written to {workdir}/report\.md'),
+], ids=['figures_into_the_workdir', 'report_into_the_workdir'])
+def test_report_refuses_outputs_in_its_inputs_before_writing_anything(tmp_path, out, message):
+  workdir = pathlib.Path(write_workdir(tmp_path, metrics=[{'step': 1, 'loss': 1.0}]))
+  before = _tree(tmp_path)
+  paths = dict(parent=tmp_path, workdir=workdir)
+  with pytest.raises(ValueError, match=f'^{message.format(**paths)}'):
+    report.write_report(parse_flags(report.define_flags, [
+        f'--workdir={workdir}', f'--out={out.format(**paths)}', '--analyses=filters']))
+  assert _tree(tmp_path) == before
+
+
+def test_report_with_a_directory_as_out_fails_before_writing_anything(tmp_path):
+  workdir = pathlib.Path(write_workdir(tmp_path, metrics=[{'step': 1, 'loss': 1.0}]))
+  before = _tree(tmp_path)
+  result = _command('report', f'--workdir={workdir}', f'--out={tmp_path}', '--analyses=filters')
+  _assert_user_error(result, rf'--out={tmp_path} is a directory; pass the Markdown file to '
+                             rf'write, e\.g\. --out={tmp_path}/report\.md\.')
+  assert _tree(tmp_path) == before
