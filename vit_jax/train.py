@@ -16,6 +16,10 @@ Fault tolerance:
     reports `is_finite`; the loop reads these flags at log steps and before every save, so no
     host sync is added per step. config.nonfinite='stop' raises NonFiniteError naming the step
     before anything else is saved; 'skip' logs the skipped steps and goes on.
+  * kill -9: the loop waits for each asynchronous save half an interval after its step
+    (TrainCheckpointer.finish_overdue_save), so a kill loses less than 1.5 checkpoint intervals.
+  * Memory: `prepare` compiles the train step and refuses one that does not fit
+    (`check_step_memory`) instead of letting the kernel kill the run.
   * Workdir reuse: a config differing from WORKDIR/config.json outside
     config_lib.RESUMABLE_FIELDS is refused (ValueError listing the differences) unless
     config.allow_config_change.

@@ -16,6 +16,8 @@ Failures:
     none does, it raises ValueError listing every step's error. With `set_aside_unrestorable`
     (a trainer, which will write these steps again) such steps are renamed to
     `<step>.unrestorable` rather than deleted.
+  * Steps that hold another state layout (another model config) raise CheckpointMismatchError
+    listing the arrays that differ; they are intact and never set aside.
   * A save that fails (e.g. the disk is full) raises CheckpointSaveError naming the step, when
     the save is made or, for asynchronous saves, at the next save / `wait()` / `close()`; the
     previous checkpoints are kept (orbax deletes old steps only after a successful save).
