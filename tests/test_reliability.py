@@ -177,7 +177,8 @@ def test_predict_fails_when_no_image_can_be_read(tmp_path):
   workdir = write_workdir(tmp_path)
   images = _folder_with_undecodable_files(tmp_path / 'bad', good=False)
   result = _command('predict', f'--checkpoint={workdir}', f'--images={images}')
-  _assert_user_error(result, rf'None of the 3 image files in {images} can be decoded\.')
+  _assert_user_error(result, rf'None of the 3 image files in {images} can be decoded; the '
+                             rf'first: Cannot decode image file {images}/')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,3 +390,23 @@ def test_report_with_a_directory_as_out_fails_before_writing_anything(tmp_path):
   _assert_user_error(result, rf'--out={tmp_path} is a directory; pass the Markdown file to '
                              rf'write, e\.g\. --out={tmp_path}/report\.md\.')
   assert _tree(tmp_path) == before
+
+
+def test_truncated_array_data_falls_back_to_the_previous_checkpoint(tmp_path):
+  """orbax wraps tensorstore's read error of a truncated array file in a bare Exception."""
+  directory = tmp_path / 'checkpoints'
+  state = lambda value: {'w': jax.device_put(jnp.full((64, 64), value))}
+  with train_checkpoint.TrainCheckpointer(str(directory), save_every=1, keep=2) as ckpt:
+    ckpt.save(1, state(1.0), {'data_position': 1})
+    ckpt.save(2, state(2.0), {'data_position': 2})
+  data = [p for p in (directory / '2' / 'state').rglob('*') if p.is_file() and p.parent.name == 'd']
+  assert data
+  for path in data:
+    os.truncate(path, 10)
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state(0.0))
+  with train_checkpoint.TrainCheckpointer(str(directory), save_every=1, keep=2) as ckpt:
+    restored, extra, step = ckpt.restore(abstract, set_aside_unrestorable=True)
+  assert (step, extra) == (1, {'data_position': 1})
+  np.testing.assert_array_equal(restored['w'], np.full((64, 64), 1.0))
+  assert (directory / '2.unrestorable').is_dir()

@@ -186,18 +186,19 @@ def load_images(paths: Sequence[str], resolution: int) -> tuple[list[str], np.nd
   A file that cannot be decoded (empty, not an image, a dangling link) is skipped with a warning
   naming it; ValueError when none can be.
   """
-  files, images = [], []
+  files, images, errors = [], [], []
   candidates = list_image_files(paths)
   for path in tqdm.tqdm(candidates, desc='images', disable=len(candidates) < 100):
     try:
       images.append(load_image(path, resolution))
     except ValueError as e:
       logging.warning('%s Skipping it.', e)
+      errors.append(e)
       continue
     files.append(path)
   if not images:
     raise ValueError(f'None of the {len(candidates)} image files in {", ".join(paths)} can be '
-                     'decoded.')
+                     f'decoded; the first: {errors[0]}')
   return files, np.stack(images)
 
 
