@@ -11,16 +11,19 @@ import sys
 from absl import logging
 
 _QUIET_LIBRARIES = ('/orbax/', '/etils/', '/tensorflow_datasets/')
+# Whose records' tracebacks are dropped: those libraries, and asyncio reporting orbax's failed
+# tasks ("Task exception was never retrieved") when their event loop is collected.
+_TRACEBACK_SOURCES = _QUIET_LIBRARIES + ('/asyncio/',)
 
 
 class _LibraryInfoFilter(std_logging.Filter):
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    if not any(lib in record.pathname for lib in _QUIET_LIBRARIES):
-      return True
-    if record.exc_info and not logging.level_debug():
+    if (record.exc_info and not logging.level_debug()
+        and any(lib in record.pathname for lib in _TRACEBACK_SOURCES)):
       return False
-    return record.levelno >= std_logging.WARNING
+    return (record.levelno >= std_logging.WARNING
+            or not any(lib in record.pathname for lib in _QUIET_LIBRARIES))
 
 
 def _is_late_library_callback(error: BaseException) -> bool:
