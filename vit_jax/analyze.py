@@ -47,7 +47,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                                   'configs/vit.py:b16,cifar10. Default: the workdir\'s.',
                                   flag_values=fv)
   flags.DEFINE_integer('num_images', 128, 'Images taken from the eval split when --images is '
-                       'empty.', flag_values=fv)
+                       'empty.', lower_bound=1, flag_values=fv)
   flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.', flag_values=fv)
   flags.DEFINE_integer('num_components', 28, 'filters: principal components shown.',
                        flag_values=fv)
@@ -73,9 +73,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 
 def _ints(values: Sequence[str], flag: str) -> list[int]:
   try:
-    return [int(v) for v in values]
-  except ValueError as e:
-    raise ValueError(f'--{flag} takes integers; got {",".join(values)}.') from e
+    numbers = [int(v) for v in values]
+  except ValueError:
+    numbers = [0]
+  if min(numbers, default=1) < 1:
+    raise ValueError(f'--{flag} takes positive integers; got {",".join(values)}.')
+  return numbers
 
 
 def _load(fv: flags.FlagValues) -> inference.LoadedModel:

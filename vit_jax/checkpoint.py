@@ -26,6 +26,7 @@ from absl import flags
 from absl import logging
 from flax import traverse_util
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -90,7 +91,40 @@ def load(path: str) -> Dict[str, Any]:
                            'which is refused (only numeric arrays are loaded).') from e
   except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
     raise ValueError(f'Checkpoint {path} is truncated or not a valid .npz archive: {e}') from e
-  return traverse_util.unflatten_dict(_from_big_vision(flat, path), sep='/')
+  flat = _from_big_vision(flat, path)
+  check_weights(flat, f'Checkpoint {path}')
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+
+def check_weights(params: Mapping[str, Any], source: str) -> None:
+  """Raises ValueError unless every array of `params` (a nested or `/`-flat dict of numpy or
+  jax arrays) is floating-point and finite: integer weights are a wrong file, NaN or Inf ones a
+  diverged run, and either would give silently wrong outputs. `source` starts the message."""
+  flat = traverse_util.flatten_dict(params, sep='/') if _is_nested(params) else dict(params)
+  not_float = sorted(k for k, v in flat.items() if not jnp.issubdtype(v.dtype, jnp.floating))
+  if not_float:
+    raise ValueError(f'{source} holds non-floating-point weights in {_some_keys(not_float)} '
+                     f'({flat[not_float[0]].dtype}, ...); expected float arrays.')
+  non_finite = sorted(k for k, v in flat.items() if not _all_finite(v))
+  if non_finite:
+    raise ValueError(f'{source} holds NaN or Inf weights in {len(non_finite)} of {len(flat)} '
+                     f'arrays: {_some_keys(non_finite)}. It cannot give meaningful outputs (was '
+                     'it saved after training diverged?).')
+
+
+def _is_nested(tree: Mapping[str, Any]) -> bool:
+  return any(isinstance(v, Mapping) for v in tree.values())
+
+
+def _all_finite(array) -> bool:
+  if isinstance(array, np.ndarray):
+    return bool(np.isfinite(array).all())
+  return bool(jnp.isfinite(array).all())
+
+
+def _some_keys(keys: Sequence[str], shown: int = 3) -> str:
+  listing = ', '.join(keys[:shown])
+  return listing + (f' and {len(keys) - shown} more' if len(keys) > shown else '')
 
 
 def _from_big_vision(flat: Dict[str, np.ndarray], path: str) -> Dict[str, np.ndarray]:

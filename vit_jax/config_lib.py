@@ -244,6 +244,16 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
           and saved.get(key, missing) != current.get(key, missing)]
 
 
+# Fields that decide the train state's arrays (names and shapes) in a training checkpoint.
+STATE_FIELDS = ('model.', 'model_name', 'num_classes', 'pp.resolution', 'optimizer')
+
+
+def state_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """The `config_changes` of the fields in STATE_FIELDS (a checkpoint of `saved` does not
+  restore into a run of `current` when there are any)."""
+  return [change for change in config_changes(saved, current) if change.startswith(STATE_FIELDS)]
+
+
 def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict:
   flat = {}
   for key, value in tree.items():

@@ -5,6 +5,7 @@ from absl import logging
 import jax
 import ml_collections
 
+from vit_jax import checkpoint
 from vit_jax import input_pipeline
 from vit_jax import sharding
 from vit_jax import state_checkpoint
@@ -49,9 +50,15 @@ def checkpoint_params(trainer, path: str):
   ckpt = state_checkpoint.TrainCheckpointer(directory, save_every=1, keep=1)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f'No training checkpoint under {directory}.')
-  state, step = ckpt.restore(trainer.abstract_state)
+  try:
+    state, step = ckpt.restore(trainer.abstract_state)
+  except state_checkpoint.CheckpointMismatchError as e:
+    raise workdir_lib.mismatch_error(e, trainer.config, path) from e
+  finally:
+    ckpt.close()
+  checkpoint.check_weights(state['params'],
+                           f'The training checkpoint of step {step} in {directory}')
   logging.info('Evaluating %s at step %d.', path, step)
-  ckpt.close()
   return state['params']
 
 

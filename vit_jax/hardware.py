@@ -12,6 +12,9 @@ import jax
 # transparent huge pages on them (docs/PERFORMANCE.md, "The host allocator").
 HUGEPAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
 
+# Overrides the memory a train step may use, in GiB per device (see `memory_budget`).
+MEMORY_LIMIT_ENV = 'VIT_JAX_MEMORY_LIMIT_GB'
+
 # Vendor figures, FLOP/s per device (one chip / GPU), dense (no sparsity), bf16 inputs.
 PEAK_BF16_FLOPS = {
     'TPU v2': 45e12,
@@ -75,3 +78,24 @@ def check_remat_layout(model_config) -> bool:
   if caveat:
     logging.warning('%s: set config.model.scan_layers=True too.', caveat)
   return caveat is None
+
+
+def memory_budget(device=None) -> tuple:
+  """(bytes, source): the memory one device's programs may use: $VIT_JAX_MEMORY_LIMIT_GB if set,
+  else the device allocator's `bytes_limit` (GPU, TPU), else on CPU the host's available memory
+  (MemAvailable) shared by all of this process's CPU devices."""
+  override = os.environ.get(MEMORY_LIMIT_ENV)
+  if override:
+    try:
+      return int(float(override) * 2**30), f'${MEMORY_LIMIT_ENV}'
+    except ValueError:
+      raise ValueError(f'${MEMORY_LIMIT_ENV}={override!r} is not a number of GiB.') from None
+  device = device or jax.local_devices()[0]
+  stats = device.memory_stats() or {}
+  if 'bytes_limit' in stats:
+    return int(stats['bytes_limit']), f'{device.device_kind} memory (bytes_limit)'
+  with open('/proc/meminfo') as f:
+    available = next(int(line.split()[1]) * 1024 for line in f
+                     if line.startswith('MemAvailable:'))
+  return available // jax.local_device_count(), (
+      f'the host\'s available memory / {jax.local_device_count()} CPU devices')

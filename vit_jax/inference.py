@@ -9,6 +9,7 @@ import math
 import os
 from typing import Callable, Optional, Sequence
 
+from absl import logging
 from flax import traverse_util
 import jax
 import ml_collections
@@ -169,10 +170,25 @@ def load_image(path: str, pp: ml_collections.ConfigDict) -> np.ndarray:
 def load_images(paths: Sequence[str], resolution: int,
                 pp: Optional[ml_collections.ConfigDict] = None) -> tuple[list[str], np.ndarray]:
   """(image files, float32 [n, R, R, 3] in [-1, 1]) for files/directories, R = `resolution`,
-  preprocessed as `eval_pp(resolution, pp)` says."""
-  files = list_image_files(paths)
+  preprocessed as `eval_pp(resolution, pp)` says.
+
+  A file that cannot be decoded (empty, not an image, a dangling link) is skipped with a warning
+  naming it; ValueError when none can be.
+  """
+  files, images, errors = [], [], []
+  candidates = list_image_files(paths)
   pp = eval_pp(resolution, pp)
-  images = [load_image(f, pp) for f in tqdm.tqdm(files, desc='images', disable=len(files) < 100)]
+  for path in tqdm.tqdm(candidates, desc='images', disable=len(candidates) < 100):
+    try:
+      images.append(load_image(path, pp))
+    except ValueError as e:
+      logging.warning('%s Skipping it.', e)
+      errors.append(e)
+      continue
+    files.append(path)
+  if not images:
+    raise ValueError(f'None of the {len(candidates)} image files in {", ".join(paths)} can be '
+                     f'decoded; the first: {errors[0]}')
   return files, np.stack(images)
 
 

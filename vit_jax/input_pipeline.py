@@ -262,8 +262,22 @@ def get_dataset_info(config) -> DatasetInfo:
   source = _get_source(config)
   return DatasetInfo(
       num_classes=source.num_classes,
-      num_train_examples=source.shard(config.train_split, 0, 1).num_examples,
-      num_eval_examples=source.shard(config.eval_split, 0, 1).num_examples)
+      num_train_examples=_split_size(source, config, 'train_split'),
+      num_eval_examples=_split_size(source, config, 'eval_split'))
+
+
+def _split_size(source, config, field: str) -> int:
+  """Examples in `config[field]`; ValueError naming the field when it selects none."""
+  split = config[field]
+  try:
+    size = source.shard(split, 0, 1).num_examples
+  except ValueError as e:
+    if 'corresponds to no data' not in str(e):  # TFDS, for an empty slice such as 'train[:0]'.
+      raise
+    size = 0
+  if not size:
+    raise ValueError(f'config.{field}={split!r} selects no examples of {config.dataset!r}.')
+  return size
 
 
 def build_train_iterator(config, *, start_step: int = 0, process_index: Optional[int] = None,
@@ -409,7 +423,7 @@ def bench(config, steps: int) -> float:
 def _main():
   # Flags are defined here, not at import, so that importing this module defines none.
   config_flag = config_flags.DEFINE_config_file('config', None, 'Training config file.')
-  steps_flag = flags.DEFINE_integer('bench_steps', 50, 'Batches to time.')
+  steps_flag = flags.DEFINE_integer('bench_steps', 50, 'Batches to time.', lower_bound=1)
 
   def main(argv):
     cli.check_no_arguments(argv)

@@ -1,18 +1,49 @@
 """Keeps the console readable: libraries' INFO chatter (orbax logs every file it writes) is
-dropped, their warnings and errors and all of our own logs are kept."""
+dropped, their warnings and errors and all of our own logs are kept.
+
+Libraries' records that carry a traceback (orbax logs one from each of its threads when a save or
+a read fails: hundreds on a failed resume) are dropped too, unless --verbosity=1: the error
+reaches our code, which reports it once, in one line.
+"""
 import logging as std_logging
+import sys
 
 from absl import logging
 
 _QUIET_LIBRARIES = ('/orbax/', '/etils/', '/tensorflow_datasets/')
+# Whose records' tracebacks are dropped: those libraries, and asyncio reporting orbax's failed
+# tasks ("Task exception was never retrieved") when their event loop is collected.
+_TRACEBACK_SOURCES = _QUIET_LIBRARIES + ('/asyncio/',)
 
 
 class _LibraryInfoFilter(std_logging.Filter):
 
   def filter(self, record: std_logging.LogRecord) -> bool:
+    if (record.exc_info and not logging.level_debug()
+        and any(lib in record.pathname for lib in _TRACEBACK_SOURCES)):
+      return False
     return (record.levelno >= std_logging.WARNING
             or not any(lib in record.pathname for lib in _QUIET_LIBRARIES))
 
 
+def _is_late_library_callback(error: BaseException) -> bool:
+  """Whether `error` is tensorstore completing a read or write of a failed orbax operation after
+  orbax closed its event loop (reported through sys.unraisablehook, once per pending array)."""
+  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+
+
+def _unraisablehook(previous):
+
+  def hook(unraisable):
+    if _is_late_library_callback(unraisable.exc_value):
+      logging.debug('Ignored a late callback of a failed checkpoint operation: %s',
+                    unraisable.exc_value)
+      return
+    previous(unraisable)
+
+  return hook
+
+
 def quiet_libraries() -> None:
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  sys.unraisablehook = _unraisablehook(sys.unraisablehook)

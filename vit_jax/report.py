@@ -52,7 +52,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_list('images', [], 'Image files/directories for the attention analyses (default: '
                     'the run\'s eval split).', flag_values=fv)
   flags.DEFINE_integer('num_images', 128, 'Eval images averaged by attention_distance.',
-                       flag_values=fv)
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_integer('num_attention_maps', 4, 'Images shown by attention_maps.',
                        flag_values=fv)
   flags.DEFINE_list('shots', ['1', '5', '10', '25'], 'fewshot: examples per class.',
@@ -200,10 +200,30 @@ def _run_names(workdirs: Sequence[str]) -> list[str]:
   return names
 
 
+def check_outputs(out: str, workdirs: Sequence[str], names: Sequence[str]) -> None:
+  """Raises ValueError before anything is written when --out is a directory, or when the report
+  or a run's figure folder (next to it, named after the run) would be a workdir it reads or lie
+  inside one: a reading command never writes into its inputs."""
+  if os.path.isdir(out):
+    raise ValueError(f'--out={out} is a directory; pass the Markdown file to write, e.g. '
+                     f'--out={os.path.join(out, "report.md")}.')
+  out_dir = os.path.dirname(os.path.abspath(out))
+  outputs = [(f'--out={out}', os.path.abspath(out))] + [
+      (f'the figures of run {name!r}', os.path.join(out_dir, name)) for name in names]
+  for workdir in workdirs:
+    inside = os.path.realpath(workdir)
+    for what, path in outputs:
+      if os.path.commonpath([inside, os.path.realpath(path)]) == inside:
+        raise ValueError(f'{what} would be written to {path}, into the workdir {workdir} that '
+                         'the report reads; choose an --out in another folder.')
+
+
 def write_report(fv: flags.FlagValues) -> str:
+  names = _run_names(fv.workdir)
+  check_outputs(fv.out, fv.workdir, names)
   out_dir = os.path.dirname(os.path.abspath(fv.out))
   os.makedirs(out_dir, exist_ok=True)
-  runs = [Run(w, n) for w, n in zip(fv.workdir, _run_names(fv.workdir))]
+  runs = [Run(w, n) for w, n in zip(fv.workdir, names)]
   sections = [
       '# Vision Transformer report', '',
       f'Written by `python -m vit_jax.report` on {datetime.date.today().isoformat()}.', '',

@@ -16,6 +16,8 @@ Failures:
     none does, it raises ValueError listing every step's error. With `set_aside_unrestorable`
     (a trainer, which will write these steps again) such steps are renamed to
     `<step>.unrestorable` rather than deleted.
+  * Steps that hold another state layout (another model config) raise CheckpointMismatchError
+    listing the arrays that differ; they are intact and never set aside.
   * A save that fails (e.g. the disk is full) raises CheckpointSaveError naming the step, when
     the save is made or, for asynchronous saves, at the next save / `wait()` / `close()`; the
     previous checkpoints are kept (orbax deletes old steps only after a successful save).
@@ -26,6 +28,7 @@ orbax stores typed keys as their key data and restores them with their implement
 Every process must make the same calls with the same arguments (they synchronise inside orbax).
 """
 import textwrap
+import time
 from typing import Any, Optional, Tuple
 
 from absl import logging
@@ -45,6 +48,10 @@ class CheckpointSaveError(OSError):
   """A training checkpoint could not be written; the previous ones are kept."""
 
 
+class CheckpointMismatchError(ValueError):
+  """The checkpoints are intact but hold another state layout (another model config)."""
+
+
 class TrainCheckpointer:
   """Saves the train state every `save_every` steps (0: only when asked or preempted) and keeps
   the last `keep` checkpoints."""
@@ -56,7 +63,9 @@ class TrainCheckpointer:
     if keep < 1:
       raise ValueError(f'keep={keep}; expected at least one checkpoint to keep.')
     self._directory = directory
+    self._save_every = save_every
     self._pending_step = None  # Of the asynchronous save that may still be running.
+    self._pending_since = 0.0  # time.monotonic() when it started.
     self._save_failed = False
     policies = ocp.checkpoint_managers
     periodic = [policies.FixedIntervalPolicy(save_every)] if save_every else []
@@ -97,9 +106,22 @@ class TrainCheckpointer:
           force=True)
     except _IO_ERRORS as e:
       raise self._save_error(step, e) from e
-    self._pending_step = step
+    self._pending_step, self._pending_since = step, time.monotonic()
     logging.info('Saving training checkpoint for step %d to %s.', step, self._directory)
     return True
+
+  def finish_overdue_save(self, step: int) -> None:
+    """Waits for the pending asynchronous save at `step` = its step + save_every // 2 (at least
+    1), so that a kill -9 loses at most 1.5 intervals of steps, not 2: a save competing with the
+    steps for the host can take longer than an interval. Every process must call this at every
+    step (the wait is collective)."""
+    if self._pending_step is None or step < self._pending_step + max(1, self._save_every // 2):
+      return
+    pending, started, waited = self._pending_step, self._pending_since, time.monotonic()
+    self._finish_pending_save()
+    now = time.monotonic()
+    logging.info('The checkpoint of step %d is complete (%.2f s after it started; waited %.2f s '
+                 'for it at step %d).', pending, now - started, now - waited, step)
 
   def latest_step(self) -> Optional[int]:
     """The newest completely written step, or None."""
@@ -126,6 +148,12 @@ class TrainCheckpointer:
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f'No complete training checkpoint in {self._directory}.')
+    differences = self._layout_differences(abstract_state, steps[0])
+    if differences:
+      raise CheckpointMismatchError(
+          f'The {len(steps)} training checkpoints in {self._directory} belong to another model '
+          'config: their arrays differ from this run\'s state (saved -> now):\n  '
+          + '\n  '.join(differences))
     failures = {}
     for candidate in steps:
       try:
@@ -151,11 +179,30 @@ class TrainCheckpointer:
       restored = self._manager.restore(
           step,
           args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)}))
-    except _IO_ERRORS as e:
-      error = e
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_io_error(e):
+        raise
+      error = e if isinstance(e, _IO_ERRORS) else e.__cause__
     if not _on_all_processes(error is None):
       raise error or ValueError(f'Restoring step {step} failed on another process.')
     return restored[_STATE], step
+
+  def _layout_differences(self, abstract_state: Any, step: int, shown: int = 8) -> list:
+    """How the arrays saved at `step` differ from `abstract_state` in names or shapes (at most
+    `shown` lines); [] when they agree or the step's metadata cannot be read."""
+    try:
+      saved = _shapes(ocp.StandardCheckpointHandler().metadata(
+          epath.Path(self._directory) / str(step) / _STATE))
+    except _IO_ERRORS:
+      return []
+    wanted = _shapes(abstract_state)
+    lines = [f'{key}: {saved[key]} -> {wanted[key]}'
+             for key in sorted(saved.keys() & wanted.keys()) if saved[key] != wanted[key]]
+    lines += [f'{key}: (absent) -> {wanted[key]}' for key in sorted(wanted.keys() - saved.keys())]
+    lines += [f'{key}: {saved[key]} -> (absent)' for key in sorted(saved.keys() - wanted.keys())]
+    params = [line for line in lines if line.startswith('params.')]
+    lines = params or lines  # The optimizer state mirrors the params.
+    return lines[:shown] + ([f'... and {len(lines) - shown} more'] if len(lines) > shown else [])
 
   def _set_aside(self, steps) -> None:
     if jax.process_index() == 0:
@@ -204,6 +251,24 @@ class TrainCheckpointer:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def _shapes(tree: Any) -> dict:
+  """`a.b.0.c` -> shape for each array of a state pytree or of its orbax metadata (which stores
+  named tuples as dicts and tuples as lists, so keys are compared by name or index only)."""
+  def name(key) -> str:
+    for attribute in ('key', 'idx', 'name'):
+      if hasattr(key, attribute):
+        return str(getattr(key, attribute))
+    return str(key)
+  return {'.'.join(map(name, path)): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _is_io_error(error: BaseException) -> bool:
+  """Whether `error` is, or wraps, an unreadable-file error (orbax raises a bare Exception
+  around tensorstore's ValueError when an array's data is truncated)."""
+  return isinstance(error, _IO_ERRORS) or isinstance(error.__cause__, _IO_ERRORS)
 
 
 def _on_all_processes(ok: bool) -> bool:

@@ -16,6 +16,10 @@ Fault tolerance:
     reports `is_finite`; the loop reads these flags at log steps and before every save, so no
     host sync is added per step. config.nonfinite='stop' raises NonFiniteError naming the step
     before anything else is saved; 'skip' logs the skipped steps and goes on.
+  * kill -9: the loop waits for each asynchronous save half an interval after its step
+    (TrainCheckpointer.finish_overdue_save), so a kill loses less than 1.5 checkpoint intervals.
+  * Memory: `prepare` compiles the train step and refuses one that does not fit
+    (`check_step_memory`) instead of letting the kernel kill the run.
   * Workdir reuse: a config differing from WORKDIR/config.json outside
     config_lib.RESUMABLE_FIELDS is refused (ValueError listing the differences) unless
     config.allow_config_change; a workdir another run holds is refused (vit_jax.workdir.lock).
@@ -37,6 +41,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from vit_jax import benchmark_lib
 from vit_jax import checkpoint
 from vit_jax import cli
 from vit_jax import evaluate
@@ -203,6 +208,7 @@ class Run:
       stopping = stop.requested(step)
       log = step % config.log_every == 0 or step == config.total_steps
       save = stopping or step == config.total_steps or ckpt.should_save(step)
+      ckpt.finish_overdue_save(step)
       if log or save:
         nonfinite.check()
       if log:
@@ -236,9 +242,43 @@ def _restore_or_init(trainer: program_lib.Program, ckpt: state_checkpoint.TrainC
                      workdir: str):
   if ckpt.latest_step() is None:
     return trainer.initial_state(), 0
-  state, step = ckpt.restore(trainer.abstract_state, set_aside_unrestorable=True)
+  try:
+    state, step = ckpt.restore(trainer.abstract_state, set_aside_unrestorable=True)
+  except state_checkpoint.CheckpointMismatchError as e:
+    raise workdir_lib.mismatch_error(e, trainer.config, workdir) from e
   logging.info('Resumed from %s at step %d.', workdir, step)
   return state, step
+
+
+# A step whose XLA buffers need more than this fraction of the memory budget gets a warning.
+MEMORY_WARNING_FRACTION = 0.9
+
+
+def check_step_memory(trainer: program_lib.Program) -> None:
+  """Compiles the train step (the loop reuses the executable) and compares XLA's memory analysis
+  with hardware.memory_budget: ValueError when it does not fit, a warning when it nearly does,
+  both with the numbers and what to change. A step that does not fit would otherwise be killed
+  by the kernel (exit 137) or the device allocator without a word."""
+  compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch).compile()
+  memory = benchmark_lib.xla_memory(compiled)
+  if memory is None:
+    return
+  budget, source = hardware.memory_budget()
+  if memory['total'] <= MEMORY_WARNING_FRACTION * budget:
+    return
+  config = trainer.config
+  message = (
+      f'The train step needs {benchmark_lib.gib(memory["total"])} per device (XLA\'s memory '
+      f'analysis: arguments {benchmark_lib.gib(memory["argument"])}, temporaries '
+      f'{benchmark_lib.gib(memory["temp"])}) of {benchmark_lib.gib(budget)} ({source}). To need '
+      f'less: raise config.accum_steps (now {config.accum_steps}; the batch is split into that '
+      'many micro-batches), set config.model.remat_policy=\'full\' (with '
+      f'config.model.scan_layers=True on CPU; now {config.model.get("remat_policy", "none")!r}), '
+      f'or config.sharding=\'fsdp\' (now {config.sharding!r}) to split the train state over '
+      'the devices.')
+  if memory['total'] > budget:
+    raise ValueError(f'Out of memory: {message}')
+  logging.warning('Close to the memory limit: %s', message)
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -256,6 +296,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   ckpt = None
   try:
     trainer = program_lib.Program(config, config.num_classes)
+    check_step_memory(trainer)
     ckpt = state_checkpoint.TrainCheckpointer(
         workdir_lib.path(workdir, workdir_lib.CHECKPOINTS), save_every=config.checkpoint_every,
         keep=config.keep_checkpoints)

@@ -3,7 +3,7 @@
     WORKDIR/config.json    the run's full config, model included; written once a start has
                            validated the config and restored (or initialised) the state
     WORKDIR/metrics.jsonl  one JSON event per line: {"step": ..., "loss": ..., "eval_top1": ...}
-    WORKDIR/checkpoints/   orbax training state: params, optimizer, RNG, step (train_checkpoint)
+    WORKDIR/checkpoints/   orbax training state: params, optimizer, RNG, step (state_checkpoint)
     WORKDIR/model.npz      the final params in the released layout, written when training ends
     WORKDIR/tensorboard/   TensorBoard event files
     WORKDIR/lock           the run that holds the workdir: host, pid, start time
@@ -310,3 +310,19 @@ def _in_use_message(workdir: str, holder: Optional[dict], lock_path: str) -> str
             'delete it if no run uses this workdir.')
   return (f'{workdir} is in use by host {holder.get("host")} pid {holder.get("pid")} since '
           f'{holder.get("since")} (delete {lock_path} if that run is gone).')
+
+
+def mismatch_error(error: ValueError, config: ml_collections.ConfigDict,
+                   workdir: str) -> ValueError:
+  """`error` (state_checkpoint.CheckpointMismatchError) with the fields that shape the state
+  (config_lib.STATE_FIELDS) in which WORKDIR/config.json differs from `config`."""
+  try:
+    saved = read_config(workdir)
+  except (ValueError, tf.errors.OpError):
+    return error
+  changes = config_lib.state_changes(saved or {}, json.loads(config.to_json_best_effort()))
+  if not changes:
+    return error
+  return ValueError(f'{error}\nThe fields that differ from {path(workdir, CONFIG)} (there -> '
+                    'now):\n  ' + '\n  '.join(changes) + '\nUse the config they were trained '
+                    'with, or another --workdir.')
