@@ -63,8 +63,8 @@ REMOTE_TIMEOUT_S = 60.0
 def initialize_distributed() -> None:
   """Joins the other hosts; on Cloud TPU all three flags may stay unset (auto-detected)."""
   if _COORDINATOR.value or _NUM_PROCESSES.value:
-    if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS') == 'cpu':
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    # Nothing may ask for the backend before this (jax.default_backend() would initialise it);
+    # CPU processes talk through gloo, JAX's default CPU collectives.
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)

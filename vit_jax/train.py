@@ -267,7 +267,8 @@ class Run:
 
 def _batches(config, trainer, step: int) -> Iterator[dict]:
   return input_pipeline.prefetch_to_mesh(
-      input_pipeline.build_train_iterator(config, start_step=step),
+      input_pipeline.build_train_iterator(config, start_step=step,
+                                          num_shards=jax.device_count()),
       sharding.batch_sharding(trainer.mesh), size=config.prefetch)
 
 
