@@ -117,6 +117,8 @@ def test_sigterm_to_both_processes_stops_them_at_the_same_saved_step(runs):
   assert 3 <= stopped_at < TOTAL_STEPS
   for i in range(2):
     assert f'after step {stopped_at}' in (tmp / 'logs' / 'first' / f'{i}.err').read_text()
+  assert 'JAX backend cpu: 8 x cpu (4 on this process), 2 process(es).' in (
+      tmp / 'logs' / 'first' / '0.err').read_text()
 
 
 def test_two_processes_follow_the_curve_of_one_process_with_eight_devices(runs):

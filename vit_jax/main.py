@@ -34,6 +34,7 @@ import tensorflow as tf
 from vit_jax import cli
 from vit_jax import config_lib
 from vit_jax import evaluate
+from vit_jax import hardware
 from vit_jax import input_pipeline
 from vit_jax import logging_util
 from vit_jax import train
@@ -140,6 +141,7 @@ def main(argv):
   if _CONFIG.value is None:
     raise app.UsageError('--config is required, e.g. --config=configs/vit.py:b16,cifar10.')
   initialize_distributed()
+  logging.info('%s', hardware.backend_summary())
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value.unlock()

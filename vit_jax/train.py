@@ -293,6 +293,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   check_workdir_config(config, workdir)
   hardware.check_host_allocator()
   hardware.check_remat_layout(config.model)
+  hardware.check_accelerator(config.model)
   trainer_lib.write_config(config, workdir)
   trainer = trainer_lib.Trainer(config, config.num_classes)
   ckpt = train_checkpoint.TrainCheckpointer(
