@@ -3,8 +3,10 @@
 Datasets (`config.dataset`):
   * any TFDS name whose features have an `image` (tfds.features.Image) and a `label`
     (tfds.features.ClassLabel), e.g. cifar10, cifar100, imagenet2012, imagenet_v2, oxford_iiit_pet,
-    oxford_flowers102. The dataset must already be prepared in `config.data_dir` (nothing is
-    downloaded here). Splits use TFDS syntax; the usual ImageNet "minival" holds out the last 1%
+    oxford_flowers102. A dataset not yet prepared in `config.data_dir` is prepared there first
+    (`download_and_prepare`, as the official code does; ImageNet reads the files the user
+    downloaded from `config.tfds_manual_dir`); when that fails, a `DatasetUnavailable` names the
+    dataset, the data_dir and what would fix it. Splits use TFDS syntax; the usual ImageNet "minival" holds out the last 1%
     of train: `train_split='train[:99%]'`, `eval_split='train[99%:]'`.
   * `fashion_mnist`: when the Debian IDX files exist, our own offline builder
     (`vit_jax.fashion_mnist`, prepared into `config.data_dir` on first use), else TFDS' builder.
@@ -50,6 +52,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax import cli
 from vit_jax import config_lib
 from vit_jax import fashion_mnist
 
@@ -140,7 +143,35 @@ def _get_source(config):
   if config.dataset.startswith(FOLDER_PREFIX):
     return _FolderSource(config.dataset[len(FOLDER_PREFIX):],
                          config.get('folder_test_fraction', 0.1))
-  return _TfdsSource(_tfds_builder(config.dataset, config.get('data_dir', None)))
+  builder = _tfds_builder(config.dataset, config.get('data_dir', None))
+  if not builder.is_prepared():
+    _prepare(builder, config.get('tfds_manual_dir', None))
+  return _TfdsSource(builder)
+
+
+class DatasetUnavailable(cli.UserError):
+  """A TFDS dataset could not be prepared (no network, the manual files missing)."""
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: Optional[str]) -> None:
+  """Downloads and prepares `builder` into its data_dir (TFDS' progress bars show); raises
+  DatasetUnavailable saying what would fix a failure."""
+  name, root = builder.info.full_name, builder.data_dir_root
+  logging.info('Preparing TFDS dataset %s in %s (once; later runs read it from there).', name,
+               root)
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except Exception as e:  # pylint: disable=broad-except  # Network, archives, manual files.
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+      fix = (f'its files must be downloaded by hand into config.tfds_manual_dir (now '
+             f'{manual_dir}): {" ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())}')
+    else:
+      fix = (f'on a machine with a network run `tfds build {builder.name} --data_dir={root}` and '
+             f'copy {root}/{builder.name} here')
+    raise DatasetUnavailable(
+        f'Cannot prepare TFDS dataset {name!r} in data_dir {root} ({type(e).__name__}: '
+        f'{" ".join(str(e).split())[:300]}); {fix}.') from e
 
 
 def _tfds_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:

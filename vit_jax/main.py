@@ -56,7 +56,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: index of thi
 
 EXIT_NONFINITE = 3
 # Errors that setting up a run raises for what the user must fix (gs:// failures are tf's).
-USER_ERRORS = (ValueError, OSError, tf.errors.OpError)
+USER_ERRORS = (cli.UserError, ValueError, OSError, tf.errors.OpError)
 # A remote path (gs://...) that does not answer within this time is reported as unreachable.
 REMOTE_TIMEOUT_S = 60.0
 
