@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from vit_jax import augreg
 from vit_jax import checkpoint
 from vit_jax import inference
 from vit_jax import model_configs
@@ -53,6 +54,9 @@ def resolve(name_or_path: str, *, bucket: str = 'imagenet21k',
   if name_or_path.endswith('.npz'):
     stem = os.path.basename(name_or_path)[:-len('.npz')]
     return name_or_path, model_configs.get_model_config(stem).model_name
+  if name_or_path.startswith(augreg.PREFIX):
+    return augreg.fetch(name_or_path, dest=checkpoints_dir), augreg.resolve(
+        name_or_path, augreg.index_path(checkpoints_dir))[1]
   model_name = model_configs.get_model_config(name_or_path).model_name
   return checkpoint.fetch(model_name, bucket=bucket, dest=checkpoints_dir), model_name
 
@@ -60,7 +64,7 @@ def resolve(name_or_path: str, *, bucket: str = 'imagenet21k',
 def load(name_or_path: str, *, model_name: Optional[str] = None,
          resolution: Optional[int] = None, labels: Optional[str] = None,
          bucket: str = 'imagenet21k', checkpoints_dir: str = 'checkpoints') -> Model:
-  """A released name ('ViT-B_16', fetched from `bucket`), a `.npz` path (named as its model,
+  """A released name ('ViT-B_16', fetched from `bucket`; 'augreg:B_16'), a `.npz` path (named as its model,
   else pass `model_name`) or a training workdir -> Model (unpacks to model, params,
   preprocess). `labels`: a file of class names (default: see vit_jax.predict)."""
   if model_name and name_or_path.endswith('.npz'):
