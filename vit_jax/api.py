@@ -64,9 +64,9 @@ def resolve(name_or_path: str, *, bucket: str = 'imagenet21k',
 def load(name_or_path: str, *, model_name: Optional[str] = None,
          resolution: Optional[int] = None, labels: Optional[str] = None,
          bucket: str = 'imagenet21k', checkpoints_dir: str = 'checkpoints') -> Model:
-  """A released name ('ViT-B_16', fetched from `bucket`; 'augreg:B_16'), a `.npz` path (named as its model,
-  else pass `model_name`) or a training workdir -> Model (unpacks to model, params,
-  preprocess). `labels`: a file of class names (default: see vit_jax.predict)."""
+  """A released name ('ViT-B_16', fetched from `bucket`; or 'augreg:B_16'), a `.npz` path
+  (named as its model, else pass `model_name`) or a training workdir -> Model (unpacks to
+  model, params, preprocess). `labels`: a file of class names (default: see vit_jax.predict)."""
   if model_name and name_or_path.endswith('.npz'):
     path = name_or_path
   else:

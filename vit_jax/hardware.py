@@ -91,12 +91,12 @@ CPU_MAX_HIDDEN_SIZE = 384
 def check_accelerator(model_config) -> bool:
   """Warns when a model larger than ViT-S is trained on the CPU backend: JAX for the
   accelerator is probably not installed."""
-  if jax.default_backend() != 'cpu' or model_config.get('hidden_size', 0) <= CPU_MAX_HIDDEN_SIZE:
+  hidden_size = model_config.get('hidden_size') or 0  # None: a ResNet-only model.
+  if jax.default_backend() != 'cpu' or hidden_size <= CPU_MAX_HIDDEN_SIZE:
     return True
   logging.warning(
       'Training %s (hidden size %d, larger than ViT-S) on the CPU backend: this is very slow. '
       "For the accelerator install JAX with its runtime: pip install -e '.[tpu]' on a Cloud TPU "
       "VM, pip install -e '.[cuda12]' (or '.[cuda13]') on NVIDIA GPUs (README, \"On a Cloud "
-      'TPU VM" / "On GPUs").', model_config.get('model_name', 'the model'),
-      model_config.hidden_size)
+      'TPU VM" / "On GPUs").', model_config.get('model_name', 'the model'), hidden_size)
   return False

@@ -6,8 +6,9 @@ Datasets (`config.dataset`):
     oxford_flowers102. A dataset not yet prepared in `config.data_dir` is prepared there first
     (`download_and_prepare`, as the official code does; ImageNet reads the files the user
     downloaded from `config.tfds_manual_dir`); when that fails, a `DatasetUnavailable` names the
-    dataset, the data_dir and what would fix it. Splits use TFDS syntax; the usual ImageNet "minival" holds out the last 1%
-    of train: `train_split='train[:99%]'`, `eval_split='train[99%:]'`.
+    dataset, the data_dir and what would fix it. Splits use TFDS syntax; the usual ImageNet
+    "minival" holds out the last 1% of train: `train_split='train[:99%]'`,
+    `eval_split='train[99%:]'`.
   * `fashion_mnist`: when the Debian IDX files exist, our own offline builder
     (`vit_jax.fashion_mnist`, prepared into `config.data_dir` on first use), else TFDS' builder.
   * `folder:/path`: one sub-folder of JPEG/PNG images per class (class index = position in the
