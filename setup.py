@@ -2,8 +2,9 @@
 import setuptools
 
 # Pinned so that a fresh install reproduces the tested environment.
+JAX_VERSION = '0.10.2'
 INSTALL_REQUIRES = [
-    'jax[cpu]==0.10.2',
+    f'jax[cpu]=={JAX_VERSION}',
     'flax==0.12.8',
     'optax==0.2.8',
     'orbax-checkpoint==0.12.8',
@@ -19,6 +20,11 @@ INSTALL_REQUIRES = [
     'importlib_resources>=6',
 ]
 
+# `pip install -e '.[tpu]'` (Cloud TPU VM) or '.[cuda12]' / '.[cuda13]' (NVIDIA driver >= 525 /
+# >= 580): the same JAX with the accelerator's runtime (libtpu, or the CUDA plugin with its CUDA
+# and cuDNN wheels). TensorFlow stays the CPU build: it only feeds the input pipeline.
+ACCELERATOR_EXTRAS = {name: [f'jax[{name}]=={JAX_VERSION}'] for name in ('tpu', 'cuda12', 'cuda13')}
+
 TESTS_REQUIRE = [
     'pytest>=8',
     'pytest-xdist>=3.5',
@@ -33,5 +39,5 @@ setuptools.setup(
     package_data={'vit_jax': ['labels/*.txt']},
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
-    extras_require={'test': TESTS_REQUIRE},
+    extras_require={'test': TESTS_REQUIRE, **ACCELERATOR_EXTRAS},
 )

@@ -202,6 +202,23 @@ def test_train_shards_are_disjoint_and_reshuffled_every_epoch(split_folder):
   assert sorted(epochs[0][0] + epochs[1][0]) == sorted(train)  # Disjoint, covering.
 
 
+def test_device_shards_give_the_same_global_batches_however_many_processes(split_folder):
+  root, train, _ = split_folder
+  config = make_config(f'folder:{root}', batch=8)  # 4 shards of 10 examples, 2 rows each.
+  build = lambda index, count: take(input_pipeline.build_train_iterator(
+      config, process_index=index, process_count=count, num_shards=4), 6)
+  one = build(0, 1)
+  two = [build(index, 2) for index in range(2)]
+  for step, batch in enumerate(one):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(
+          batch[key], np.concatenate([two[0][step][key], two[1][step][key]]))
+  # Rows 2s, 2s+1 of every batch come from shard s: its first 10 rows are one epoch of it.
+  ids = np.array([image_ids(b['image']) for b in one]).reshape(6, 4, 2)
+  first_epochs = ids.transpose(1, 0, 2).reshape(4, 12)[:, :10]
+  assert sorted(first_epochs.ravel().tolist()) == sorted(train)
+
+
 @pytest.mark.parametrize('pp_train, cache', [('resize_crop', None), ('resize_crop', False),
                                              ('inception', True)])
 def test_train_is_deterministic_and_resumable(split_folder, pp_train, cache):

@@ -1,4 +1,5 @@
 """The command line end to end on the real Fashion-MNIST files: train, eval, resume, export."""
+import glob
 import json
 import os
 import subprocess
@@ -33,7 +34,7 @@ def _main(workdir, *flags):
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('run'))
-  _main(workdir, '--config.total_steps=6')
+  _main(workdir, '--config.total_steps=6', '--config.profile_steps=2')
   return workdir
 
 
@@ -54,6 +55,9 @@ def test_train_writes_metrics_checkpoints_and_npz(trained):
                     'test_split': 'test[:500]'}
   assert sorted(os.listdir(os.path.join(trained, 'checkpoints')))[:2] == ['3', '6']
   assert os.listdir(os.path.join(trained, 'tensorboard'))
+  # --config.profile_steps=2: one jax.profiler trace, in TensorBoard's profile-plugin layout.
+  traces = glob.glob(os.path.join(trained, 'tensorboard', 'plugins', 'profile', '*', '*.xplane.pb'))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
   with open(os.path.join(trained, 'config.json')) as f:
     config = json.load(f)
   assert config['num_classes'] == 10 and config['pp']['resolution'] == 21

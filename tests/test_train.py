@@ -1,9 +1,6 @@
-"""The train step and loop on 8 CPU devices: learning, accumulation, sharding, multi-host."""
-import os
+"""The train step and loop on 8 CPU devices: learning, accumulation, sharding (multi-host runs:
+tests/test_multihost.py)."""
 import re
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,8 +14,6 @@ from vit_jax import evaluate
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import steps
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_steps(config, num_steps, batches=None):
@@ -109,39 +104,6 @@ def test_same_config_and_seed_give_the_same_curve_and_another_seed_does_not():
   config.seed = 1
   _, c = _run_steps(config, 0, batches)
   assert a != c
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def _worker_env(devices):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  return env
-
-
-def _losses(output):
-  line = [l for l in output.splitlines() if l.startswith('LOSSES ')][-1]
-  return np.array(eval(line[len('LOSSES '):]))  # pylint: disable=eval-used
-
-
-def test_two_processes_match_one_process_with_eight_devices():
-  strategy = 'fsdp'  # the harder case: parameters and optimizer state split across hosts too
-  worker = os.path.join(ROOT, 'tests', 'multihost_train_worker.py')
-  single = subprocess.run([sys.executable, worker, '1', '0', '0', strategy],
-                          env=_worker_env(8), capture_output=True, text=True, timeout=300)
-  assert single.returncode == 0, single.stderr[-3000:]
-  port = _free_port()
-  procs = [subprocess.Popen([sys.executable, worker, '2', str(i), str(port), strategy],
-                            env=_worker_env(4), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  np.testing.assert_allclose(_losses(outputs[0][0]), _losses(single.stdout), rtol=1e-5)
 
 
 def test_schedule_warmup_then_cosine_and_linear():

@@ -8,6 +8,7 @@ and legacy GroupNorm shapes to the model being fine-tuned.
 Usage:
   python -m vit_jax.checkpoint inspect PATH
   python -m vit_jax.checkpoint fetch NAME [--bucket=imagenet21k] [--dest=checkpoints/]
+  python -m vit_jax.checkpoint fetch augreg:B_16    # the best i21k AugReg B/16 (vit_jax.augreg)
 """
 import functools
 import http.client
@@ -499,6 +500,10 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
   command, arg = argv[1:]
   if command == 'inspect':
     print(describe(arg))
+  elif arg.startswith('augreg:'):
+    from vit_jax import augreg  # pylint: disable=g-import-not-at-top  # augreg imports us.
+    augreg.fetch(arg, dest=flag_values.dest, base_url=flag_values.base_url,
+                 timeout=flag_values.timeout)
   else:
     fetch(arg, bucket=flag_values.bucket, dest=flag_values.dest,
           base_url=flag_values.base_url, timeout=flag_values.timeout)

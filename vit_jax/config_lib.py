@@ -59,6 +59,7 @@ RESUMABLE_FIELDS = frozenset({
     'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints', 'progress', 'prefetch',
     'eval_split', 'test_split', 'batch_eval', 'peak_flops', 'data_dir', 'cache', 'pretrained_dir',
     'pretrained_path', 'accum_steps', 'sharding', 'nonfinite', 'allow_config_change',
+    'tfds_manual_dir', 'profile_steps',
 })
 
 # Fields of older config.json files that base_config no longer has (the model's name is
@@ -87,6 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Decode the split once and keep it in memory: None (when it fits, see input_pipeline), or
   # True / False to force it.
   c.cache = ml_collections.FieldReference(None, field_type=bool)
+  # Where the files of datasets that TFDS cannot download (imagenet2012) were put by hand.
+  c.tfds_manual_dir = ml_collections.FieldReference(None, field_type=str)
   c.train_split = 'train'
   c.eval_split = 'test'
   c.test_split = ''  # Evaluated once at the end as `test_top1`; '' for none.
@@ -128,6 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1_000
   c.keep_checkpoints = 3
   c.progress = True
+  # > 0: a jax.profiler trace of this many steps after warm-up, in WORKDIR/tensorboard.
+  c.profile_steps = 0
   # A step with a non-finite loss or gradient is never applied; 'stop' then ends the run with an
   # error naming the step (its checkpoints stay as they were), 'skip' goes on and logs it.
   c.nonfinite = 'stop'

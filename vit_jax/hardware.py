@@ -99,3 +99,28 @@ def memory_budget(device=None) -> tuple:
                      if line.startswith('MemAvailable:'))
   return available // jax.local_device_count(), (
       f'the host\'s available memory / {jax.local_device_count()} CPU devices')
+
+
+def backend_summary() -> str:
+  """One line naming the backend, the device kind and count, and the processes."""
+  devices = jax.devices()
+  return (f'JAX backend {jax.default_backend()}: {len(devices)} x {devices[0].device_kind} '
+          f'({jax.local_device_count()} on this process), {jax.process_count()} process(es).')
+
+
+# Models wider than ViT-S (hidden size 384) are beyond what a CPU trains in reasonable time.
+CPU_MAX_HIDDEN_SIZE = 384
+
+
+def check_accelerator(model_config) -> bool:
+  """Warns when a model larger than ViT-S is trained on the CPU backend: JAX for the
+  accelerator is probably not installed."""
+  hidden_size = model_config.get('hidden_size') or 0  # None: a ResNet-only model.
+  if jax.default_backend() != 'cpu' or hidden_size <= CPU_MAX_HIDDEN_SIZE:
+    return True
+  logging.warning(
+      'Training %s (hidden size %d, larger than ViT-S) on the CPU backend: this is very slow. '
+      "For the accelerator install JAX with its runtime: pip install -e '.[tpu]' on a Cloud TPU "
+      "VM, pip install -e '.[cuda12]' (or '.[cuda13]') on NVIDIA GPUs (README, \"On a Cloud "
+      'TPU VM" / "On GPUs").', model_config.get('model_name', 'the model'), hidden_size)
+  return False

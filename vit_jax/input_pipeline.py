@@ -3,9 +3,12 @@
 Datasets (`config.dataset`):
   * any TFDS name whose features have an `image` (tfds.features.Image) and a `label`
     (tfds.features.ClassLabel), e.g. cifar10, cifar100, imagenet2012, imagenet_v2, oxford_iiit_pet,
-    oxford_flowers102. The dataset must already be prepared in `config.data_dir` (nothing is
-    downloaded here). Splits use TFDS syntax; the usual ImageNet "minival" holds out the last 1%
-    of train: `train_split='train[:99%]'`, `eval_split='train[99%:]'`.
+    oxford_flowers102. A dataset not yet prepared in `config.data_dir` is prepared there first
+    (`download_and_prepare`, as the official code does; ImageNet reads the files the user
+    downloaded from `config.tfds_manual_dir`); when that fails, a `DatasetUnavailable` names the
+    dataset, the data_dir and what would fix it. Splits use TFDS syntax; the usual ImageNet
+    "minival" holds out the last 1% of train: `train_split='train[:99%]'`,
+    `eval_split='train[99%:]'`.
   * `fashion_mnist`: when the Debian IDX files exist, our own offline builder
     (`vit_jax.fashion_mnist`, prepared into `config.data_dir` on first use), else TFDS' builder.
   * `folder:/path`: one sub-folder of JPEG/PNG images per class (class index = position in the
@@ -15,10 +18,12 @@ Datasets (`config.dataset`):
     `config.folder_test_fraction` (default 0.1) of each class, 'train' the rest. Every file is
     decode-checked once up front; undecodable ones are skipped with one warning.
 
-Training stream (`build_train_iterator`): each process reads its own shard of the split
-(`tfds.split_for_jax_process` semantics), shuffles every epoch with a seed derived from
-(config.seed, process, epoch) and augments every example with a stateless seed derived from its
-position in the stream, so the stream is a pure function of (config, process) and resuming at
+Training stream (`build_train_iterator`): the split is cut into one shard per device
+(`tfds.split_for_jax_process` semantics) and each process reads the shards of its devices; each
+shard is shuffled every epoch with a seed derived from (config.seed, shard, epoch) and every
+example augmented with a stateless seed derived from its position in the shard's stream, so the
+global stream is a pure function of (config, device count), whatever the number of processes,
+and resuming at
 `start_step` skips still-undecoded records instead of replaying the pipeline. Small datasets whose
 decoded uint8 images fit in `_AUTO_CACHE_BYTES` are decoded once and cached in memory
 (`config.cache`: True / False force it).
@@ -34,7 +39,7 @@ import itertools
 import math
 import os
 import time
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 from absl import flags
 from absl import logging
@@ -145,7 +150,35 @@ def _get_source(config):
   if config.dataset.startswith(FOLDER_PREFIX):
     return _FolderSource(config.dataset[len(FOLDER_PREFIX):],
                          config.folder_test_fraction)
-  return _TfdsSource(_tfds_builder(config.dataset, config.data_dir))
+  builder = _tfds_builder(config.dataset, config.data_dir)
+  if not builder.is_prepared():
+    _prepare(builder, config.tfds_manual_dir)
+  return _TfdsSource(builder)
+
+
+class DatasetUnavailable(cli.UserError):
+  """A TFDS dataset could not be prepared (no network, the manual files missing)."""
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: Optional[str]) -> None:
+  """Downloads and prepares `builder` into its data_dir (TFDS' progress bars show); raises
+  DatasetUnavailable saying what would fix a failure."""
+  name, root = builder.info.full_name, builder.data_dir_root
+  logging.info('Preparing TFDS dataset %s in %s (once; later runs read it from there).', name,
+               root)
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except Exception as e:  # pylint: disable=broad-except  # Network, archives, manual files.
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+      fix = (f'its files must be downloaded by hand into config.tfds_manual_dir (now '
+             f'{manual_dir}): {" ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())}')
+    else:
+      fix = (f'on a machine with a network run `tfds build {builder.name} --data_dir={root}` and '
+             f'copy {root}/{builder.name} here')
+    raise DatasetUnavailable(
+        f'Cannot prepare TFDS dataset {name!r} in data_dir {root} ({type(e).__name__}: '
+        f'{" ".join(str(e).split())[:300]}); {fix}.') from e
 
 
 def _tfds_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
@@ -281,33 +314,59 @@ def _split_size(source, config, field: str) -> int:
 
 
 def build_train_iterator(config, *, start_step: int = 0, process_index: Optional[int] = None,
-                         process_count: Optional[int] = None) -> Iterator[dict]:
-  """Infinite {'image': f32 [B, R, R, 3], 'label': i32 [B]} batches, B = batch / processes."""
+                         process_count: Optional[int] = None,
+                         num_shards: Optional[int] = None) -> Iterator[dict]:
+  """Infinite {'image': f32 [B, R, R, 3], 'label': i32 [B]} batches, B = batch / processes.
+
+  The split is cut into `num_shards` shards (default: one per process), each shuffled and
+  augmented on its own; a process reads its consecutive share of them and puts batch /
+  num_shards rows of each into every batch. Training passes one shard per device, so the global
+  batches do not depend on how the devices are spread over processes (one host with 8 devices
+  or two with 4 read the same), given shuffle buffers that hold a whole shard.
+  """
   index, count = _process_index_and_count(process_index, process_count)
+  num_shards = num_shards or count
   local_batch = _local_batch_size(config.batch, 'config.batch', count)
+  shard_batch = _local_batch_size(config.batch, 'config.batch', num_shards, 'data shards')
+  if num_shards % count:
+    raise ValueError(f'{num_shards} data shards do not divide among {count} processes.')
+  per_process = num_shards // count
   source = _get_source(config)
+  cache = _use_cache(config, source.image_shape,
+                     source.shard(config.train_split, index, count).num_examples)
+  streams = [_shard_stream(config, source, shard, num_shards, start_step * shard_batch,
+                           config.shuffle_buffer // per_process, cache)
+             for shard in range(index * per_process, (index + 1) * per_process)]
+  choice = tf.data.Dataset.range(per_process * shard_batch).map(
+      lambda row: row // shard_batch).repeat()
+  ds = streams[0] if per_process == 1 else tf.data.Dataset.choose_from_datasets(streams, choice)
+  return _numpy_batches(ds, local_batch)
+
+
+def _shard_stream(config, source, index: int, count: int, first_example: int,
+                  shuffle_buffer: int, cache: bool) -> tf.data.Dataset:
+  """Shard `index` of `count` of the train split: endless shuffled, augmented examples."""
   shard = source.shard(config.train_split, index, count)
   if not shard.num_examples:
-    raise ValueError(f'Process {index} of {count} has no examples of {config.dataset} '
+    raise ValueError(f'Data shard {index} of {count} has no examples of {config.dataset} '
                      f'{config.train_split}.')
   records = shard.records
   decode = lambda record: preprocessing.decode(source.read(record))
-  if _use_cache(config, source.image_shape, shard.num_examples):
+  if cache:
     records = records.map(lambda image, label: (decode(image), label),
                           num_parallel_calls=tf.data.AUTOTUNE).cache()
     decode = tf.identity
   seed = tf.constant([config.seed, index], tf.int64)
-  first_example = start_step * local_batch
   preprocess = preprocessing.train_preprocess(config.pp)
-  ds = _shuffled_epochs(records, shard.num_examples, config.shuffle_buffer, seed, first_example)
+  ds = _shuffled_epochs(records, shard.num_examples, max(shuffle_buffer, 1), seed,
+                        first_example)
 
-  def example(i, record):  # i: position in this process' stream, so resuming is exact.
+  def example(i, record):  # i: position in this shard's stream, so resuming is exact.
     image, label = record
     image = preprocess(decode(image), tf.random.experimental.stateless_fold_in(seed, i))
     return {'image': image, 'label': tf.cast(label, tf.int32)}
 
-  ds = ds.enumerate(first_example).map(example, num_parallel_calls=tf.data.AUTOTUNE)
-  return _numpy_batches(ds, local_batch)
+  return ds.enumerate(first_example).map(example, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def build_eval_iterator(config, *, split: Optional[str] = None,
@@ -365,10 +424,10 @@ def _process_index_and_count(index: Optional[int], count: Optional[int]) -> tupl
   return index, count
 
 
-def _local_batch_size(batch: int, field: str, process_count: int) -> int:
-  if batch % process_count:
-    raise ValueError(f'{field}={batch} is not divisible by the {process_count} processes.')
-  return batch // process_count
+def _local_batch_size(batch: int, field: str, parts: int, what: str = 'processes') -> int:
+  if batch % parts:
+    raise ValueError(f'{field}={batch} is not divisible by the {parts} {what}.')
+  return batch // parts
 
 
 def _use_cache(config, image_shape, num_examples: int) -> bool:

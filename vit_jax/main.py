@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from vit_jax import cli
 from vit_jax import evaluate
+from vit_jax import hardware
 from vit_jax import logging_util
 from vit_jax import train_loop
 
@@ -58,8 +59,8 @@ REMOTE_TIMEOUT_S = 60.0
 def initialize_distributed() -> None:
   """Joins the other hosts; on Cloud TPU all three flags may stay unset (auto-detected)."""
   if _COORDINATOR.value or _NUM_PROCESSES.value:
-    if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS') == 'cpu':
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    # Nothing may ask for the backend before this (jax.default_backend() would initialise it);
+    # CPU processes talk through gloo, JAX's default CPU collectives.
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
@@ -121,6 +122,7 @@ def main(argv):
   if _CONFIG.value is None:
     raise cli.UserError('--config is required, e.g. --config=configs/vit.py:b16,cifar10.')
   initialize_distributed()
+  logging.info('%s', hardware.backend_summary())
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value.unlock()

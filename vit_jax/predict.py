@@ -5,13 +5,15 @@ r"""Classifies image files with a trained model; prints the top-k classes of eac
       --labels=names.txt --top_k=5 --resolution=384
 
 Class names: --labels (one per line, in class-index order), else the shipped list of the
-workdir's dataset when there is one (vit_jax/labels/), else the class indices.
+workdir's dataset when there is one (vit_jax/labels/), else ImageNet-1k's for a 1000-class
+`.npz` (the released fine-tuned checkpoints), else the class indices.
 """
 import functools
 import os
 from typing import Optional, Sequence
 
 from absl import flags
+from absl import logging
 import jax
 import numpy as np
 
@@ -20,7 +22,8 @@ from vit_jax import inference
 
 LABELS_DIR = os.path.join(os.path.dirname(__file__), 'labels')
 # Datasets whose class names ship with the package: dataset name -> file in LABELS_DIR.
-DATASET_LABELS = {'fashion_mnist': 'fashion_mnist.txt'}
+DATASET_LABELS = {'fashion_mnist': 'fashion_mnist.txt', 'imagenet2012': 'imagenet2012.txt'}
+IMAGENET_CLASSES = 1000
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -50,7 +53,10 @@ def read_labels(path: str) -> list[str]:
 
 def class_names(loaded: inference.LoadedModel, labels_path: Optional[str]) -> list[str]:
   """Names of the model's classes; raises when a labels file has the wrong length."""
-  dataset = loaded.run_config.get('dataset') if loaded.run_config is not None else None
+  if loaded.run_config is not None:
+    dataset = loaded.run_config.get('dataset')
+  else:
+    dataset = 'imagenet2012' if loaded.num_classes == IMAGENET_CLASSES else None
   if labels_path is None and dataset in DATASET_LABELS:
     labels_path = os.path.join(LABELS_DIR, DATASET_LABELS[dataset])
   if labels_path is None:
@@ -60,6 +66,20 @@ def class_names(loaded: inference.LoadedModel, labels_path: Optional[str]) -> li
     raise ValueError(f'Labels file {labels_path} has {len(labels)} names but the model has '
                      f'{loaded.num_classes} classes.')
   return labels
+
+
+def check_head(loaded: inference.LoadedModel) -> bool:
+  """Warns when the classification head is all zeros (the released ImageNet-21k files): every
+  image then gets the same, uniform prediction."""
+  head = loaded.params.get('head')
+  if head is None or any(np.any(np.asarray(v)) for v in head.values()):
+    return True
+  logging.warning(
+      'The head of %s is all zeros (as in the released ImageNet-21k checkpoints): its '
+      'predictions are uniform over the %d classes. Use it for features (the pre-logits, '
+      'e.g. vit_jax.analyze) or fine-tune it first (python -m vit_jax.main '
+      '--config=configs/vit.py:...).', loaded.source, loaded.num_classes)
+  return False
 
 
 def probabilities(loaded: inference.LoadedModel, images: np.ndarray,
@@ -91,6 +111,7 @@ def format_predictions(names: Sequence[str], probs: np.ndarray, labels: Sequence
 def run(fv: flags.FlagValues) -> str:
   loaded = inference.load_model(fv.checkpoint, model_name=fv.model, resolution=fv.resolution)
   labels = class_names(loaded, fv.labels)
+  check_head(loaded)
   run_pp = loaded.run_config.pp if loaded.run_config is not None else None
   names, images = inference.load_images(fv.images, loaded.resolution, run_pp)
   return format_predictions(names, probabilities(loaded, images, fv.batch_size), labels,

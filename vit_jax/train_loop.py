@@ -160,6 +160,35 @@ class _NonFiniteSteps:
         f"--config.allow_config_change=True), or set config.nonfinite='skip'.")
 
 
+class _Profile:
+  """A jax.profiler trace of `steps` train steps into WORKDIR/tensorboard (TensorBoard's profile
+  tab), starting after the first WARMUP_STEPS steps of the run (compilation, first batches)."""
+  WARMUP_STEPS = 2
+
+  def __init__(self, steps: int, first_step: int, workdir: str):
+    self._start = first_step + self.WARMUP_STEPS if steps > 0 else None
+    self._stop = self._start + steps if steps > 0 else None
+    self._directory = workdir_lib.path(workdir, workdir_lib.TENSORBOARD)
+    self._tracing = False
+
+  def after_step(self, step: int, state) -> None:
+    if step == self._start:
+      jax.block_until_ready(state)  # The trace holds only the profiled steps.
+      jax.profiler.start_trace(self._directory)
+      self._tracing = True
+    elif step == self._stop:
+      self.close(step, state)
+
+  def close(self, step: int, state) -> None:
+    """Ends the trace (if one runs) after `step`."""
+    if self._tracing:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self._tracing = False
+      logging.info('Wrote a profile of steps %d-%d to %s.', self._start + 1, step,
+                   self._directory)
+
+
 @dataclasses.dataclass
 class Run:
   """A training run ready to go on from `step` (see `prepare`)."""
@@ -197,6 +226,7 @@ class Run:
     schedule = optim.learning_rate_schedule(config)
     throughput = _Throughput(config, trainer.num_classes, step)
     nonfinite = _NonFiniteSteps(config.nonfinite, ckpt, self.workdir)
+    profile = _Profile(config.profile_steps, step, self.workdir)
     eval_metrics = {}
     progress = tqdm.tqdm(total=config.total_steps, initial=step, unit='step',
                          disable=not (config.progress and jax.process_index() == 0))
@@ -204,6 +234,7 @@ class Run:
       state, metrics = trainer.train_step(state, next(batches))
       step += 1
       progress.update()
+      profile.after_step(step, state)
       nonfinite.add(step, metrics.pop('is_finite'))
       stopping = stop.requested(step)
       log = step % config.log_every == 0 or step == config.total_steps
@@ -229,12 +260,14 @@ class Run:
                                            with_test=step == config.total_steps)
         writer.write(step, eval_metrics)
     progress.close()
+    profile.close(step, state)
     return state, eval_metrics
 
 
 def _batches(config, trainer, step: int) -> Iterator[dict]:
   return input_pipeline.prefetch_to_mesh(
-      input_pipeline.build_train_iterator(config, start_step=step),
+      input_pipeline.build_train_iterator(config, start_step=step,
+                                          num_shards=jax.device_count()),
       sharding.batch_sharding(trainer.mesh), size=config.prefetch)
 
 
@@ -292,6 +325,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   workdir_lib.check_config(config, workdir)
   hardware.check_host_allocator()
   hardware.check_remat_layout(config.model)
+  hardware.check_accelerator(config.model)
   lock = workdir_lib.lock(workdir)
   ckpt = None
   try:

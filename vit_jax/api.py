@@ -1,0 +1,88 @@
+"""The Python API for notebooks: a checkpoint in one line, class names in another.
+
+    import vit_jax
+    model, params, preprocess = vit_jax.load('ViT-B_16')    # or a .npz path, or a workdir
+    logits = model.apply({'params': params}, preprocess(['cat.jpg']), train=False)
+    vit_jax.classify('ViT-B_16', ['cat.jpg', 'photos/'])     # [[(class name, probability), ...]]
+
+A released name is fetched into `checkpoints/` (vit_jax.checkpoint.fetch) unless it is already
+there; `preprocess` is the inference commands' (vit_jax.inference), so notebook and
+`python -m vit_jax.predict` see the same pixels.
+"""
+import functools
+import os
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from vit_jax import augreg
+from vit_jax import checkpoint
+from vit_jax import inference
+from vit_jax import model_configs
+from vit_jax import predict
+
+Images = Union[str, Sequence[str], np.ndarray]
+
+
+class Model(tuple):
+  """(model, params, preprocess), to unpack; also `.class_names`, `.resolution` and `.loaded`
+  (the vit_jax.inference.LoadedModel)."""
+
+  def __new__(cls, loaded: inference.LoadedModel, labels: Optional[str] = None):
+    preprocess = functools.partial(
+        _preprocess, resolution=loaded.resolution,
+        pp=loaded.run_config.pp if loaded.run_config is not None else None)
+    self = super().__new__(cls, (loaded.model, loaded.params, preprocess))
+    self.loaded = loaded
+    self.resolution = loaded.resolution
+    self.class_names = predict.class_names(loaded, labels) if loaded.num_classes else []
+    return self
+
+
+def _preprocess(images: Images, *, resolution: int, pp=None) -> np.ndarray:
+  """Image files / directories -> float32 [n, resolution, resolution, 3] in [-1, 1], preprocessed
+  as the eval pipeline of the run (`pp`) does; an array is taken as already preprocessed."""
+  if isinstance(images, np.ndarray):
+    return images
+  return inference.load_images([images] if isinstance(images, str) else list(images),
+                               resolution, pp)[1]
+
+
+def resolve(name_or_path: str, *, bucket: str = 'imagenet21k',
+            checkpoints_dir: str = 'checkpoints') -> tuple[str, Optional[str]]:
+  """(a local .npz or workdir, its model name or None for a workdir) for what the user named."""
+  if os.path.isdir(name_or_path):
+    return name_or_path, None
+  if name_or_path.endswith('.npz'):
+    stem = os.path.basename(name_or_path)[:-len('.npz')]
+    return name_or_path, model_configs.get_model_config(stem).model_name
+  if name_or_path.startswith(augreg.PREFIX):
+    return augreg.fetch(name_or_path, dest=checkpoints_dir), augreg.resolve(
+        name_or_path, augreg.index_path(checkpoints_dir))[1]
+  model_name = model_configs.get_model_config(name_or_path).model_name
+  return checkpoint.fetch(model_name, bucket=bucket, dest=checkpoints_dir), model_name
+
+
+def load(name_or_path: str, *, model_name: Optional[str] = None,
+         resolution: Optional[int] = None, labels: Optional[str] = None,
+         bucket: str = 'imagenet21k', checkpoints_dir: str = 'checkpoints') -> Model:
+  """A released name ('ViT-B_16', fetched from `bucket`; or 'augreg:B_16'), a `.npz` path
+  (named as its model, else pass `model_name`) or a training workdir -> Model (unpacks to
+  model, params, preprocess). `labels`: a file of class names (default: see vit_jax.predict)."""
+  if model_name and name_or_path.endswith('.npz'):
+    path = name_or_path
+  else:
+    path, model_name = resolve(name_or_path, bucket=bucket, checkpoints_dir=checkpoints_dir)
+  loaded = inference.load_model(path, model_name=model_name, resolution=resolution)
+  predict.check_head(loaded)
+  return Model(loaded, labels)
+
+
+def classify(model: Union[str, Model], images: Images, *, top_k: int = 5,
+             batch_size: int = 32) -> list[list[tuple[str, float]]]:
+  """The `top_k` (class name, probability) pairs of each image, most probable first; `model`
+  is what `load` returned or what it takes."""
+  model = model if isinstance(model, Model) else load(model)
+  probs = predict.probabilities(model.loaded, model[2](images), batch_size)
+  return [[(model.class_names[c], float(row[c])) for c in best]
+          for row, best in zip(probs, predict.top_k(probs, top_k))]
