@@ -5,7 +5,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-import tensorflow as tf
 
 from vit_jax import checkpoint
 from vit_jax import models
@@ -32,8 +31,8 @@ def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
-    tf.io.gfile.makedirs(workdir)
-    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
+    checkpoint.gfile().makedirs(workdir)
+    with checkpoint.gfile().GFile(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
