@@ -20,8 +20,9 @@ fi
 OUTDIR=$1
 shift
 DRY=()
+LIMIT=470
 case "${1:-}" in
-  --dry_run) DRY=(--dry_run --block_tensorflow) ;;
+  --dry_run) DRY=(--dry_run --block_tensorflow); LIMIT=1200 ;;
   "") ;;
   *) echo "Error: unknown argument $1 (expected --dry_run)" >&2; exit 2 ;;
 esac
@@ -39,10 +40,10 @@ if ! python3 -c 'import ml_collections' 2>/dev/null; then
 fi
 source scripts/cpu_env.sh
 set +e
-timeout 470 python3 scripts/device_check.py --out_dir="$OUTDIR" "${DRY[@]}" 2>&1 \
+timeout "$LIMIT" python3 scripts/device_check.py --out_dir="$OUTDIR" "${DRY[@]}" 2>&1 \
   | tee "$OUTDIR/device_check.log"
 rc=${PIPESTATUS[0]}
 if [ "$rc" = 124 ]; then
-  echo "device_check: stopped at its 470 s limit" | tee -a "$OUTDIR/device_check.log"
+  echo "device_check: stopped at its $LIMIT s limit" | tee -a "$OUTDIR/device_check.log"
 fi
 exit "$rc"

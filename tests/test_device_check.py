@@ -40,7 +40,7 @@ def test_the_blocker_does_block():  # Else the test above could not fail.
 def test_dry_run_writes_every_part(tmp_path):
   out = tmp_path / 'out'
   result = subprocess.run(['bash', str(_REPO / 'scripts/device_check.sh'), str(out), '--dry_run'],
-                          capture_output=True, text=True, env=_env(), check=False, timeout=600)
+                          capture_output=True, text=True, env=_env(), check=False, timeout=1200)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   summary = json.loads((out / 'summary.json').read_text())
   assert summary['dry_run'] and summary['tensorflow_blocked']
