@@ -31,6 +31,12 @@ TESTS_REQUIRE = [
     'scipy>=1.11',
 ]
 
+# `python -m vit_jax.benchmark --compare_timm` only (vit_jax.compare_timm); nothing else needs them.
+COMPARE_REQUIRE = [
+    'torch==2.14.1',
+    'timm==1.0.29',
+]
+
 setuptools.setup(
     name='vit_jax',
     version='0.1.0',
@@ -39,5 +45,5 @@ setuptools.setup(
     package_data={'vit_jax': ['labels/*.txt']},
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
-    extras_require={'test': TESTS_REQUIRE, **ACCELERATOR_EXTRAS},
+    extras_require={'test': TESTS_REQUIRE, 'compare': COMPARE_REQUIRE, **ACCELERATOR_EXTRAS},
 )

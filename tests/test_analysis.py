@@ -376,7 +376,7 @@ def test_analyze_speed(tmp_path):
   for r in records:
     assert r['model'] == 'testing' and r['resolution'] == 16
     assert r['images_per_s'] > 0 and r['peak_memory_bytes'] > 0
-    assert r['memory_source'] in ('device peak_bytes_in_use', 'host peak RSS')
+    assert r['memory_source'] in ('device peak_bytes_in_use', 'host max RSS')
 
 
 def test_analyze_rejects_an_undecodable_image(tmp_path):

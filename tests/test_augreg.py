@@ -43,7 +43,7 @@ def test_augreg_config_points_at_the_selected_checkpoint(tmp_path, monkeypatch):
   augreg_config = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(augreg_config)
   config = augreg_config.get_config('B_16,cifar10')
-  assert config.model_name == 'ViT-B_16' and config.dataset == 'cifar10'
+  assert config.model.model_name == 'ViT-B_16' and config.dataset == 'cifar10'
   assert config.pretrained_path == f'checkpoints/augreg/{BEST_B16}.npz'
   assert config.model.transformer.dropout_rate == 0.0
 

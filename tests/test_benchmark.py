@@ -14,6 +14,7 @@ from vit_jax import benchmark
 from vit_jax import benchmark_lib
 from vit_jax import flops
 from vit_jax import model_configs
+from vit_jax import models
 from vit_jax import sharding
 from vit_jax import program as program_lib
 
@@ -147,3 +148,56 @@ def test_command_line_entry_point(tmp_path):
   done = subprocess.run([sys.executable, '-m', 'vit_jax.benchmark', '--model=testing', 'extra'],
                         capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode != 0 and 'Unexpected arguments: extra' in done.stderr
+
+
+def test_paired_times_alternate_which_side_goes_first():
+  from vit_jax import compare_timm  # pylint: disable=g-import-not-at-top
+  calls = []
+  sides = [lambda: calls.append('ours'), lambda: calls.append('timm')]
+  times = compare_timm.paired_times(sides, pairs=3, steps=2)
+  assert len(times) == 3 and all(t > 0 for pair in times for t in pair)
+  # Each block is one warm-up + 2 timed calls; the first side alternates.
+  assert calls == ['ours'] * 3 + ['timm'] * 3 + ['timm'] * 3 + ['ours'] * 3 + ['ours'] * 3 + [
+      'timm'] * 3
+
+
+def test_compare_timm_without_torch_is_a_usage_error(monkeypatch):
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  with pytest.raises(app.UsageError, match=r"pip install '\.\[compare\]'"):
+    run_command(['--compare_timm', '--model=ViT-Ti_16', '--resolution=32', '--batch=2',
+                 '--mode=train', '--num_devices=1'])
+
+
+def test_compare_timm_prints_and_writes_the_paired_ratio(tmp_path, capsys):
+  torch = pytest.importorskip('torch')
+  pytest.importorskip('timm')
+  path = tmp_path / 'out.json'
+  run_command(['--compare_timm', '--model=ViT-Ti_16', '--resolution=32', '--batch=2',
+               '--steps=1', '--pairs=2', '--num_devices=1', '--mode=inference',
+               f'--json_out={path}'])
+  (r,) = json.loads(path.read_text())['compare_timm']
+  assert r['timm_model'] == 'vit_tiny_patch16_224' and r['threads'] >= 1
+  assert r['ratios'] == pytest.approx([timm / ours for ours, timm in r['pair_times_s']])
+  assert r['ratio'] == pytest.approx(sorted(r['ratios'])[0] / 2 + sorted(r['ratios'])[1] / 2)
+  assert r['torch'] == torch.__version__
+  printed = capsys.readouterr().out
+  assert printed.count('ratio ') == 1 and 'median of 2 pairs' in printed
+
+
+def test_compare_timm_defaults_to_both_modes_of_the_compare_preset():
+  specs = benchmark.specs_from_flags(parse(['--compare_timm']))
+  assert [(s.model, s.resolution, s.batch, s.mode) for s in specs] == [
+      (m, 224, 16 * jax.device_count(), mode) for m in ('ViT-Ti_16', 'ViT-S_16')
+      for mode in ('train', 'inference')]
+
+
+@pytest.mark.parametrize('model', ['ViT-Ti_16', 'ViT-S_16'])
+def test_timm_equivalent_has_our_parameter_count(model):
+  pytest.importorskip('torch')
+  timm = pytest.importorskip('timm')
+  from vit_jax import compare_timm, inference  # pylint: disable=g-import-not-at-top
+  theirs = timm.create_model(compare_timm.timm_name(model), pretrained=False, img_size=64,
+                             num_classes=10)
+  ours = models.abstract_params(model_configs.get_model_config(model), 10, 64)
+  assert sum(p.numel() for p in theirs.parameters()) == sum(
+      x.size for x in jax.tree.leaves(ours))

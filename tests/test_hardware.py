@@ -5,9 +5,11 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from vit_jax import hardware
+from vit_jax import xla_flags
 from vit_jax import model_configs
 
 _THP = pathlib.Path('/sys/kernel/mm/transparent_hugepage/enabled')
@@ -85,3 +87,62 @@ def test_cpu_env_cuts_the_page_faults_of_xla_temporaries():
   huge = _faults_per_call({**env, 'GLIBC_TUNABLES': tuned})
   assert plain > 36 * 2**20 / 4096 / 2, plain  # At least half of the 36 MiB faulted in 4 KiB pages.
   assert huge < plain / 4, (huge, plain)
+
+
+def test_set_cpu_xla_flags_adds_the_defaults_and_keeps_the_users():
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  flags = xla_flags.set_cpu_xla_flags(env)
+  assert flags == env['XLA_FLAGS']
+  assert flags.split() == ['--xla_force_host_platform_device_count=8'] + [
+      f'--{k}={v}' for k, v in xla_flags.CPU_XLA_FLAGS.items()]
+  assert xla_flags.set_cpu_xla_flags(env) == flags  # Idempotent.
+  (name,) = list(xla_flags.CPU_XLA_FLAGS)[:1]
+  env = {'XLA_FLAGS': f'--{name}=false'}
+  assert xla_flags.set_cpu_xla_flags(env).split().count(f'--{name}=false') == 1
+  assert f'--{name}=true' not in env['XLA_FLAGS']
+  env = {xla_flags.NO_CPU_FLAGS_ENV: '1'}
+  assert xla_flags.set_cpu_xla_flags(env) == '' and 'XLA_FLAGS' not in env
+
+
+# Logits and every gradient of a small ViT (head_dim 64, as ViT-Ti/S/B) under this process's XLA
+# flags, with the flags it ran under.
+_LOGITS_AND_GRADS = '''
+import os, sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import traverse_util
+from vit_jax import model_configs, models
+cfg = model_configs.get_model_config('ViT-Ti_16')
+cfg.transformer.num_layers = 2
+model = models.build_model(cfg, 10)
+rng = np.random.default_rng(0)
+images = jnp.asarray(rng.uniform(-1, 1, (4, 64, 64, 3)), jnp.float32)
+labels = jnp.asarray(rng.integers(0, 10, 4))
+params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))['params']
+params = jax.tree.map(lambda a: jnp.asarray(0.05 * rng.standard_normal(a.shape), a.dtype), params)
+def loss(p):
+  logits = model.apply({'params': p}, images, train=False)
+  return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(4), labels]), logits
+(_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+flat = {'/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(grads).items()}
+np.savez(sys.argv[1], logits=np.asarray(logits), xla_flags=os.environ.get('XLA_FLAGS', ''), **flat)
+'''
+
+
+def test_cpu_xla_flags_compute_the_same_function(tmp_path):
+  """The project's XLA:CPU flags against XLA's defaults: the same logits and gradients."""
+  runs = {}
+  for name, extra in (('xla', {xla_flags.NO_CPU_FLAGS_ENV: '1'}), ('project', {})):
+    env = {k: v for k, v in os.environ.items() if k != xla_flags.NO_CPU_FLAGS_ENV}
+    env.update(PYTHONPATH=str(_REPO), XLA_FLAGS='', JAX_PLATFORMS='cpu', **extra)
+    path = tmp_path / f'{name}.npz'
+    subprocess.run([sys.executable, '-c', _LOGITS_AND_GRADS, str(path)], env=env, check=True,
+                   cwd=_REPO)
+    runs[name] = dict(np.load(path))
+  assert str(runs['xla'].pop('xla_flags')) == ''
+  project_flags = str(runs['project'].pop('xla_flags')).split()
+  assert project_flags == [f'--{k}={v}' for k, v in xla_flags.CPU_XLA_FLAGS.items()]
+  assert set(runs['xla']) == set(runs['project']) and len(runs['xla']) > 20
+  for key, reference in runs['xla'].items():
+    assert np.abs(reference).max() > 0, key
+    error = np.linalg.norm(runs['project'][key] - reference) / np.linalg.norm(reference)
+    assert error < 1e-5, (key, error)

@@ -5,6 +5,7 @@ r"""Benchmark the ViT forward pass or train step: images/s, TFLOP/s, MFU, compil
         --dtype=bfloat16 --remat=full --scan --attention=fused --json_out=b16.json
     python -m vit_jax.benchmark --preset=gpu --mode=train      # B/16 and L/16 at 224 and 384
     python -m vit_jax.benchmark --model=ViT-L_16 --mode=train --find_max_batch
+    python -m vit_jax.benchmark --compare_timm     # against timm: ViT-Ti/S_16, train + inference
 
 Prints one block per row and writes everything as JSON with --json_out. What each figure means
 and how it is taken: `vit_jax.benchmark_lib`. Rows run in the order given; peak memory figures
@@ -31,7 +32,10 @@ PRESETS = {
     'cpu': dict(rows=[('ViT-Ti_16', 224, 8), ('ViT-S_16', 224, 8)], dtype='float32', steps=5),
     'gpu': dict(rows=[('ViT-B_16', 224, 128), ('ViT-B_16', 384, 32), ('ViT-L_16', 224, 64),
                       ('ViT-L_16', 384, 16)], dtype='bfloat16', steps=20),
-    'tpu': dict(rows=[('ViT-B_16', 224, 64), ('ViT-B_16', 384, 16), ('ViT-L_16', 224, 32),
+    # --compare_timm's default: the comparison of docs/PERFORMANCE.md (both modes).
+  'compare': dict(rows=[('ViT-Ti_16', 224, 16), ('ViT-S_16', 224, 16)], dtype='float32',
+                  steps=5),
+  'tpu': dict(rows=[('ViT-B_16', 224, 64), ('ViT-B_16', 384, 16), ('ViT-L_16', 224, 32),
                       ('ViT-L_16', 384, 8)], dtype='bfloat16', steps=20),
 }
 
@@ -45,8 +49,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer('batch', 8, 'Global batch, all devices (with --model).', **define)
   flags.DEFINE_enum('dtype', None, models.DTYPES,
                     'Compute dtype (params stay float32); default: the preset\'s.', **define)
-  flags.DEFINE_enum('mode', 'inference', lib.MODES, 'Forward pass or jitted train step.',
-                    **define)
+  flags.DEFINE_enum('mode', None, lib.MODES, 'Forward pass or jitted train step; default: '
+                    'inference, or both with --compare_timm.', **define)
   flags.DEFINE_integer('steps', None, 'Timed steps (after 1 warm-up); default: the preset\'s.',
                        **define)
   flags.DEFINE_enum('remat', 'none', list(models.REMAT_POLICIES), 'Remat policy per block.',
@@ -82,13 +86,21 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                        'Stop bisecting when the fit and the failure are this close.', **define)
   flags.DEFINE_bool('compile_only', False,
                     'Lower and compile only (compile time, XLA memory); run nothing.', **define)
+  flags.DEFINE_bool('compare_timm', False,
+                    "Time timm's equivalent model in the same process, alternating pairs, and "
+                    "print the ratio (vit_jax.compare_timm; needs '.[compare]'); default rows: "
+                    'the compare preset.', **define)
+  flags.DEFINE_integer('pairs', 3, 'Alternating (ours, timm) timing pairs of --compare_timm.',
+                       **define)
+  flags.DEFINE_bool('timm_compile', False, 'torch.compile the timm model (--compare_timm).',
+                    **define)
   flags.DEFINE_string('json_out', None, 'Write every figure here as JSON.', **define)
 
 
 def specs_from_flags(fv: flags.FlagValues) -> List[lib.Spec]:
   if fv.model and fv.preset:
     raise app.UsageError('--model and --preset exclude each other.')
-  preset = PRESETS[fv.preset or 'cpu']
+  preset = PRESETS[fv.preset or ('compare' if fv.compare_timm else 'cpu')]
   if fv.model:
     rows = [(fv.model, fv.resolution, fv.batch)]
     dtype, steps = fv.dtype or 'float32', fv.steps or lib.DEFAULT_STEPS
@@ -96,11 +108,13 @@ def specs_from_flags(fv: flags.FlagValues) -> List[lib.Spec]:
     n = fv.num_devices or jax.device_count()
     rows = [(m, r, b * n) for m, r, b in preset['rows']]
     dtype, steps = fv.dtype or preset['dtype'], fv.steps or preset['steps']
-  return [lib.Spec(model=m, resolution=r, batch=b, mode=fv.mode, dtype=dtype,
+  modes = [fv.mode] if fv.mode else (['train', 'inference'] if fv.compare_timm
+                                      else ['inference'])
+  return [lib.Spec(model=m, resolution=r, batch=b, mode=mode, dtype=dtype,
                    attention_impl=fv.attention, remat_policy=fv.remat, scan_layers=fv.scan,
                    sharding=fv.sharding, optimizer=fv.optimizer, num_devices=fv.num_devices,
                    num_classes=fv.num_classes, steps=steps)
-          for m, r, b in rows]
+          for m, r, b in rows for mode in modes]
 
 
 def format_row(row: dict) -> str:
@@ -161,6 +175,19 @@ def _time_pipelines(specs: Sequence[lib.Spec], rows: Sequence[dict], fv: flags.F
           f'{model_speed})', flush=True)
 
 
+def _compare_timm(specs: Sequence[lib.Spec], fv: flags.FlagValues) -> List[dict]:
+  from vit_jax import compare_timm  # pylint: disable=g-import-not-at-top
+  results = []
+  for spec in specs:
+    try:
+      result = compare_timm.compare(spec, pairs=fv.pairs, compile_timm=fv.timm_compile)
+    except ImportError as e:
+      raise app.UsageError(str(e)) from e
+    print(compare_timm.format_result(result), flush=True)
+    results.append(result)
+  return results
+
+
 def run(fv: flags.FlagValues, command_line: Sequence[str] = ()) -> dict:
   """Runs the command for parsed flags `fv`; prints as it goes, returns what --json_out gets
   (`command_line`, the arguments given, is recorded there)."""
@@ -169,7 +196,9 @@ def run(fv: flags.FlagValues, command_line: Sequence[str] = ()) -> dict:
   print(f'{info["backend"]}: {info["device_count"]} x {info["device_kind"]}; host '
         f'{info["host_cpu"]} ({info["host_cpu_count"]} CPUs); jax {info["jax"]}', flush=True)
   out = {'machine': info, 'argv': list(command_line)}
-  if fv.find_max_batch:
+  if fv.compare_timm:
+    out['compare_timm'] = _compare_timm(specs, fv)
+  elif fv.find_max_batch:
     limit = fv.memory_limit_gb and int(fv.memory_limit_gb * 2**30)
     out['max_batch'] = []
     for spec in specs:

@@ -171,6 +171,31 @@ class _Program:
   step: Any  # (compiled, args) -> args for the next call, after blocking on this one.
 
 
+def random_params(abstract_params, shardings=None, seed: int = 0):
+  """Random parameters shaped like `abstract_params` (placed with `shardings`, default: the
+  default device). Throughput does not depend on the values, and numpy draws compile nothing
+  (compiling `model.init` would take longer than the timing)."""
+  rng = np.random.default_rng(seed)
+  if shardings is None:
+    shardings = jax.tree.map(lambda _: None, abstract_params)
+  return jax.tree.map(
+      lambda a, s: jax.device_put(0.02 * rng.standard_normal(a.shape, np.float32), s),
+      abstract_params, shardings)
+
+
+def time_calls(call, steps: int) -> list:
+  """Wall time of each of `steps` calls of `call()` (which must block until its work is done),
+  after one untimed warm-up call (allocation and first-call overheads): the one timer of every
+  speed figure (`run`, `vit_jax.analysis.speed`, `vit_jax.compare_timm`)."""
+  call()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return times
+
+
 def _random_batch(spec: Spec, mesh, seed: int = 0):
   rng = np.random.default_rng(seed)
   r = spec.resolution
@@ -195,12 +220,7 @@ def _inference_program(spec: Spec, mesh) -> _Program:
       jax.ShapeDtypeStruct((spec.batch, r, r, 3), jnp.float32, sharding=batch_sharding))
 
   def make_args():
-    # Throughput does not depend on the values: random numpy params compile nothing.
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(
-        lambda a, s: jax.device_put(0.02 * rng.standard_normal(a.shape, np.float32), s),
-        abstract_params, param_shardings)
-    return params, _random_batch(spec, mesh)[0]
+    return random_params(abstract_params, param_shardings), _random_batch(spec, mesh)[0]
 
   def step(compiled, args):
     compiled(*args).block_until_ready()
@@ -241,6 +261,25 @@ def _train_program(spec: Spec, mesh) -> _Program:
 
   return _Program(trainer.train_step, (trainer.abstract_state, trainer.abstract_batch),
                   make_args, step)
+
+
+def stepper(program: _Program, compiled):
+  """A no-argument callable that runs one step of `compiled` and waits for it, threading the
+  program's arguments (the train state) from call to call."""
+  args = [program.make_args()]
+
+  def call():
+    args[0] = program.step(compiled, args[0])
+
+  return call
+
+
+def compiled_stepper(spec: Spec):
+  """`stepper` for `spec` compiled on its devices: what `vit_jax.compare_timm` times."""
+  spec.validate()
+  program = _program(spec, sharding.make_mesh(spec.devices()))
+  compiled, _, _ = _compile(program)
+  return stepper(program, compiled)
 
 
 def _program(spec: Spec, mesh) -> _Program:
@@ -302,15 +341,7 @@ def run(spec: Spec, *, peak_flops: Optional[float] = None, compile_only: bool = 
   jax.clear_caches()
   program = _program(spec, mesh)
   compiled, lower_s, compile_s = _compile(program)
-  times = []
-  if not compile_only:
-    args = program.make_args()
-    args = program.step(compiled, args)  # Warm-up: allocation and first-call overheads.
-    for _ in range(spec.steps):
-      start = time.perf_counter()
-      args = program.step(compiled, args)
-      times.append(time.perf_counter() - start)
-    del args
+  times = [] if compile_only else time_calls(stepper(program, compiled), spec.steps)
   step_time = statistics.median(times) if times else None
   images_per_s = spec.batch / step_time if times else None
   cfg = model_configs.get_model_config(spec.model)

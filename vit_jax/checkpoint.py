@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorflow as tf
 import tqdm
 
 from vit_jax import cli
@@ -68,14 +67,21 @@ class DownloadError(OSError):
 # Reading and writing.
 
 
+def gfile():
+  """`tf.io.gfile` (local paths, gs://, ram://), imported on first use: the model, the trainer
+  and the benchmark import without TensorFlow (accelerator images often lack it)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.gfile
+
+
 def load(path: str) -> Dict[str, Any]:
   """Reads an `.npz` checkpoint (local path, gs:// or any tf.io.gfile URL) as a nested dict of
   numpy arrays in the released layout. Pickled (object) arrays are refused, never unpickled."""
-  if not tf.io.gfile.exists(path):
+  if not gfile().exists(path):
     raise FileNotFoundError(f'Checkpoint {path} does not exist.')
-  if tf.io.gfile.isdir(path):
+  if gfile().isdir(path):
     raise IsADirectoryError(f'Checkpoint {path} is a directory; expected an .npz file.')
-  with tf.io.gfile.GFile(path, 'rb') as f:
+  with gfile().GFile(path, 'rb') as f:
     data = f.read()
   if not data.startswith(b'PK'):
     raise ValueError(f'Checkpoint {path} is not an .npz archive.')
@@ -181,17 +187,17 @@ def save_npz(params: Mapping[str, Any], path: str) -> str:
   np.savez(buffer, **{k: np.asarray(v, dtype=np.float32) for k, v in flat.items()})
   directory = os.path.dirname(path)
   if directory:
-    tf.io.gfile.makedirs(directory)
+    gfile().makedirs(directory)
   # Object stores (gs://) publish an object only when the upload completes.
   target = path if '://' in path else f'{path}.tmp-{os.getpid()}'
   try:
-    with tf.io.gfile.GFile(target, 'wb') as f:
+    with gfile().GFile(target, 'wb') as f:
       f.write(buffer.getvalue())
     if target != path:
-      tf.io.gfile.rename(target, path, overwrite=True)
+      gfile().rename(target, path, overwrite=True)
   finally:
-    if target != path and tf.io.gfile.exists(target):
-      tf.io.gfile.remove(target)
+    if target != path and gfile().exists(target):
+      gfile().remove(target)
   logging.info('Saved %d arrays to %s.', len(flat), path)
   return path
 

@@ -64,6 +64,6 @@ def checkpoint_params(trainer, path: str):
 
 def run(config: ml_collections.ConfigDict, path: str) -> dict:
   """`--mode=eval`: `accuracies` of a checkpoint (`.npz` or workdir)."""
-  program_lib.check_and_complete(config)
+  input_pipeline.check_and_complete(config)
   trainer = program_lib.Program(config, config.num_classes)
   return accuracies(trainer, checkpoint_params(trainer, path), with_test=True)

@@ -1,5 +1,5 @@
 """Facts about the backend: peak matmul throughput per device kind (for MFU), the host
-allocator's setting, and where remat saves no memory."""
+allocator's setting, the XLA:CPU flags the project sets, and where remat saves no memory."""
 import os
 import sys
 from typing import Optional

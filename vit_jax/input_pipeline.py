@@ -44,12 +44,14 @@ from typing import Iterator, Optional
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import cli
+from vit_jax import config_lib
 from vit_jax import fashion_mnist
 from vit_jax import preprocessing
 
@@ -179,6 +181,13 @@ def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: Optional[str]) -> No
     raise DatasetUnavailable(
         f'Cannot prepare TFDS dataset {name!r} in data_dir {root} ({type(e).__name__}: '
         f'{" ".join(str(e).split())[:300]}); {fix}.') from e
+
+
+def check_and_complete(config: ml_collections.ConfigDict) -> None:
+  """Validates `config` for this process's devices (config_lib.validate) and fills num_classes
+  from the dataset: once per run, before anything is written or compiled."""
+  config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  config.num_classes = config.num_classes or get_dataset_info(config).num_classes
 
 
 def _tfds_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:

@@ -7,8 +7,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from vit_jax import checkpoint
-from vit_jax import config_lib
-from vit_jax import input_pipeline
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import sharding
@@ -19,13 +17,6 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
   """The run's model (its activations' layout is set where the steps are jitted)."""
   return models.build_model(config.model, num_classes, dtype=jnp.dtype(config.dtype),
                             head_bias_init=config.head_bias_init)
-
-
-def check_and_complete(config: ml_collections.ConfigDict) -> None:
-  """Validates `config` for this process's devices (config_lib.validate) and fills num_classes
-  from the dataset: once per run, before anything is written or compiled."""
-  config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
-  config.num_classes = config.num_classes or input_pipeline.get_dataset_info(config).num_classes
 
 
 def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:

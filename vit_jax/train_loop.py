@@ -321,7 +321,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   Raises ValueError / OSError for what the user must fix: config, data, paths, checkpoints, a
   workdir in use; a start that fails leaves the workdir as it was.
   """
-  program_lib.check_and_complete(config)
+  input_pipeline.check_and_complete(config)
   workdir_lib.check_config(config, workdir)
   hardware.check_host_allocator()
   hardware.check_remat_layout(config.model)
