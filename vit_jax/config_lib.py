@@ -134,8 +134,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
   if config.batch_eval % num_devices or config.batch_eval % process_count:
     raise ValueError(f'config.batch_eval={config.batch_eval} is not divisible by the '
                      f'{num_devices} devices.')
-  patch = config.model.patches.size[0]
-  stride = _resnet_stride(config.model)
+  # A ResNet alone (no transformer) pools its feature map: any resolution fits it.
+  patch = config.model.patches.size[0] if config.model.get('transformer') else 1
+  stride = _resnet_stride(config.model) if config.model.get('transformer') else 1
   if config.pp.resolution % (patch * stride):
     raise ValueError(
         f'config.pp.resolution={config.pp.resolution} is not a multiple of the patch size '

@@ -63,7 +63,10 @@ def has_class_token(model_config) -> bool:
 
 def token_stride(model_config) -> int:
   """Input pixels per transformer token along one side: the patch size, times the ResNet stem's
-  total stride for hybrids (root conv + max pool = 4, then 2 per stage after the first)."""
+  total stride for hybrids (root conv + max pool = 4, then 2 per stage after the first); 1 for
+  the ResNet alone, which has no tokens and pools its feature map at any resolution."""
+  if model_config.get('transformer') is None:
+    return 1
   patch = model_config.patches.size[0]
   if model_config.get('resnet') is None:
     return patch
