@@ -72,23 +72,29 @@ def attention_distance(result: runner.RunResult, scale: experiments.Scale,
           'png': summary['png']}
 
 
-def posemb_structure(result: runner.RunResult, out_dir: str) -> dict:
-  """Fig. 7 centre: the patches' position-embedding cosine similarity, its correlation with the
-  negative grid distance, and the row/column effect: the coefficient of "same row or column" in
-  a least-squares fit similarity ~ 1 + distance + same_line, over pairs of distinct patches."""
-  loaded = inference.load_model(result.workdir)
-  similarity = embeddings.cosine_similarity(
-      embeddings.patch_position_embeddings(loaded.params, loaded.has_class_token))
-  rows, cols = np.divmod(np.arange(len(similarity)), loaded.grid[1])
+def grid_structure(similarity: np.ndarray, grid: Sequence[int]) -> dict:
+  """How a [patches, patches] similarity follows the patch grid, over pairs of distinct patches:
+  its correlation with the negative grid distance, and the row/column effect, the coefficient
+  of "same row or column" in a least-squares fit similarity ~ 1 + distance + same_line."""
+  rows, cols = np.divmod(np.arange(len(similarity)), grid[1])
   pairs = np.triu_indices(len(similarity), k=1)
-  distance = attention.patch_distances(loaded.grid, 1.0)[pairs]
+  distance = attention.patch_distances(grid, 1.0)[pairs]
   same_line = ((rows[:, None] == rows[None]) | (cols[:, None] == cols[None]))[pairs]
   values = similarity[pairs]
   design = np.stack([np.ones_like(distance), distance, same_line.astype(np.float64)], axis=1)
   coefficients = np.linalg.lstsq(design, values, rcond=None)[0]
-  png = outputs.posemb_similarity(loaded, analysis_dir(out_dir, result))['png']
   return {'distance_correlation': float(np.corrcoef(values, -distance)[0, 1]),
-          'same_line_effect': float(coefficients[2]), 'png': png}
+          'same_line_effect': float(coefficients[2])}
+
+
+def posemb_structure(result: runner.RunResult, out_dir: str) -> dict:
+  """Fig. 7 centre on a trained model: `grid_structure` of its position embeddings' cosine
+  similarity, and the figure."""
+  loaded = inference.load_model(result.workdir)
+  similarity = embeddings.cosine_similarity(
+      embeddings.patch_position_embeddings(loaded.params, loaded.has_class_token))
+  png = outputs.posemb_similarity(loaded, analysis_dir(out_dir, result))['png']
+  return {**grid_structure(similarity, loaded.grid), 'png': png}
 
 
 def fewshot_accuracy(result: runner.RunResult, scale: experiments.Scale, out_dir: str,

@@ -29,7 +29,7 @@ def claim_record(claim: catalog.Claim, finding: catalog.Finding, experiment: str
           'experiment': experiment, 'numbers': finding.numbers, 'table': finding.table,
           'plots': [os.path.relpath(p, out_dir) for p in finding.plots],
           'verdict': verdict.verdict, 'rule': verdict.rule, 'evidence': verdict.evidence,
-          'regime': claim.regime, 'command': claim.command}
+          'regime': claim.regime, 'commands': list(claim.commands)}
 
 
 def _section(record: dict) -> list:
@@ -42,8 +42,8 @@ def _section(record: dict) -> list:
   if record['evidence']:
     lines += [f'Numbers: {record["evidence"]}.', '']
   lines += [f'Regime: {record["regime"]}', '']
-  if record['command']:
-    lines += ['Command:', '', f'    {record["command"]}', '']
+  if record['commands']:
+    lines += ['Commands:', ''] + [f'    {c}' for c in record['commands']] + ['']
   return lines
 
 
