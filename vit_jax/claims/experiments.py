@@ -29,7 +29,7 @@ class Scale:
   seeds: tuple
   hidden: int
   layers: int
-  data_sizes: tuple  # Claim 1: nested subsets of the train split.
+  data_sizes: tuple  # Claim 1: nested subsets of the train split (and the whole split).
   lr_scales: tuple  # Claim 3: multiples of the base learning rate.
   eval_examples: Optional[int]  # First examples of the eval split (None: all of it).
   evals_per_run: int
@@ -44,7 +44,7 @@ SCALES = {
                    evals_per_run=2, analysis_images=16, fewshot_pool=200,
                    speed_models=(('testing', 32, 4),)),
     'full': Scale('full', steps=1000, batch=128, seeds=(0, 1), hidden=64, layers=4,
-                  data_sizes=(1000, 3000, 10000, 60000), lr_scales=(0.3, 1.0, 3.0),
+                  data_sizes=(1000, 3000, 10000), lr_scales=(0.3, 1.0, 3.0),
                   eval_examples=None, evals_per_run=4, analysis_images=128, fewshot_pool=2000,
                   speed_models=(('ViT-Ti_16', 224, 8), ('ViT-S_16', 224, 8),
                                 ('ViT-B_16', 224, 8), ('BiT-R50x1', 224, 8))),
