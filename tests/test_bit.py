@@ -148,3 +148,9 @@ def test_token_classifier_without_transformer_is_a_clear_error():
   with pytest.raises(ValueError, match="classifier must be 'gap'"):
     models.build_model(cfg, 10).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
                                      train=False)
+
+
+def test_scan_layout_conversion_leaves_a_resnet_tree_alone():
+  params = {'conv_root': {'kernel': np.zeros((7, 7, 3, 64))}, 'head': {'bias': np.zeros(3)}}
+  assert models.stack_encoder_blocks(params) == params
+  assert models.unstack_encoder_blocks(params) == params

@@ -5,11 +5,16 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
+from vit_jax import checkpoint
 from vit_jax import config_lib
+from vit_jax import models
+from vit_jax import trainer as trainer_lib
 from vit_jax.claims import catalog
 from vit_jax.claims import experiments
 from vit_jax.claims import measure
@@ -29,20 +34,22 @@ def _claims_command(out_dir, *flags):
 
 
 def test_quick_scale_end_to_end(tmp_path):
-  # One training run (the reference ViT) feeds C7; C9 times a tiny model.
-  result = _claims_command(tmp_path, '--claims=C7,C9', '--scale=quick')
+  # One training run (the reference ViT) feeds C6 and C7; C9 times a tiny model.
+  result = _claims_command(tmp_path, '--claims=C6,C7,C9', '--scale=quick')
   assert result.returncode == 0, result.stderr[-4000:]
   report = json.loads((tmp_path / 'claims.json').read_text())
   assert (report['scale'], report['dataset'], report['runs']) == ('quick', 'fashion_mnist', 1)
-  assert [c['id'] for c in report['claims']] == ['C7', 'C9']
+  assert [c['id'] for c in report['claims']] == ['C6', 'C7', 'C9']
   for claim in report['claims']:
     assert {'statement', 'paper_numbers', 'experiment', 'numbers', 'table', 'plots', 'verdict',
             'rule', 'evidence', 'regime', 'commands'} <= claim.keys()
     assert claim['verdict'] in verdicts.VERDICTS
     for png in claim['plots']:
       assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
-  c7, c9 = report['claims']
-  assert c7['verdict'] == I  # One seed: no spread, whatever the numbers.
+  c6, c7, c9 = report['claims']
+  assert c6['verdict'] == c7['verdict'] == I  # One seed: no spread, whatever the numbers.
+  (layers,) = {len(s['mean_distance_px']) for s in c6['numbers']['per_seed']}
+  assert layers == experiments.SCALES['quick'].layers
   assert -1 <= c7['numbers']['distance_correlation'][0] <= 1 and c7['plots']
   assert c9['verdict'] == verdicts.NOT_RUN and c9['commands']
   assert c9['numbers']['speed'][0]['images_per_s'] > 0
@@ -165,6 +172,33 @@ def test_data_size_claim_on_synthetic_runs(tmp_path, small_gap, expected):
   finding = catalog.CLAIMS_BY_ID['C1'].evaluate(_context(results, QUICK2, tmp_path))
   assert finding.verdict.verdict == expected
   assert finding.numbers['train_examples'] == [100, 60_000]
+
+
+def _fake_finished_run(spec, scale, tmp_path):
+  """A workdir as training leaves it (config.json, model.npz), with initial parameters."""
+  workdir = str(tmp_path / spec.name)
+  config = experiments.run_config(spec, scale, 'fashion_mnist', str(tmp_path))
+  config.num_classes = 10
+  trainer_lib.write_config(config, workdir)
+  model = models.build_model(config.model, 10)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 3)), train=False)['params']
+  checkpoint.save_npz(params, os.path.join(workdir, 'model.npz'))
+  return runner.RunResult(spec, workdir, 1, 1.0, 1, ((1, 0.5),))
+
+
+def test_fewshot_of_a_resnet_run_and_the_fewshot_claim(tmp_path, monkeypatch):
+  scale = experiments.SCALES['quick']
+  run = _fake_finished_run(experiments.RunSpec('resnet'), scale, tmp_path)
+  accuracy = measure.fewshot_accuracy(run, scale, str(tmp_path))
+  assert 0 <= accuracy <= 100
+  assert (tmp_path / 'analysis' / 'resnet_s0' / 'fewshot.json').exists()
+  # The claim ranks its models by few-shot and by top-1: here made to agree exactly.
+  specs = catalog.CLAIMS_BY_ID['C8'].runs(scale)
+  results = _synthetic({spec: 50.0 + i for i, spec in enumerate(specs)}, scale)
+  monkeypatch.setattr(measure, 'fewshot_accuracy', lambda r, *_: 100.0 * r.top1 - 20.0)
+  finding = catalog.CLAIMS_BY_ID['C8'].evaluate(_context(results, scale, tmp_path))
+  assert finding.verdict.verdict == C and 'rho = +1.000' in finding.verdict.evidence
+  assert len(finding.numbers['models']) == len(specs) >= 4
 
 
 def test_missing_or_failed_run_is_reported():

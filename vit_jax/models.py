@@ -443,9 +443,10 @@ def stack_encoder_blocks(params: Mapping[str, Any]) -> dict:
   `Transformer/encoderblock_0 .. encoderblock_{L-1}` become one `Transformer/encoderblock` whose
   leaves have a leading layer axis of size L; every other entry is passed through as is. Leaves
   may be numpy arrays, jax.Arrays or `jax.ShapeDtypeStruct`s (shape only; their sharding is
-  dropped). A tree without numbered blocks (already stacked) is returned unchanged.
+  dropped). A tree without numbered blocks (already stacked, or no transformer) is returned
+  unchanged.
   """
-  transformer = params['Transformer']
+  transformer = params.get('Transformer', {})
   numbered = {int(m.group(1)): name for name in transformer
               if (m := _BLOCK_NAME.match(name))}
   if not numbered:
@@ -467,9 +468,10 @@ def stack_encoder_blocks(params: Mapping[str, Any]) -> dict:
 def unstack_encoder_blocks(params: Mapping[str, Any]) -> dict:
   """`scan_layers=True` layout -> released layout (the inverse of `stack_encoder_blocks`).
 
-  A tree without a stacked `Transformer/encoderblock` (already released) is returned unchanged.
+  A tree without a stacked `Transformer/encoderblock` (already released, or no transformer) is
+  returned unchanged.
   """
-  transformer = params['Transformer']
+  transformer = params.get('Transformer', {})
   if SCANNED_BLOCK not in transformer:
     return dict(params)
   if any(_BLOCK_NAME.match(name) for name in transformer):

@@ -103,6 +103,13 @@ def model_config(spec: RunSpec, scale: Scale) -> ml_collections.ConfigDict:
   return config
 
 
+def describe_models(scale: Scale) -> str:
+  """The miniature models in words, for the report."""
+  return (f'ViT: {scale.layers} layers, hidden {scale.hidden}, MLP {4 * scale.hidden}, 2 heads, '
+          f'{PATCH}x{PATCH} patches; BiT ResNet: root + 2 stages of one unit at half width; '
+          'hybrid: the ResNet root + the same ViT on its feature map (1x1 patches)')
+
+
 def train_flops(spec: RunSpec, scale: Scale, num_classes: int = 10) -> float:
   """Training FLOPs per image."""
   return flops.train_step_flops(model_config(spec, scale), spec.resolution, num_classes)

@@ -15,7 +15,8 @@ def experiment_text(claim: catalog.Claim, ctx: catalog.Context, dataset: str) ->
     return 'No training runs.'
   runs = ', '.join(f'{s.name} ({experiments.steps(s, ctx.scale)} steps)'
                    for s in sorted(set(specs), key=lambda s: s.name))
-  return (f'{dataset} at {experiments.REFERENCE_RESOLUTION}px unless named, batch '
+  return (f'{experiments.describe_models(ctx.scale)}. '
+          f'{dataset} at {experiments.REFERENCE_RESOLUTION}px unless named, batch '
           f'{ctx.scale.batch}, Adam (base LR {experiments.BASE_LR:g}, cosine), seeds '
           f'{list(ctx.scale.seeds)}, compute-matched steps; eval on {ctx.num_eval} examples. '
           f'Runs: {runs}.')
