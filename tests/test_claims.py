@@ -82,11 +82,12 @@ def test_every_claims_runs_are_valid_distinct_and_compute_matched(scale):
       assert specs.index(spec.init_from) < specs.index(spec)
       assert config.pretrained_path == f'/runs/{spec.init_from.name}/model.npz'
     # Steps x FLOPs per image = the budget share of the reference ViT's compute, where the
-    # steps are not too few for rounding (and the 2-step minimum) to dominate.
+    # steps are not too few for rounding to a multiple of the evaluations to dominate.
     spent = config.total_steps * experiments.train_flops(spec, scale)
     reference = scale.steps * spec.budget * experiments.train_flops(experiments.RunSpec(), scale)
     if config.total_steps > 20:
       assert spent == pytest.approx(reference, rel=0.05)
+    assert config.total_steps == scale.evals_per_run * config.eval_every
   assert {s.arch for s in specs} == set(experiments.ARCHITECTURES)
 
 
@@ -172,6 +173,33 @@ def test_data_size_claim_on_synthetic_runs(tmp_path, small_gap, expected):
   finding = catalog.CLAIMS_BY_ID['C1'].evaluate(_context(results, QUICK2, tmp_path))
   assert finding.verdict.verdict == expected
   assert finding.numbers['train_examples'] == [100, 60_000]
+
+
+@pytest.mark.parametrize('hybrid_curve,expected', [
+    ((70.0, 76.0, 82.0, 85.0), C),  # Ahead at small compute, equal at the largest.
+    ((50.0, 60.0, 70.0, 85.0), N)])
+def test_hybrid_claim_on_synthetic_curves(tmp_path, hybrid_curve, expected):
+  curves = {'vit': (60.0, 70.0, 80.0, 85.0), 'hybrid': hybrid_curve,
+            'resnet': (65.0, 72.0, 79.0, 83.0)}
+  results = {spec: runner.RunResult(spec, '/w', 8, 3e6 if spec.arch == 'vit' else 1e6, 4, tuple(
+      (i + 1, v / 100 + 0.001 * spec.seed) for i, v in enumerate(curves[spec.arch])))
+             for spec in catalog.CLAIMS_BY_ID['C4'].runs(QUICK2)}
+  finding = catalog.CLAIMS_BY_ID['C4'].evaluate(_context(results, QUICK2, tmp_path))
+  assert finding.verdict.verdict == expected
+  assert finding.numbers['compute_flops']['vit'] == [12e6, 24e6, 36e6, 48e6]
+  assert len(finding.table) == 2 + 4
+
+
+@pytest.mark.parametrize('finetuned,expected', [(85.0, C), (75.0, N)])
+def test_resolution_claim_on_synthetic_runs(tmp_path, finetuned, expected):
+  def value(spec):
+    if spec.resolution == catalog.LOW_RESOLUTION:
+      return 70.0
+    return finetuned if spec.init_from is not None else 80.0
+  results = _synthetic({s: value(s) for s in catalog.CLAIMS_BY_ID['C5'].runs(QUICK2)}, QUICK2)
+  finding = catalog.CLAIMS_BY_ID['C5'].evaluate(_context(results, QUICK2, tmp_path))
+  assert finding.verdict.verdict == expected
+  assert finding.numbers['low_res_top1'] == [70.0, 70.0]
 
 
 def _fake_finished_run(spec, scale, tmp_path):

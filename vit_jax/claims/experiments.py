@@ -116,9 +116,11 @@ def train_flops(spec: RunSpec, scale: Scale, num_classes: int = 10) -> float:
 
 
 def steps(spec: RunSpec, scale: Scale) -> int:
-  """The run's steps: its budget share in the reference ViT's FLOPs."""
-  reference = train_flops(RunSpec(), scale)
-  return max(2, round(scale.steps * spec.budget * reference / train_flops(spec, scale)))
+  """The run's steps: its budget share in the reference ViT's FLOPs, rounded to a multiple of
+  the evaluations per run so that every run is evaluated at the same fractions of its budget."""
+  evals = scale.evals_per_run
+  exact = scale.steps * spec.budget * train_flops(RunSpec(), scale) / train_flops(spec, scale)
+  return evals * max(1, round(exact / evals))
 
 
 def run_config(spec: RunSpec, scale: Scale, dataset: str, runs_dir: str,
@@ -141,7 +143,7 @@ def run_config(spec: RunSpec, scale: Scale, dataset: str, runs_dir: str,
   config.base_lr = BASE_LR * spec.lr_scale
   config.total_steps = steps(spec, scale)
   config.warmup_steps = config.total_steps // 10
-  config.eval_every = max(1, config.total_steps // scale.evals_per_run)
+  config.eval_every = config.total_steps // scale.evals_per_run
   config.log_every = config.checkpoint_every = config.eval_every
   config.keep_checkpoints = 1
   config.progress = False  # The claims command shows one bar over the runs.
