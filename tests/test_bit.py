@@ -154,3 +154,13 @@ def test_scan_layout_conversion_leaves_a_resnet_tree_alone():
   params = {'conv_root': {'kernel': np.zeros((7, 7, 3, 64))}, 'head': {'bias': np.zeros(3)}}
   assert models.stack_encoder_blocks(params) == params
   assert models.unstack_encoder_blocks(params) == params
+
+
+def test_official_layout_with_an_embedding_conv_before_pooling():
+  # The official transformer=None model with hidden_size set: stages -> `embedding` -> GAP.
+  cfg = model_configs.bit('tiny', (1,), width_factor=0.5)
+  cfg.hidden_size, cfg.patches = 8, {'size': (1, 1)}
+  shapes = _shapes(cfg, 5, 16)
+  assert shapes['embedding/kernel'] == (1, 1, 128, 8) and shapes['head/kernel'] == (8, 5)
+  by_hand = _count_by_hand((1,), 5, width=32) - (128 * 5 + 5) + (128 * 8 + 8) + (8 * 5 + 5)
+  assert sum(math.prod(s) for s in shapes.values()) == by_hand

@@ -54,7 +54,8 @@ _XAVIER = nn.initializers.xavier_uniform()
 _MLP_BIAS = nn.initializers.normal(stddev=1e-6)
 
 __all__ = ['MODEL_CONFIGS', 'VisionTransformer', 'Encoder', 'Encoder1DBlock', 'resnet_stem',
-           'POSEMB_TYPES', 'sincos2d', 'ATTENTION_IMPLS', 'REMAT_POLICIES', 'stack_encoder_blocks', 'unstack_encoder_blocks']
+           'POSEMB_TYPES', 'sincos2d', 'ATTENTION_IMPLS', 'REMAT_POLICIES',
+           'stack_encoder_blocks', 'unstack_encoder_blocks']
 
 ATTENTION_IMPLS = ('xla', 'fused')
 # Name of the stacked encoder block under `Transformer` with scan_layers=True.
