@@ -209,7 +209,8 @@ def _fake_finished_run(spec, scale, tmp_path):
   config.num_classes = 10
   trainer_lib.write_config(config, workdir)
   model = models.build_model(config.model, 10)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 3)), train=False)['params']
+  init = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))
+  params = init(jnp.zeros((1, 28, 28, 3)))['params']
   checkpoint.save_npz(params, os.path.join(workdir, 'model.npz'))
   return runner.RunResult(spec, workdir, 1, 1.0, 1, ((1, 0.5),))
 
