@@ -79,7 +79,7 @@ def main(argv):
                                       _DATA_DIR.value)
   ctx = _context(results, scale, out_dir, any_config)
   records = [_evaluate(claim, ctx, dataset) for claim in claims]
-  header = {'scale': scale.name, 'dataset': dataset, 'runs': len(results),
+  header = {'scale': scale.name, 'note': scale.note, 'dataset': dataset, 'runs': len(results),
             'seconds': time.time() - start,
             'finished': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}
   for path in report.write(records, header, out_dir):

@@ -36,13 +36,16 @@ class Scale:
   analysis_images: int
   fewshot_pool: int
   speed_models: tuple  # Claim 9: (model name, resolution, batch) timed here.
+  note: str = ''  # What the scale's verdicts are worth, for the report.
 
 
 SCALES = {
     'quick': Scale('quick', steps=6, batch=16, seeds=(0,), hidden=32, layers=2,
                    data_sizes=(256, 1024), lr_scales=(1.0, 3.0), eval_examples=256,
                    evals_per_run=2, analysis_images=16, fewshot_pool=200,
-                   speed_models=(('testing', 32, 4),)),
+                   speed_models=(('testing', 32, 4),),
+                   note='A check of the machinery on a few steps: its verdicts say nothing '
+                   'about the paper.'),
     'full': Scale('full', steps=1000, batch=128, seeds=(0, 1), hidden=64, layers=4,
                   data_sizes=(1000, 3000, 10000), lr_scales=(0.3, 1.0, 3.0),
                   eval_examples=None, evals_per_run=4, analysis_images=128, fewshot_pool=2000,

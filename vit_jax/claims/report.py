@@ -56,7 +56,7 @@ def write(records: Sequence[dict], header: dict, out_dir: str) -> tuple:
   lines = ['# The paper\'s claims, checked in miniature', '',
            f'Scale `{header["scale"]}`, dataset `{header["dataset"]}`, written '
            f'{header["finished"]}, {header["seconds"] / 60:.1f} min in total '
-           f'({header["runs"]} training runs).', '',
+           f'({header["runs"]} training runs). {header["note"]}', '',
            'Verdicts come from the rules printed with each claim: '
            f'{", ".join(verdicts.VERDICTS)}.', '',
            '| claim | verdict |', '|---|---|']
