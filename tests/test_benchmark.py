@@ -195,7 +195,7 @@ def test_compare_timm_defaults_to_both_modes_of_the_compare_preset():
 def test_timm_equivalent_has_our_parameter_count(model):
   pytest.importorskip('torch')
   timm = pytest.importorskip('timm')
-  from vit_jax import compare_timm, inference  # pylint: disable=g-import-not-at-top
+  from vit_jax import compare_timm  # pylint: disable=g-import-not-at-top
   theirs = timm.create_model(compare_timm.timm_name(model), pretrained=False, img_size=64,
                              num_classes=10)
   ours = models.abstract_params(model_configs.get_model_config(model), 10, 64)

@@ -89,6 +89,10 @@ def test_every_variant_has_the_released_layout(name):
   if cfg.resnet is not None:
     expected, channels = _expected_resnet_shapes(cfg.resnet.num_layers)
     stride = 4 * 2**max(len(cfg.resnet.num_layers) - 1, 0)
+  if cfg.transformer is None:  # The ResNet alone: stages, then the head on the pooled features.
+    expected.update({'head/kernel': (channels, num_classes), 'head/bias': (num_classes,)})
+    assert _param_shapes(name, num_classes, resolution) == expected
+    return
   grid = resolution // stride // cfg.patches.size[0]
   tokens = grid * grid + (cfg.classifier in ('token', 'token_unpooled'))
   expected.update(_expected_vit_shapes(cfg, num_classes, tokens, channels))

@@ -369,6 +369,8 @@ def match_model_config(
 
 def _summary(config: ml_collections.ConfigDict) -> tuple:
   resnet = tuple(config.resnet.num_layers) if config.resnet is not None else None
+  if config.transformer is None:  # The ResNet alone: no patch embedding to match a ViT tree by.
+    return (None, None, None, resnet)
   return (tuple(config.patches.size), config.hidden_size, config.transformer.num_layers, resnet)
 
 

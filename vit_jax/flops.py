@@ -36,6 +36,13 @@ def _resnet(size: int, num_layers: Sequence[int], width_factor: int) -> Tuple[fl
   return flops, size, channels
 
 
+def _block_flops(tokens: int, hidden: int, mlp_dim: int) -> float:
+  return (2.0 * tokens * hidden * 3 * hidden  # q, k, v
+          + 2.0 * 2 * tokens * tokens * hidden  # logits and weighted sum
+          + 2.0 * tokens * hidden * hidden  # out projection
+          + 2.0 * 2 * tokens * hidden * mlp_dim)  # MLP
+
+
 def forward_flops(model_config: ml_collections.ConfigDict, resolution: int,
                   num_classes: int = 1000) -> float:
   """Forward FLOPs of one image at `resolution` x `resolution`."""
@@ -43,21 +50,20 @@ def forward_flops(model_config: ml_collections.ConfigDict, resolution: int,
   if model_config.get('resnet') is not None:
     flops, size, channels = _resnet(resolution, model_config.resnet.num_layers,
                                     model_config.resnet.width_factor)
-  patch = model_config.patches.size[0]
-  grid = size // patch
-  hidden = model_config.hidden_size
-  flops += 2.0 * grid * grid * patch * patch * channels * hidden
-  tokens = grid * grid + model_configs.has_class_token(model_config)
-  t = model_config.transformer
-  per_block = (2.0 * tokens * hidden * 3 * hidden  # q, k, v
-               + 2.0 * 2 * tokens * tokens * hidden  # logits and weighted sum
-               + 2.0 * tokens * hidden * hidden  # out projection
-               + 2.0 * 2 * tokens * hidden * t.mlp_dim)  # MLP
-  flops += t.num_layers * per_block
+  if model_config.get('hidden_size') is not None:
+    patch = model_config.patches.size[0]
+    size //= patch
+    flops += 2.0 * size * size * patch * patch * channels * model_config.hidden_size
+    channels = model_config.hidden_size
+  tokens = 1
+  if model_config.get('transformer') is not None:
+    tokens = size * size + model_configs.has_class_token(model_config)
+    flops += model_config.transformer.num_layers * _block_flops(tokens, channels,
+                                                                model_config.transformer.mlp_dim)
   pooled = tokens if model_config.classifier in ('unpooled', 'token_unpooled') else 1
-  features = hidden
+  features = channels
   if model_config.get('representation_size'):
-    flops += 2.0 * pooled * hidden * model_config.representation_size
+    flops += 2.0 * pooled * channels * model_config.representation_size
     features = model_config.representation_size
   if num_classes:
     flops += 2.0 * pooled * features * num_classes

@@ -34,11 +34,29 @@ def _vit(name: str, size: str, patch: int, *, dropout: float = 0.0,
   })
   config.classifier = classifier
   config.representation_size = representation_size
-  if resnet is None:
-    config.resnet = None
-  else:
-    config.resnet = ml_collections.ConfigDict(
-        {'num_layers': tuple(resnet), 'width_factor': 1})
+  config.posemb = 'learn'  # vit_jax.models.POSEMB_TYPES
+  config.resnet = None if resnet is None else _resnet(resnet)
+  return config
+
+
+def _resnet(num_layers: Sequence[int], width_factor: float = 1) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({'num_layers': tuple(num_layers),
+                                    'width_factor': width_factor})
+
+
+def bit(name: str, num_layers: Sequence[int],
+        width_factor: float = 1) -> ml_collections.ConfigDict:
+  """The ResNet alone (the official `VisionTransformer(transformer=None)`, the paper's BiT
+  baseline): BiT root and stages of the hybrids' bottleneck units, global average pooling over
+  the feature map, head. No patch embedding (`hidden_size` None), no transformer."""
+  config = ml_collections.ConfigDict()
+  config.model_name = name
+  config.patches = None
+  config.hidden_size = None
+  config.transformer = None
+  config.classifier = 'gap'
+  config.representation_size = None
+  config.resnet = _resnet(num_layers, width_factor)
   return config
 
 
@@ -80,6 +98,9 @@ def _all_configs():
       _vit('R26+ViT-B_32', 'B', 1, resnet=(2, 2, 2, 2)),
       _vit('R50+ViT-B_16', 'B', 1, dropout=0.1, resnet=(3, 4, 9)),
       _vit('R50+ViT-L_32', 'L', 1, resnet=(3, 4, 6, 3)),
+      bit('BiT-R26x1', (2, 2, 2, 2)),
+      bit('BiT-R50x1', (3, 4, 6, 3)),
+      bit('BiT-R101x1', (3, 4, 23, 3)),
       _testing(),
       _testing_unpooled(),
   ]
@@ -96,6 +117,7 @@ ALIASES = {
     's32gap': 'ViT-S_32-gap-norep', 'b32gap': 'ViT-B_32-gap-norep',
     'rti16': 'R+ViT-Ti_16', 'r26s32': 'R26+ViT-S_32', 'r26b32': 'R26+ViT-B_32',
     'r50b16': 'R50+ViT-B_16', 'r50l32': 'R50+ViT-L_32',
+    'r26x1': 'BiT-R26x1', 'r50x1': 'BiT-R50x1', 'r101x1': 'BiT-R101x1',
 }
 
 

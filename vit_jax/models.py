@@ -1,4 +1,4 @@
-"""Vision Transformer and ResNet+ViT hybrid as Flax Linen modules.
+"""Vision Transformer, ResNet+ViT hybrid and ResNet alone (BiT baseline) as Flax Linen modules.
 
 Modules are named explicitly so that the in-memory parameter tree is the layout of the released
 `.npz` checkpoints, name for name and shape for shape (including the pre-Linen numbering
@@ -7,6 +7,12 @@ block). `vit_jax.checkpoint` therefore only (un)flattens keys; nothing is rename
 
 Attention probabilities are sown into the `intermediates` collection as `attention_weights`
 (shape [batch, heads, queries, keys]); apply with `mutable=['intermediates']` to read them.
+
+Position embeddings (`posemb`, appendix D.4): 'learn' (default; the released
+`Transformer/posembed_input/pos_embedding` of shape (1, tokens, D)), 'none', 'learn2d' (learned
+row and column embeddings of D/2 each, concatenated: `pos_embedding_row` (rows, D/2),
+`pos_embedding_col` (cols, D/2) and, with a class token, `pos_embedding_cls` (1, D)) or
+'sincos2d' (fixed sine-cosine of the row and column, no parameters; zero for the class token).
 
 Speed switches (module fields of `VisionTransformer`, settable through `build_model` overrides or
 the model config; the defaults are the plain model above, and docs/PERFORMANCE.md has numbers):
@@ -51,6 +57,7 @@ _MLP_BIAS = nn.initializers.normal(stddev=1e-6)
 
 __all__ = ['MODEL_CONFIGS', 'VisionTransformer', 'Encoder', 'Encoder1DBlock', 'resnet_stem',
            'ATTENTION_IMPLS', 'REMAT_POLICIES', 'DTYPES', 'BATCH', 'abstract_params',
+           'POSEMB_TYPES', 'sincos2d',
            'stack_encoder_blocks', 'unstack_encoder_blocks']
 
 ATTENTION_IMPLS = ('xla', 'fused')
@@ -266,6 +273,60 @@ class AddPositionEmbs(nn.Module):
     return x + pos_embedding.astype(x.dtype)
 
 
+class AddPositionEmbs2D(nn.Module):
+  """Learned 2-D position embeddings (appendix D.4): a row and a column embedding of D/2 each,
+  concatenated per patch; the class token (if any) has an embedding of its own."""
+  grid: Tuple[int, int]
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    (rows, cols), dim = self.grid, x.shape[-1]
+    if dim % 2:
+      raise ValueError(f"posemb='learn2d' needs an even hidden size, not {dim}.")
+    init = nn.initializers.normal(stddev=0.02)
+    row = self.param('pos_embedding_row', init, (rows, dim // 2), self.param_dtype)
+    col = self.param('pos_embedding_col', init, (cols, dim // 2), self.param_dtype)
+    patches = jnp.concatenate([jnp.repeat(row, cols, axis=0), jnp.tile(col, (rows, 1))], -1)
+    prefix = x.shape[1] - rows * cols
+    if prefix:
+      patches = jnp.concatenate(
+          [self.param('pos_embedding_cls', init, (prefix, dim), self.param_dtype), patches])
+    return x + patches[None].astype(x.dtype)
+
+
+def sincos2d(grid: Sequence[int], dim: int, temperature: float = 10_000.0) -> np.ndarray:
+  """[rows * cols, dim] fixed 2-D sine-cosine embeddings, patches row-major: per patch
+  [sin(c w), cos(c w), sin(r w), cos(r w)] for column c, row r and the dim/4 frequencies
+  w_k = temperature^(-k / (dim / 4))."""
+  if dim % 4:
+    raise ValueError(f"posemb='sincos2d' needs a hidden size divisible by 4, not {dim}.")
+  omega = temperature ** (-np.arange(dim // 4) / (dim // 4))
+  rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing='ij')
+  r, c = (np.outer(a.ravel(), omega) for a in (rows, cols))
+  return np.concatenate([np.sin(c), np.cos(c), np.sin(r), np.cos(r)], axis=1).astype(np.float32)
+
+
+# config.model.posemb: 'learn' (released layout), 'none', 'learn2d' or 'sincos2d'.
+POSEMB_TYPES = ('learn', 'none', 'learn2d', 'sincos2d')
+
+
+def add_position_embeddings(x, posemb: str, grid: Tuple[int, int], param_dtype):
+  """Adds the `posemb` position embeddings to tokens [batch, prefix + rows * cols, D]. Called in
+  `Encoder`'s compact scope: the parameters live under `Transformer/posembed_input`."""
+  if posemb == 'learn':
+    return AddPositionEmbs(param_dtype, name='posembed_input')(x)
+  if posemb == 'learn2d':
+    return AddPositionEmbs2D(tuple(grid), param_dtype, name='posembed_input')(x)
+  if posemb == 'sincos2d':
+    table = sincos2d(grid, x.shape[-1])
+    table = np.concatenate([np.zeros((x.shape[1] - len(table), x.shape[-1]), np.float32), table])
+    return x + jnp.asarray(table, x.dtype)[None]
+  if posemb == 'none':
+    return x
+  raise ValueError(f'posemb={posemb!r}; expected one of {POSEMB_TYPES}.')
+
+
 class Encoder(nn.Module):
   """Position embeddings, `num_layers` blocks and the final LayerNorm."""
   num_layers: int
@@ -278,6 +339,8 @@ class Encoder(nn.Module):
   attention_impl: str = 'xla'
   remat_policy: str = 'none'
   scan_layers: bool = False
+  posemb: str = 'learn'
+  grid: Tuple[int, int] = (0, 0)  # Patches per side; needed by the 2-D position embeddings.
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -285,7 +348,7 @@ class Encoder(nn.Module):
       raise ValueError(f'remat_policy={self.remat_policy!r}; expected one of '
                        f'{tuple(REMAT_POLICIES)}.')
     deterministic = not train
-    x = AddPositionEmbs(self.param_dtype, name='posembed_input')(x)
+    x = add_position_embeddings(x, self.posemb, self.grid, self.param_dtype)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     block_kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                     dropout_rate=self.dropout_rate,
@@ -309,16 +372,22 @@ class Encoder(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-  """ViT (and ResNet+ViT hybrid when `resnet` is set). Images NHWC in [-1, 1]."""
+  """ViT; the ResNet+ViT hybrid when `resnet` is set; the ResNet alone when `transformer` is None.
+
+  Images NHWC in [-1, 1]. Without a transformer (the official `transformer=None`, the paper's BiT
+  baseline) the ResNet's feature map (through the `embedding` conv when `hidden_size` is set) is
+  averaged over space (`classifier` must be 'gap') and fed to the head.
+  """
   num_classes: Optional[int]
   patches: Any
-  hidden_size: int
+  hidden_size: Optional[int]
   transformer: Any
   classifier: str = 'token'
   representation_size: Optional[int] = None
   resnet: Optional[Any] = None
   model_name: Optional[str] = None
   head_bias_init: float = 0.0
+  posemb: str = 'learn'  # One of POSEMB_TYPES.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   # Speed switches; see the module docstring.
@@ -331,25 +400,23 @@ class VisionTransformer(nn.Module):
     if self.classifier not in model_configs.CLASSIFIERS:
       raise ValueError(f'Unknown classifier {self.classifier!r}; expected token, gap, '
                        'unpooled or token_unpooled.')
+    if self.transformer is None and self.classifier != 'gap':
+      raise ValueError(f"A model without a transformer ({self.model_name}) pools its feature "
+                       f"map: classifier must be 'gap', not {self.classifier!r}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = images.astype(self.dtype)
     if self.resnet is not None:
       x = resnet_stem(x, num_layers=tuple(self.resnet['num_layers']),
                       width_factor=self.resnet['width_factor'], **kw)
-    x = nn.Conv(self.hidden_size, tuple(self.patches['size']), strides=tuple(self.patches['size']),
-                padding='VALID', name='embedding', **kw)(x)
-    batch, height, width, channels = x.shape
-    x = _constrain_batch(jnp.reshape(x, (batch, height * width, channels)))
-    if model_configs.CLASSIFIERS[self.classifier]:
-      cls = self.param('cls', nn.initializers.zeros, (1, 1, channels), self.param_dtype)
-      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
-    x = Encoder(name='Transformer', attention_impl=self.attention_impl,
-                remat_policy=self.remat_policy, scan_layers=self.scan_layers, **kw,
-                **_transformer_kwargs(self.transformer))(x, train=train)
+    if self.hidden_size is not None:
+      x = nn.Conv(self.hidden_size, tuple(self.patches['size']),
+                  strides=tuple(self.patches['size']), padding='VALID', name='embedding', **kw)(x)
+    if self.transformer is not None:
+      x = self._encode(x, train=train)
     if self.classifier == 'token':
       x = x[:, 0]
     elif self.classifier == 'gap':
-      x = jnp.mean(x, axis=1)
+      x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))  # Tokens, or a ResNet's height and width.
     if self.representation_size is not None:
       x = jnp.tanh(nn.Dense(self.representation_size, name='pre_logits', **kw)(x))
     if not self.num_classes:
@@ -357,6 +424,19 @@ class VisionTransformer(nn.Module):
     head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
                     bias_init=nn.initializers.constant(self.head_bias_init), name='head', **kw)
     return head(x).astype(jnp.float32)
+
+  def _encode(self, x, *, train: bool):
+    """Patch grid [batch, h, w, D] -> (class token +) tokens through the `Transformer` encoder."""
+    batch, height, width, channels = x.shape
+    x = _constrain_batch(jnp.reshape(x, (batch, height * width, channels)))
+    if model_configs.CLASSIFIERS[self.classifier]:
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, channels), self.param_dtype)
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
+    return Encoder(name='Transformer', attention_impl=self.attention_impl,
+                   remat_policy=self.remat_policy, scan_layers=self.scan_layers,
+                   posemb=self.posemb,
+                   grid=(height, width), dtype=self.dtype, param_dtype=self.param_dtype,
+                   **_transformer_kwargs(self.transformer))(x, train=train)
 
 
 def _transformer_kwargs(transformer) -> dict:
@@ -383,9 +463,10 @@ def stack_encoder_blocks(params: Mapping[str, Any]) -> dict:
   `Transformer/encoderblock_0 .. encoderblock_{L-1}` become one `Transformer/encoderblock` whose
   leaves have a leading layer axis of size L; every other entry is passed through as is. Leaves
   may be numpy arrays, jax.Arrays or `jax.ShapeDtypeStruct`s (shape only; their sharding is
-  dropped). A tree without numbered blocks (already stacked) is returned unchanged.
+  dropped). A tree without numbered blocks (already stacked, or no transformer) is returned
+  unchanged.
   """
-  transformer = params['Transformer']
+  transformer = params.get('Transformer', {})
   numbered = {int(m.group(1)): name for name in transformer
               if (m := _BLOCK_NAME.match(name))}
   if not numbered:
@@ -407,9 +488,10 @@ def stack_encoder_blocks(params: Mapping[str, Any]) -> dict:
 def unstack_encoder_blocks(params: Mapping[str, Any]) -> dict:
   """`scan_layers=True` layout -> released layout (the inverse of `stack_encoder_blocks`).
 
-  A tree without a stacked `Transformer/encoderblock` (already released) is returned unchanged.
+  A tree without a stacked `Transformer/encoderblock` (already released, or no transformer) is
+  returned unchanged.
   """
-  transformer = params['Transformer']
+  transformer = params.get('Transformer', {})
   if SCANNED_BLOCK not in transformer:
     return dict(params)
   if any(_BLOCK_NAME.match(name) for name in transformer):
