@@ -161,7 +161,7 @@ def numerics(size: dict) -> list:
 
 def accumulation(size: dict) -> dict:
   """The update of one train step with accum_steps=2 against accum_steps=1, same batch."""
-  from vit_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  from vit_jax import program as program_lib  # pylint: disable=g-import-not-at-top
   r = size['check_resolution']
   spec = lib.Spec(model=size['check_model'], resolution=r, batch=8, mode='train', num_devices=1)
   rng = np.random.default_rng(0)
@@ -172,7 +172,7 @@ def accumulation(size: dict) -> dict:
     config = lib.train_config(spec)
     config.model.transformer.num_layers = size['check_layers']
     config.accum_steps, config.warmup_steps = accum, 0  # No warm-up: a non-zero step.
-    trainer = trainer_lib.Trainer(config, 10, mesh=sharding.make_mesh(spec.devices()))
+    trainer = program_lib.Program(config, 10, mesh=sharding.make_mesh(spec.devices()))
     state = trainer.initial_state()
     state['params'] = _perturbed(state['params'])
     before = jax.device_get(state['params'])

@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
+import tensorflow as tf
 
 import vit_jax
 from tests.test_analysis import write_npz
@@ -34,8 +35,9 @@ def test_load_a_workdir_unpacks_to_model_params_preprocess(tmp_path):
   model, params, preprocess = vit_jax.load(workdir)
   path = tmp_path / 'images' / 'class0' / '0.png'
   x = preprocess(str(path))
-  with Image.open(path) as image:  # The reference: bilinear resize to 16px, then [-1, 1].
-    expected = np.asarray(image.convert('RGB').resize((16, 16), Image.BILINEAR)) / 127.5 - 1
+  with Image.open(path) as image:  # The eval pipeline's: tf.image.resize to 16px, then [-1, 1].
+    pixels = np.asarray(image.convert('RGB'), np.float32)
+  expected = tf.image.resize(pixels, (16, 16)).numpy() / 127.5 - 1
   np.testing.assert_allclose(x[0], expected, atol=1e-6)
   logits = np.asarray(model.apply({'params': params}, x, train=False))
   np.testing.assert_allclose(logits[0], HEAD_BIAS, atol=1e-6)  # Zero head kernel: the bias.

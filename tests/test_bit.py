@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import test_official_numerics as official
 from vit_jax import config_lib
 from vit_jax import flops
 from vit_jax import model_configs
@@ -52,55 +53,10 @@ def test_parameter_counts(name, count):
           'block1/unit1/conv_proj/kernel', 'block1/unit1/gn_proj/bias'} <= shapes.keys()
 
 
-def _np_conv(x, w, stride):
-  """SAME-padded conv (XLA's padding: the extra pixel after), NHWC x HWIO."""
-  k, size = w.shape[0], x.shape[1]
-  out = -(-size // stride)
-  pad = max((out - 1) * stride + k - size, 0)
-  x = np.pad(x, ((0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2), (0, 0)))
-  y = np.zeros((x.shape[0], out, out, w.shape[-1]))
-  for i in range(k):
-    for j in range(k):
-      patch = x[:, i:i + stride * out:stride, j:j + stride * out:stride]
-      y += patch @ w[i, j]
-  return y
-
-
-def _np_max_pool(x):
-  out = -(-x.shape[1] // 2)
-  pad = max((out - 1) * 2 + 3 - x.shape[1], 0)
-  x = np.pad(x, ((0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2), (0, 0)),
-             constant_values=-np.inf)
-  return np.max([x[:, i:i + 2 * out:2, j:j + 2 * out:2] for i in range(3) for j in range(3)],
-                axis=0)
-
-
-def _np_group_norm(x, p, groups=32, eps=1e-6):
-  n, h, w, c = x.shape
-  g = x.reshape(n, h, w, groups, c // groups)
-  mean = g.mean(axis=(1, 2, 4), keepdims=True)
-  var = g.var(axis=(1, 2, 4), keepdims=True)
-  return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * p['scale'] + p['bias']
-
-
-def _np_unit(x, p, stride):
-  relu = lambda v: np.maximum(v, 0)
-  residual = x
-  if 'conv_proj' in p:
-    residual = _np_group_norm(_np_conv(x, p['conv_proj']['kernel'], stride), p['gn_proj'])
-  y = relu(_np_group_norm(_np_conv(x, p['conv1']['kernel'], 1), p['gn1']))
-  y = relu(_np_group_norm(_np_conv(y, p['conv2']['kernel'], stride), p['gn2']))
-  y = _np_group_norm(_np_conv(y, p['conv3']['kernel'], 1), p['gn3'])
-  return relu(residual + y)
-
-
 def _np_resnet(x, p, num_layers):
-  """Root conv / GN / ReLU / max pool, the stages, global average pooling, head."""
-  x = _np_max_pool(np.maximum(_np_group_norm(_np_conv(x, p['conv_root']['kernel'], 2),
-                                             p['gn_root']), 0))
-  for s, units in enumerate(num_layers):
-    for u in range(units):
-      x = _np_unit(x, p[f'block{s + 1}'][f'unit{u + 1}'], 2 if s > 0 and u == 0 else 1)
+  """The float64 numpy ResNet of tests/test_official_numerics.py (official weight
+  standardisation), then global average pooling and the head."""
+  x = official._np_resnet(x, p, num_layers, official._np_std_weights)  # pylint: disable=protected-access
   return x.mean(axis=(1, 2)) @ p['head']['kernel'] + p['head']['bias']
 
 

@@ -54,7 +54,7 @@ CASES = [
     ('analyze', lambda t: ['--analysis=filters', f'--out_dir={_a_file(t)}'],
      'is a file, not a directory'),
     ('report', lambda t: ['--nope=1'], 'Unknown command line flag'),
-    ('report', lambda t: [f'--workdir={t}', f'--out={t}/report.md'], 'has no config.json'),
+    ('report', lambda t: [f'--workdir={t}', f'--out={t}_out/report.md'], 'has no config.json'),
     ('export', lambda t: ['--checkpoint=x', '--out=y', '--platforms=gpu'], '--platforms'),
     ('export', lambda t: [f'--checkpoint={_edited_workdir(t, _model_as_name)}',
                           f'--out={t}/saved'], 'has no `model` field'),

@@ -24,7 +24,7 @@ def make_config(dataset, *, resolution=8, batch=8, **overrides):
       'dataset': dataset, 'data_dir': None, 'train_split': 'train', 'eval_split': 'test',
       'pp': {'train': 'resize_crop', 'eval': 'resize', 'resolution': resolution},
       'batch': batch, 'batch_eval': batch, 'shuffle_buffer': 1000, 'seed': 0, 'cache': None,
-      'folder_test_fraction': 0.1,
+      'folder_test_fraction': 0.1, 'tfds_manual_dir': None,
   })
   config.update(overrides)
   return config

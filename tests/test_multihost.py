@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoint
-from vit_jax import metrics_writer
+from vit_jax import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = ROOT / 'tests' / 'fault_tolerance_config.py'
@@ -79,7 +79,7 @@ def _wait_for_step(workdir: pathlib.Path, step: int, processes: list) -> None:
   deadline = time.monotonic() + TIMEOUT_S
   while time.monotonic() < deadline:
     try:
-      if any(e['step'] >= step for e in metrics_writer.read_metrics(str(workdir))):
+      if any(e['step'] >= step for e in workdir_lib.read_metrics(str(workdir))):
         return
     except ValueError:  # A line being written.
       pass
@@ -100,7 +100,7 @@ def runs(tmp_path_factory):
   for process in first:
     process.send_signal(signal.SIGTERM)
   first_codes = _finish(first, tmp / 'logs' / 'first')
-  stopped_at = max(e['step'] for e in metrics_writer.read_metrics(str(tmp / 'multi')))
+  stopped_at = max(e['step'] for e in workdir_lib.read_metrics(str(tmp / 'multi')))
   resumed = _two_processes(tmp / 'multi', tmp / 'logs' / 'resumed', env)
   resumed_codes = _finish(resumed, tmp / 'logs' / 'resumed')
   assert resumed_codes == [0, 0], _stderr(tmp / 'logs' / 'resumed')
@@ -108,7 +108,7 @@ def runs(tmp_path_factory):
 
 
 def _events(workdir: pathlib.Path):
-  events = metrics_writer.read_metrics(str(workdir))
+  events = workdir_lib.read_metrics(str(workdir))
   losses = [(e['step'], e['loss']) for e in events if 'loss' in e]
   return losses, [e['eval_top1'] for e in events if 'eval_top1' in e]
 

@@ -32,8 +32,8 @@ from vit_jax import hardware
 from vit_jax import inference
 from vit_jax import input_pipeline
 from vit_jax import report
-from vit_jax import train_checkpoint
-from vit_jax import trainer as trainer_lib
+from vit_jax import state_checkpoint
+from vit_jax import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = 'tests/fault_tolerance_config.py'
@@ -138,9 +138,9 @@ def test_nan_training_checkpoint_is_refused_by_eval(tmp_path):
   trainer = train_fixtures.tiny_trainer(train_fixtures.tiny_config())
   state = trainer.initial_state()
   state['params']['head']['bias'] = jnp.full_like(state['params']['head']['bias'], jnp.nan)
-  with train_checkpoint.TrainCheckpointer(str(tmp_path / 'checkpoints'), save_every=1,
+  with state_checkpoint.TrainCheckpointer(str(tmp_path / 'checkpoints'), save_every=1,
                                           keep=1) as ckpt:
-    ckpt.save(7, state, {'data_position': 7})
+    ckpt.save(7, state)
   with pytest.raises(ValueError, match=r'^The training checkpoint of step 7 in .*/checkpoints '
                                        r'holds NaN or Inf weights in 1 of \d+ arrays: head/bias\.'):
     evaluate.checkpoint_params(trainer, str(tmp_path))
@@ -187,21 +187,21 @@ _DISK_FULL = '''
 import resource, signal, sys
 from absl import app, logging
 import jax, jax.numpy as jnp, numpy as np
-from vit_jax import logging_util, train_checkpoint
+from vit_jax import logging_util, state_checkpoint
 
 def main(argv):
   logging_util.quiet_libraries()
   noise = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)  # Incompressible.
   state = lambda v: {f'w{i}': jax.device_put(jnp.asarray(noise + v)) for i in range(20)}
-  ckpt = train_checkpoint.TrainCheckpointer(argv[1], save_every=1, keep=3)
-  ckpt.save(1, state(1.0), {})
+  ckpt = state_checkpoint.TrainCheckpointer(argv[1], save_every=1, keep=3)
+  ckpt.save(1, state(1.0))
   ckpt.wait()
   signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Files may not grow past 1 KiB: EFBIG.
   resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
   try:
-    ckpt.save(2, state(2.0), {})
+    ckpt.save(2, state(2.0))
     ckpt.wait()
-  except train_checkpoint.CheckpointSaveError as e:
+  except state_checkpoint.CheckpointSaveError as e:
     logging.warning('%s', e)
 
 app.run(main)
@@ -225,10 +225,10 @@ def test_a_failed_save_is_one_warning_without_orbax_thread_tracebacks(tmp_path):
 def test_checkpoints_of_another_model_config_are_named_as_such_with_the_fields(tmp_path):
   config = train_fixtures.tiny_config()
   trainer = train_fixtures.tiny_trainer(config)
-  with train_checkpoint.TrainCheckpointer(str(tmp_path / 'checkpoints'), save_every=1,
+  with state_checkpoint.TrainCheckpointer(str(tmp_path / 'checkpoints'), save_every=1,
                                           keep=1) as ckpt:
-    ckpt.save(1, trainer.initial_state(), {'data_position': 1})
-  trainer_lib.write_config(config, str(tmp_path))
+    ckpt.save(1, trainer.initial_state())
+  workdir_lib.write_config(config, str(tmp_path))
   scanned = train_fixtures.tiny_config()
   scanned.model.scan_layers = True
   with pytest.raises(ValueError) as error:
@@ -311,11 +311,12 @@ def test_memory_budget_is_the_override_else_the_host_s_available_memory(monkeypa
 # Messages naming what the user wrote.
 
 
-@pytest.mark.parametrize('field', ['checkpoint_every', 'keep_checkpoints'])
-def test_checkpoint_fields_below_one_are_named_as_written(field):
+@pytest.mark.parametrize('field, value, bound', [('checkpoint_every', -1, '>= 0'),
+                                                 ('keep_checkpoints', 0, '>= 1')])
+def test_checkpoint_fields_out_of_range_are_named_as_written(field, value, bound):
   config = fault_tolerance_config.get_config()
-  config[field] = 0
-  with pytest.raises(ValueError, match=rf'^config\.{field}=0; expected at least 1\.$'):
+  config[field] = value
+  with pytest.raises(ValueError, match=rf'^config\.{field}={value} must be {bound}\.$'):
     config_lib.validate(config, num_devices=1, process_count=1)
 
 
@@ -395,17 +396,17 @@ def test_truncated_array_data_falls_back_to_the_previous_checkpoint(tmp_path):
   """orbax wraps tensorstore's read error of a truncated array file in a bare Exception."""
   directory = tmp_path / 'checkpoints'
   state = lambda value: {'w': jax.device_put(jnp.full((64, 64), value))}
-  with train_checkpoint.TrainCheckpointer(str(directory), save_every=1, keep=2) as ckpt:
-    ckpt.save(1, state(1.0), {'data_position': 1})
-    ckpt.save(2, state(2.0), {'data_position': 2})
+  with state_checkpoint.TrainCheckpointer(str(directory), save_every=1, keep=2) as ckpt:
+    ckpt.save(1, state(1.0))
+    ckpt.save(2, state(2.0))
   data = [p for p in (directory / '2' / 'state').rglob('*') if p.is_file() and p.parent.name == 'd']
   assert data
   for path in data:
     os.truncate(path, 10)
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state(0.0))
-  with train_checkpoint.TrainCheckpointer(str(directory), save_every=1, keep=2) as ckpt:
-    restored, extra, step = ckpt.restore(abstract, set_aside_unrestorable=True)
-  assert (step, extra) == (1, {'data_position': 1})
+  with state_checkpoint.TrainCheckpointer(str(directory), save_every=1, keep=2) as ckpt:
+    restored, step = ckpt.restore(abstract, set_aside_unrestorable=True)
+  assert step == 1
   np.testing.assert_array_equal(restored['w'], np.full((64, 64), 1.0))
   assert (directory / '2.unrestorable').is_dir()

@@ -55,6 +55,7 @@ def test_a_failed_start_changes_nothing_on_disk(tmp_path, env):
   other_model = _Cli(tmp_path, 'other_model', 'workdir', *SHORT, '--config.model.hidden_size=8',
                      '--config.allow_config_change=True', env=env)
   assert other_model.finish() == 2, other_model.stderr[-3000:]
-  assert 'Error: None of the 2 training checkpoints' in other_model.stderr
+  assert 'Error: The 2 training checkpoints' in other_model.stderr
+  assert 'belong to another model config' in other_model.stderr
   assert {path: path.read_bytes() for path in corrected.workdir.iterdir()
           if path.is_file()} == files

@@ -3,7 +3,7 @@ this project and timm in PyTorch would make (`python -m vit_jax.benchmark --comp
 
 Both sides run the same step on the same batch in the same process with the same threads: the
 inference forward pass, or a train step (forward, softmax cross-entropy, backward, global-norm
-clipping at 1.0, SGD with momentum 0.9; ours is `vit_jax.trainer.Trainer.train_step` from
+clipping at 1.0, SGD with momentum 0.9; ours is `vit_jax.program.Program.train_step` from
 `benchmark_lib`). timm runs eager by default, or `torch.compile`d; bfloat16 is our compute dtype
 and timm's `torch.autocast`. Timing alternates between the two sides in `pairs` blocks (ours
 first in even blocks, timm first in odd ones), each block the median of `spec.steps` calls after

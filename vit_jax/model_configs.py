@@ -17,6 +17,12 @@ _SIZES = {
 }
 
 
+# Module fields that change speed and memory, never the function computed (see vit_jax.models):
+# their plain-model defaults, carried by every config from `get_model_config` so that a run can
+# set them (`--config.model.scan_layers=True`).
+SPEED_SWITCHES = {'attention_impl': 'xla', 'remat_policy': 'none', 'scan_layers': False}
+
+
 def _vit(name: str, size: str, patch: int, *, dropout: float = 0.0,
          classifier: str = 'token', representation_size: Optional[int] = None,
          resnet: Optional[Sequence[int]] = None) -> ml_collections.ConfigDict:
@@ -57,6 +63,7 @@ def bit(name: str, num_layers: Sequence[int],
   config.classifier = 'gap'
   config.representation_size = None
   config.resnet = _resnet(num_layers, width_factor)
+  config.update(SPEED_SWITCHES)
   return config
 
 
@@ -137,10 +144,6 @@ def resnet_stride(resnet: Optional[ml_collections.ConfigDict]) -> int:
   return 4 * 2**max(len(resnet['num_layers']) - 1, 0)
 
 
-# Module fields that change speed and memory, never the function computed (see vit_jax.models):
-# their plain-model defaults, carried by every config from `get_model_config` so that a run can
-# set them (`--config.model.scan_layers=True`).
-SPEED_SWITCHES = {'attention_impl': 'xla', 'remat_policy': 'none', 'scan_layers': False}
 
 
 def get_model_config(name: str) -> ml_collections.ConfigDict:
