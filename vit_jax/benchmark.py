@@ -140,8 +140,9 @@ def format_row(row: dict) -> str:
         f'({row["flops_per_image"] / 1e9:.3g} GFLOP/image)']
   lines += [
       f'  lower {row["lower_s"]:.2f} s   compile {row["compile_s"]:.2f} s',
-      f'  peak memory {lib.gib(row["peak_memory_bytes"])} ({row["peak_memory_source"]})   '
-      f'XLA program {lib.gib(xla and xla["total"])}/device (temp {lib.gib(xla and xla["temp"])})',
+      f'  peak memory {hardware.gib(row["peak_memory_bytes"])} ({row["peak_memory_source"]})   '
+      f'XLA program {hardware.gib(xla and xla["total"])}/device '
+      f'(temp {hardware.gib(xla and xla["temp"])})',
   ]
   caveat = hardware.remat_caveat(row['backend'], row['remat_policy'], row['scan_layers'])
   if caveat:
@@ -157,7 +158,7 @@ def format_max_batch(result: dict) -> str:
           f'sharding={result["sharding"]} x{result["num_devices"]}: max batch/device '
           f'{result["max_batch_per_device"]}{"+ (cap)" if result["capped"] else ""}'
           f'{f" (up to +{slack} more may fit)" if slack else ""} '
-          f'[{result["method"]}, limit {lib.gib(result["memory_limit_bytes"])} '
+          f'[{result["method"]}, limit {hardware.gib(result["memory_limit_bytes"])} '
           f'({result["memory_limit_source"]})]')
   caveat = hardware.remat_caveat(result['backend'], result['remat_policy'],
                                  result['scan_layers'])

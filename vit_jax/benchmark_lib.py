@@ -31,7 +31,7 @@ import platform
 import resource
 import statistics
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 from absl import logging
 import jax
@@ -124,21 +124,6 @@ def memory_limit(device=None) -> tuple:
   if 'bytes_limit' in stats:
     return int(stats['bytes_limit']), 'device bytes_limit'
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), 'host RAM'
-
-
-def xla_memory(compiled) -> Optional[Dict[str, int]]:
-  """Per-device buffer sizes of a compiled program (XLA's buffer assignment), or None."""
-  try:
-    analysis = compiled.memory_analysis()
-  except (NotImplementedError, jax.errors.JaxRuntimeError):
-    analysis = None
-  if analysis is None:
-    return None
-  out = {name: int(getattr(analysis, f'{name}_size_in_bytes', 0) or 0)
-         for name in ('argument', 'output', 'temp', 'alias', 'generated_code')}
-  # Donated (aliased) outputs reuse their argument buffers.
-  out['total'] = out['argument'] + out['output'] + out['temp'] - out['alias']
-  return out
 
 
 def _cpu_model_name() -> str:
@@ -359,7 +344,7 @@ def run(spec: Spec, *, peak_flops: Optional[float] = None, compile_only: bool = 
       'mfu': achieved / (peak * len(devices)) if peak and achieved else None,
       'lower_s': lower_s, 'compile_s': compile_s,
       'peak_memory_bytes': memory, 'peak_memory_source': memory_source,
-      'xla_memory': xla_memory(compiled), 'pipeline_images_per_s': None,
+      'xla_memory': hardware.xla_memory(compiled), 'pipeline_images_per_s': None,
   }
   del compiled, program
   gc.collect()
@@ -382,7 +367,7 @@ def _probe(spec: Spec, method: str, limit: int) -> dict:
     program = _program(spec, mesh)
     compiled, _, compile_s = _compile(program)
     probe['compile_s'] = compile_s
-    memory = xla_memory(compiled)
+    memory = hardware.xla_memory(compiled)
     probe['bytes'] = memory and memory['total']
     if method == 'analysis':
       if memory is None:
@@ -426,7 +411,7 @@ def find_max_batch(spec: Spec, *, method: str = 'analysis',
                                   limit)
       probe = probes[per_device]
       logging.info('batch/device %6d: %s (XLA program %s)', per_device,
-                   'fits' if probe['fits'] else 'does not fit', gib(probe['bytes']))
+                   'fits' if probe['fits'] else 'does not fit', hardware.gib(probe['bytes']))
     return probes[per_device]['fits']
 
   good, bad = 0, None
@@ -452,10 +437,3 @@ def find_max_batch(spec: Spec, *, method: str = 'analysis',
       'smallest_failure_per_device': bad if bad <= cap else None,
       'probes': [dict(probes[k]) for k in sorted(probes)],
   }
-
-
-def gib(x: Optional[float]) -> str:
-  """A byte count as 'x.xx GiB' or 'x.x MiB' ('n/a' for None)."""
-  if x is None:
-    return 'n/a'
-  return f'{x / 2**30:.2f} GiB' if x >= 2**30 else f'{x / 2**20:.1f} MiB'

@@ -220,7 +220,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     raise ValueError(f'config.batch_eval={config.batch_eval} is not divisible by the '
                      f'{num_devices} devices.')
   # A ResNet alone (no transformer) pools its feature map: any resolution fits it.
-  has_tokens = config.model.get('transformer') is not None
+  has_tokens = config.model.transformer is not None
   patch = config.model.patches.size[0] if has_tokens else 1
   stride = model_configs.resnet_stride(config.model.resnet) if has_tokens else 1
   if config.pp.resolution % (patch * stride):

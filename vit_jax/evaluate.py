@@ -35,7 +35,7 @@ def accuracies(trainer, params, *, with_test: bool) -> dict:
   """`eval_top1` on config.eval_split (the minival of fine-tuning configs) and, `with_test`,
   `test_top1` on config.test_split (when set): the split reported once at the end."""
   metrics = {'eval_top1': top1(trainer, params)}
-  if with_test and trainer.config.get('test_split'):
+  if with_test and trainer.config.test_split:
     metrics['test_top1'] = top1(trainer, params, trainer.config.test_split)
   return metrics
 

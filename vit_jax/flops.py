@@ -50,13 +50,13 @@ def forward_flops(model_config: ml_collections.ConfigDict, resolution: int,
   if model_config.get('resnet') is not None:
     flops, size, channels = _resnet(resolution, model_config.resnet.num_layers,
                                     model_config.resnet.width_factor)
-  if model_config.get('hidden_size') is not None:
+  if model_config.hidden_size is not None:
     patch = model_config.patches.size[0]
     size //= patch
     flops += 2.0 * size * size * patch * patch * channels * model_config.hidden_size
     channels = model_config.hidden_size
   tokens = 1
-  if model_config.get('transformer') is not None:
+  if model_config.transformer is not None:
     tokens = size * size + model_configs.has_class_token(model_config)
     flops += model_config.transformer.num_layers * _block_flops(tokens, channels,
                                                                 model_config.transformer.mlp_dim)

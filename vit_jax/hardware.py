@@ -2,7 +2,7 @@
 allocator's setting, the XLA:CPU flags the project sets, and where remat saves no memory."""
 import os
 import sys
-from typing import Optional
+from typing import Dict, Optional
 
 from absl import logging
 import jax
@@ -115,12 +115,34 @@ CPU_MAX_HIDDEN_SIZE = 384
 def check_accelerator(model_config) -> bool:
   """Warns when a model larger than ViT-S is trained on the CPU backend: JAX for the
   accelerator is probably not installed."""
-  hidden_size = model_config.get('hidden_size') or 0  # None: a ResNet-only model.
+  hidden_size = model_config.hidden_size or 0  # None: a ResNet-only model.
   if jax.default_backend() != 'cpu' or hidden_size <= CPU_MAX_HIDDEN_SIZE:
     return True
   logging.warning(
       'Training %s (hidden size %d, larger than ViT-S) on the CPU backend: this is very slow. '
       "For the accelerator install JAX with its runtime: pip install -e '.[tpu]' on a Cloud TPU "
       "VM, pip install -e '.[cuda12]' (or '.[cuda13]') on NVIDIA GPUs (README, \"On a Cloud "
-      'TPU VM" / "On GPUs").', model_config.get('model_name', 'the model'), hidden_size)
+      'TPU VM" / "On GPUs").', model_config.model_name, hidden_size)
   return False
+
+
+def xla_memory(compiled) -> Optional[Dict[str, int]]:
+  """Per-device buffer sizes of a compiled program (XLA's buffer assignment), or None."""
+  try:
+    analysis = compiled.memory_analysis()
+  except (NotImplementedError, jax.errors.JaxRuntimeError):
+    analysis = None
+  if analysis is None:
+    return None
+  out = {name: int(getattr(analysis, f'{name}_size_in_bytes', 0) or 0)
+         for name in ('argument', 'output', 'temp', 'alias', 'generated_code')}
+  # Donated (aliased) outputs reuse their argument buffers.
+  out['total'] = out['argument'] + out['output'] + out['temp'] - out['alias']
+  return out
+
+
+def gib(x: Optional[float]) -> str:
+  """A byte count as 'x.xx GiB' or 'x.x MiB' ('n/a' for None)."""
+  if x is None:
+    return 'n/a'
+  return f'{x / 2**30:.2f} GiB' if x >= 2**30 else f'{x / 2**20:.1f} MiB'

@@ -60,7 +60,7 @@ def token_stride(model_config) -> int:
   """Input pixels per transformer token along one side: the patch size, times the ResNet stem's
   total stride for hybrids; 1 for the ResNet alone, which has no tokens and pools its feature map
   at any resolution."""
-  if model_config.get('transformer') is None:
+  if model_config.transformer is None:
     return 1
   return model_config.patches.size[0] * model_configs.resnet_stride(model_config.resnet)
 

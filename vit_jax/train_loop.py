@@ -41,7 +41,6 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from vit_jax import benchmark_lib
 from vit_jax import checkpoint
 from vit_jax import cli
 from vit_jax import evaluate
@@ -293,7 +292,7 @@ def check_step_memory(trainer: program_lib.Program) -> None:
   both with the numbers and what to change. A step that does not fit would otherwise be killed
   by the kernel (exit 137) or the device allocator without a word."""
   compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch).compile()
-  memory = benchmark_lib.xla_memory(compiled)
+  memory = hardware.xla_memory(compiled)
   if memory is None:
     return
   budget, source = hardware.memory_budget()
@@ -301,12 +300,12 @@ def check_step_memory(trainer: program_lib.Program) -> None:
     return
   config = trainer.config
   message = (
-      f'The train step needs {benchmark_lib.gib(memory["total"])} per device (XLA\'s memory '
-      f'analysis: arguments {benchmark_lib.gib(memory["argument"])}, temporaries '
-      f'{benchmark_lib.gib(memory["temp"])}) of {benchmark_lib.gib(budget)} ({source}). To need '
+      f'The train step needs {hardware.gib(memory["total"])} per device (XLA\'s memory '
+      f'analysis: arguments {hardware.gib(memory["argument"])}, temporaries '
+      f'{hardware.gib(memory["temp"])}) of {hardware.gib(budget)} ({source}). To need '
       f'less: raise config.accum_steps (now {config.accum_steps}; the batch is split into that '
       'many micro-batches), set config.model.remat_policy=\'full\' (with '
-      f'config.model.scan_layers=True on CPU; now {config.model.get("remat_policy", "none")!r}), '
+      f'config.model.scan_layers=True on CPU; now {config.model.remat_policy!r}), '
       f'or config.sharding=\'fsdp\' (now {config.sharding!r}) to split the train state over '
       'the devices.')
   if memory['total'] > budget:

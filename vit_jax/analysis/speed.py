@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import benchmark_lib
+from vit_jax import hardware
 from vit_jax import models
 
 
@@ -29,7 +30,7 @@ def measure(model_config, *, resolution: int, batch_size: int, num_classes: int 
   seconds = statistics.median(benchmark_lib.time_calls(
       lambda: compiled(params, images).block_until_ready(), steps))
   memory, memory_source = benchmark_lib.peak_memory()
-  xla = benchmark_lib.xla_memory(compiled)
+  xla = hardware.xla_memory(compiled)
   device = jax.devices()[0]
   return {
       'model': model_config.model_name,
