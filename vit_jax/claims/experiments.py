@@ -47,7 +47,7 @@ SCALES = {
                    speed_models=(('testing', 32, 4),),
                    note='A check of the machinery on a few steps: its verdicts say nothing '
                    'about the paper.'),
-    'full': Scale('full', steps=1000, batch=128, seeds=(0, 1), hidden=64, layers=4,
+    'full': Scale('full', steps=500, batch=128, seeds=(0, 1), hidden=64, layers=4,
                   data_sizes=(1000, 3000, 10000), lr_scales=(0.3, 1.0, 3.0),
                   eval_examples=None, evals_per_run=4, analysis_images=128, fewshot_pool=2000,
                   speed_models=(('ViT-Ti_16', 224, 8), ('ViT-S_16', 224, 8),
