@@ -8,7 +8,7 @@ OUT_DIR/runs/DATASET-SCALE/: rerun the same command after an interruption and it
 reusing the finished runs. Then OUT_DIR/claims.md and OUT_DIR/claims.json give, per claim, the
 paper's statement and numbers, the runs, our numbers with their spread over seeds, figures and
 a verdict from the rule printed with it. `--scale=quick` checks the machinery in minutes;
-`--scale=full` is the reported experiment (76 min on 2 CPU cores, README).
+`--scale=full` is the reported experiment (its measured run time is in the README).
 """
 import datetime
 import os
