@@ -2,6 +2,7 @@
 import math
 
 from flax import traverse_util
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -286,3 +287,25 @@ def test_flops_of_vit_b16_by_hand():
   per_block = 2 * (t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * m)
   expected = 2 * 196 * 16 * 16 * 3 * d + 12 * per_block + 2 * d * 1000
   assert flops.forward_flops(models.MODEL_CONFIGS['ViT-B_16'], 224) == expected
+
+
+class _EinsumAttention(nn.Module):
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, q, k, v):
+    return models.einsum_attention(self, q, k, v, deterministic=True)
+
+
+def test_einsum_attention_equals_numpy_softmax_attention():
+  """The deferred-normalisation, heads-first attention is softmax(q k^T / sqrt(d)) v."""
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal((2, 5, 3, 8)).astype(np.float32) for _ in range(3))
+  logits = np.einsum('bqhd,bkhd->bhqk', q.astype(np.float64), k) / np.sqrt(8)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  expected = np.einsum('bhqk,bkhd->bqhd', weights, v)
+  out, state = _EinsumAttention().apply({}, q, k, v, mutable=['intermediates'])
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+  (sown,) = state['intermediates']['attention_weights']
+  np.testing.assert_allclose(sown, weights, rtol=1e-5, atol=1e-7)
