@@ -195,8 +195,9 @@ def einsum_attention(module: nn.Module, query, key, value, *, deterministic: boo
   """softmax(q k^T / sqrt(d)) v spelled out; [batch, tokens, heads, d] in and out.
 
   The query is scaled before q.k, as in Flax's `dot_product_attention` (the released models).
-  Heads move in front of the tokens first: XLA:CPU runs the two batched matmuls about 4x faster
-  on [b, h, n, d] than on [b, n, h, d] operands (docs/PERFORMANCE.md). The softmax's division is
+  Heads move in front of the tokens first: XLA:CPU runs the two batched matmuls several times
+  faster on [b, h, n, d] than on [b, n, h, d] operands (docs/PERFORMANCE.md, "Attention, heads
+  first"). The softmax's division is
   deferred to the [b, h, q, d] output (dropout commutes with it), which spares XLA a
   [b, h, q, k] broadcast forward and backward; the normalised weights are sown for analysis.
   """
