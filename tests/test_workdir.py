@@ -239,21 +239,25 @@ def test_main_evaluates_a_ram_checkpoint(tmp_path, capsys):
 
 
 def _lock_in_two_processes(workdir: str) -> list[str]:
-  """The output lines of tests/multihost_workdir_worker.py in processes 0 and 1."""
+  """What tests/multihost_workdir_worker.py reports in processes 0 and 1."""
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
   worker = os.path.join(ROOT, 'tests', 'multihost_workdir_worker.py')
-  processes = [subprocess.Popen([sys.executable, worker, '2', str(i), str(port), workdir],
+  results = [f'{workdir}.process{i}' for i in range(2)]
+  processes = [subprocess.Popen([sys.executable, worker, '2', str(i), str(port), workdir,
+                                 results[i]],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True) for i in range(2)]
   outputs = [p.communicate(timeout=300) for p in processes]
   for process, (_, err) in zip(processes, outputs):
     assert process.returncode == 0, err[-3000:]
-  # gloo prints its connection messages on stdout too.
-  return [[line for line in out.splitlines() if line.startswith(('HELD', 'REFUSED'))][-1]
-          for out, _ in outputs]
+  reports = []
+  for path in results:
+    with open(path) as f:
+      reports.append(f.read())
+  return reports
 
 
 def test_several_processes_hold_the_workdir_once_by_process_0(tmp_path):
