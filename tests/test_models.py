@@ -309,3 +309,29 @@ def test_einsum_attention_equals_numpy_softmax_attention():
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
   (sown,) = state['intermediates']['attention_weights']
   np.testing.assert_allclose(sown, weights, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('patch, shape', [((4, 4), (2, 16, 12, 3)), ((4, 3), (1, 18, 11, 3)),
+                                          ((1, 1), (2, 3, 5, 6))])
+def test_patch_embedding_is_the_strided_valid_convolution(patch, shape):
+  """Same parameters (names, shapes, init values) as nn.Conv(stride=kernel, 'VALID'), and the same
+  output against a numpy loop over patches, leftover rows and columns dropped."""
+  x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+  embed = models.PatchEmbedding(7, patch)
+  conv = nn.Conv(7, patch, strides=patch, padding='VALID')
+  params = embed.init(jax.random.PRNGKey(0), x)
+  conv_params = conv.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.structure(params) == jax.tree.structure(conv_params)
+  jax.tree.map(np.testing.assert_array_equal, params, conv_params)
+  params = jax.tree.map(
+      lambda a: np.random.default_rng(1).standard_normal(a.shape).astype(np.float32), params)
+  kernel, bias = (np.asarray(params['params'][k], np.float64) for k in ('kernel', 'bias'))
+  (ph, pw), (b, h, w, _) = patch, shape
+  expected = np.zeros((b, h // ph, w // pw, 7))
+  for i in range(h // ph):
+    for j in range(w // pw):
+      window = x[:, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw].astype(np.float64)
+      expected[:, i, j] = np.einsum('bpqc,pqcd->bd', window, kernel) + bias
+  out = embed.apply(params, x)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out, conv.apply(params, x), rtol=1e-5, atol=1e-5)

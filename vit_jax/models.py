@@ -57,7 +57,7 @@ _MLP_BIAS = nn.initializers.normal(stddev=1e-6)
 
 __all__ = ['MODEL_CONFIGS', 'VisionTransformer', 'Encoder', 'Encoder1DBlock', 'resnet_stem',
            'ATTENTION_IMPLS', 'REMAT_POLICIES', 'DTYPES', 'BATCH', 'abstract_params',
-           'POSEMB_TYPES', 'sincos2d',
+           'POSEMB_TYPES', 'sincos2d', 'PatchEmbedding',
            'stack_encoder_blocks', 'unstack_encoder_blocks']
 
 ATTENTION_IMPLS = ('xla', 'fused')
@@ -388,6 +388,33 @@ class Encoder(nn.Module):
     return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='encoder_norm')(x)
 
 
+class PatchEmbedding(nn.Module):
+  """The `embedding` layer: a `patch_size` convolution with stride `patch_size` and 'VALID'
+  padding (the released `embedding/kernel` [ph, pw, C, D] and `embedding/bias` [D], initialised
+  as `nn.Conv` initialises them), computed as one matmul over the flattened patches.
+
+  Rows and columns beyond the last whole patch are dropped, as the convolution drops them. On
+  XLA:CPU the matmul is faster than the strided convolution forward and backward
+  (docs/PERFORMANCE.md, "Patch embedding as a matmul").
+  """
+  features: int
+  patch_size: Tuple[int, int]
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    batch, height, width, channels = x.shape
+    ph, pw = self.patch_size
+    rows, cols = height // ph, width // pw
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (ph, pw, channels, self.features), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    patches = x[:, :rows * ph, :cols * pw].reshape(batch, rows, ph, cols, pw, channels)
+    return jnp.einsum('bhpwqc,pqcd->bhwd', patches, kernel) + bias
+
+
 class VisionTransformer(nn.Module):
   """ViT; the ResNet+ViT hybrid when `resnet` is set; the ResNet alone when `transformer` is None.
 
@@ -426,8 +453,7 @@ class VisionTransformer(nn.Module):
       x = resnet_stem(x, num_layers=tuple(self.resnet['num_layers']),
                       width_factor=self.resnet['width_factor'], **kw)
     if self.hidden_size is not None:
-      x = nn.Conv(self.hidden_size, tuple(self.patches['size']),
-                  strides=tuple(self.patches['size']), padding='VALID', name='embedding', **kw)(x)
+      x = PatchEmbedding(self.hidden_size, tuple(self.patches['size']), name='embedding', **kw)(x)
     if self.transformer is not None:
       x = self._encode(x, train=train)
     if self.classifier == 'token':
