@@ -80,7 +80,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     'analysis: compile only, XLA memory vs the limit; run: one step, OOM = no.',
                     **define)
   flags.DEFINE_float('memory_limit_gb', None,
-                     'Limit per device in GiB (default: the device\'s, or host RAM).', **define)
+                     'Limit per device in GiB (default: hardware.memory_budget, as for '
+                     'training).', **define)
   flags.DEFINE_integer('max_batch_cap', 4096, 'Largest batch per device tried.', **define)
   flags.DEFINE_integer('max_batch_granularity', 1,
                        'Stop bisecting when the fit and the failure are this close.', **define)

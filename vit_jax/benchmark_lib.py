@@ -17,8 +17,8 @@ the model switches travel in `config.model` (which `models.build_model` passes t
 
 `find_max_batch(spec)` searches the largest per-device batch that fits: it doubles the batch until
 a probe fails, then bisects. A probe either compiles only and compares XLA's memory analysis with
-the memory limit ('analysis': no OOM is ever triggered, works on any backend; the limit is the
-device's `bytes_limit`, or host RAM on CPU, or the one given) or compiles and runs one step, an
+the memory limit ('analysis': no OOM is ever triggered, works on any backend; the limit is
+`hardware.memory_budget`, the one every train run is checked against, or the one given) or compiles and runs one step, an
 out-of-memory error meaning "does not fit" ('run', for accelerators).
 
 Peak memory figures are peaks over the whole process so far. Single process only.
@@ -116,14 +116,6 @@ def peak_memory(device=None) -> tuple:
   if 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use'
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'host max RSS'  # KiB
-
-
-def memory_limit(device=None) -> tuple:
-  """(bytes, source) a program must fit in: the device's `bytes_limit`, else host RAM (CPU)."""
-  stats = (device or jax.devices()[0]).memory_stats() or {}
-  if 'bytes_limit' in stats:
-    return int(stats['bytes_limit']), 'device bytes_limit'
-  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), 'host RAM'
 
 
 def _cpu_model_name() -> str:
@@ -402,7 +394,7 @@ def find_max_batch(spec: Spec, *, method: str = 'analysis',
   spec.validate()
   n = len(spec.devices())
   limit, limit_source = ((memory_limit_bytes, 'given') if memory_limit_bytes
-                         else memory_limit(spec.devices()[0]))
+                         else hardware.memory_budget(spec.devices()[0]))
   probes = {}
 
   def fits(per_device: int) -> bool:
