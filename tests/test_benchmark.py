@@ -36,7 +36,7 @@ def _main(tmp_path, capsys, *extra):
   run_command([*TINY, f'--json_out={path}', *extra])
   printed = capsys.readouterr().out
   data = json.loads(path.read_text())
-  assert set(data['machine']) >= {'backend', 'device_kind', 'host_cpu', 'jax'}
+  assert set(data['machine']) >= {'backend', 'device_kind', 'host_cpu', 'host_vector_isa', 'jax'}
   (row,) = data['results']
   assert set(row) == set(benchmark_lib.ROW_KEYS)
   for figure in PRINTED_FIGURES:

@@ -196,7 +196,8 @@ def run(fv: flags.FlagValues, command_line: Sequence[str] = ()) -> dict:
   specs = specs_from_flags(fv)
   info = lib.machine()
   print(f'{info["backend"]}: {info["device_count"]} x {info["device_kind"]}; host '
-        f'{info["host_cpu"]} ({info["host_cpu_count"]} CPUs); jax {info["jax"]}', flush=True)
+        f'{info["host_cpu"]} ({info["host_cpu_count"]} CPUs, {info["host_vector_isa"] or "?"}); '
+        f'jax {info["jax"]}', flush=True)
   out = {'machine': info, 'argv': list(command_line)}
   if fv.compare_timm:
     out['compare_timm'] = _compare_timm(specs, fv)

@@ -18,8 +18,9 @@ the model switches travel in `config.model` (which `models.build_model` passes t
 `find_max_batch(spec)` searches the largest per-device batch that fits: it doubles the batch until
 a probe fails, then bisects. A probe either compiles only and compares XLA's memory analysis with
 the memory limit ('analysis': no OOM is ever triggered, works on any backend; the limit is
-`hardware.memory_budget`, the one every train run is checked against, or the one given) or compiles and runs one step, an
-out-of-memory error meaning "does not fit" ('run', for accelerators).
+`hardware.memory_budget`, the one every train run is checked against, or the one given) or
+compiles and runs one step, an out-of-memory error meaning "does not fit" ('run', for
+accelerators).
 
 Peak memory figures are peaks over the whole process so far. Single process only.
 """
@@ -118,21 +119,29 @@ def peak_memory(device=None) -> tuple:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'host max RSS'  # KiB
 
 
-def _cpu_model_name() -> str:
+def _cpu_info() -> dict:
+  """The host CPU's model name and widest x86 vector ISA ('avx512', 'avx2', or '' elsewhere):
+  the ISA decides how fast XLA's and PyTorch's fp32 kernels are, and so the ratio to timm
+  (docs/PERFORMANCE.md)."""
+  name, flags = '', set()
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
+        key, _, value = line.partition(':')
+        if key.strip() == 'model name' and not name:
+          name = value.strip()
+        elif key.strip() == 'flags' and not flags:
+          flags = set(value.split())
   except OSError:
     pass
-  return platform.processor() or platform.machine()
+  isa = next((isa for isa, flag in (('avx512', 'avx512f'), ('avx2', 'avx2')) if flag in flags), '')
+  return {'host_cpu': name or platform.processor() or platform.machine(), 'host_vector_isa': isa}
 
 
 def machine() -> dict:
   device = jax.devices()[0]
   return {'backend': jax.default_backend(), 'device_kind': device.device_kind,
-          'device_count': jax.device_count(), 'host_cpu': _cpu_model_name(),
+          'device_count': jax.device_count(), **_cpu_info(),
           'host_cpu_count': os.cpu_count(), 'jax': jax.__version__}
 
 
