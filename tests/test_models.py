@@ -1,5 +1,6 @@
 """Models: parameter layout and counts, forward shapes, dtypes, dropout and numerics."""
 import math
+import re
 
 from flax import traverse_util
 import flax.linen as nn
@@ -309,6 +310,45 @@ def test_einsum_attention_equals_numpy_softmax_attention():
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
   (sown,) = state['intermediates']['attention_weights']
   np.testing.assert_allclose(sown, weights, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('shape,features,in_axes', [
+    ((2, 5, 6), (4,), 1), ((2, 5, 6), (3, 2), 1), ((2, 5, 3, 2), (6,), 2), ((7, 6), (4,), 1)])
+def test_token_dense_is_flax_dense_general(shape, features, in_axes):
+  """Same parameters (names, shapes, init values) as nn.DenseGeneral over the last `in_axes`
+  axes, the same output against numpy, and a gradient program without a transpose on XLA:CPU."""
+  x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+  init = dict(kernel_init=nn.initializers.xavier_uniform(),
+              bias_init=nn.initializers.normal(stddev=1e-6))
+  dense = models.TokenDense(features, in_axes, **init)
+  general = nn.DenseGeneral(features, axis=tuple(range(-in_axes, 0)), **init)
+  params = dense.init(jax.random.PRNGKey(0), x)
+  general_params = general.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.structure(params) == jax.tree.structure(general_params)
+  jax.tree.map(np.testing.assert_array_equal, params, general_params)
+  assert np.abs(params['params']['bias']).max() > 0  # The bias initialiser ran.
+  params = jax.tree.map(
+      lambda a: np.random.default_rng(1).standard_normal(a.shape).astype(np.float32), params)
+  kernel, bias = (np.asarray(params['params'][k], np.float64) for k in ('kernel', 'bias'))
+  n_in = math.prod(shape[len(shape) - in_axes:])
+  flat_x = x.reshape(-1, n_in).astype(np.float64)
+  expected = (flat_x @ kernel.reshape(n_in, -1)).reshape(*shape[:len(shape) - in_axes],
+                                                         *features) + bias
+  out = dense.apply(params, x)
+  assert out.shape == expected.shape
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out, general.apply(params, x), rtol=1e-5, atol=1e-5)
+  upstream = np.random.default_rng(2).standard_normal(expected.shape)
+  loss = lambda p: jnp.sum(dense.apply(p, x) * upstream)
+  grad = jax.grad(loss)(params)['params']['kernel']
+  np.testing.assert_allclose(grad, (flat_x.T @ upstream.reshape(flat_x.shape[0], -1)).reshape(
+      kernel.shape), rtol=1e-4, atol=1e-4)
+  if jax.default_backend() == 'cpu':
+    grad = jax.grad(lambda p, x: jnp.sum(jnp.tanh(dense.apply(p, x)) ** 2))
+    program = jax.jit(grad).lower(params, x).compile().as_text().split('ENTRY')[1]
+    ops = re.findall(r'^\s*(?:ROOT )?%([\w.\-]+) = \S+ (\w+)\(', program, re.M)
+    assert [op for _, op in ops].count('dot') == 2, ops  # The forward matmul and the weight gradient.
+    assert not [name for name, _ in ops if 'copy' in name or 'transpose' in name], ops
 
 
 @pytest.mark.parametrize('patch, shape', [((4, 4), (2, 16, 12, 3)), ((4, 3), (1, 18, 11, 3)),

@@ -81,9 +81,12 @@ def test_fsdp_gathers_weights_not_the_global_batchs_activations(monkeypatch):
   tokens = (config.pp.resolution // config.model.patches.size[0])**2 + 1
 
   def activation_collectives():
-    # Tensors of the whole global batch: [batch, tokens, ...] or [batch, heads, tokens, tokens].
+    # Tensors of the whole global batch: [batch, tokens, ...], [batch, heads, tokens, tokens],
+    # the image patches [batch, rows, cols, ...], or the dense layers' operands flattened to
+    # [batch * tokens, features] (models.TokenDense).
     return [(op, dims) for op, dims in _collective_shapes(config)
-            if len(dims) >= 3 and dims[0] == config.batch and tokens in dims[1:3]]
+            if (len(dims) >= 3 and dims[0] == config.batch)
+            or (len(dims) == 2 and dims[0] == config.batch * tokens)]
 
   shapes = _collective_shapes(config)
   assert ('all-gather', (16, 32)) in shapes  # an MLP kernel, gathered for use

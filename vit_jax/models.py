@@ -38,8 +38,9 @@ no-op, so the model knows no mesh; the training program maps `BATCH` to its batc
 weights and keeps each device's activations to its own images. Left free, XLA's partitioner
 gathers the activations of the whole global batch instead (docs/PERFORMANCE.md, "FSDP").
 """
+import math
 import re
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -160,6 +161,37 @@ def resnet_stem(x, *, num_layers: Sequence[int], width_factor: int, dtype, param
   return x
 
 
+class TokenDense(nn.Module):
+  """`nn.DenseGeneral` over each token's last `in_axes` axes, computed as one 2-D matmul.
+
+  kernel [*in, *features] and bias [*features], the released layout, initialised as
+  `nn.DenseGeneral` initialises them (the initialisers see the flat [in, out] and [out] shapes,
+  so a fresh init is the same bit for bit). All leading axes are flattened into one before the
+  matmul: so flattened, XLA:CPU computes the weight gradient x^T dy straight from x and dy,
+  where with [batch, tokens, ...] operands it first transposes dy into a copy
+  (docs/PERFORMANCE.md, "Dense layers as 2-D matmuls").
+  """
+  features: Tuple[int, ...]
+  in_axes: int = 1
+  kernel_init: Callable = _XAVIER
+  bias_init: Callable = nn.initializers.zeros
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    lead, in_shape = x.shape[:x.ndim - self.in_axes], x.shape[x.ndim - self.in_axes:]
+    n_in, n_out = math.prod(in_shape), math.prod(self.features)
+    flat = lambda init, shape: lambda rng, full, dtype: init(rng, shape, dtype).reshape(full)
+    kernel = self.param('kernel', flat(self.kernel_init, (n_in, n_out)),
+                        (*in_shape, *self.features), self.param_dtype)
+    bias = self.param('bias', flat(self.bias_init, (n_out,)), tuple(self.features),
+                      self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = x.reshape(-1, n_in) @ kernel.reshape(n_in, n_out) + bias.reshape(n_out)
+    return y.reshape(*lead, *self.features)
+
+
 class MultiHeadDotProductAttention(nn.Module):
   """Self-attention with the released parameter layout (per-head DenseGeneral projections)."""
   num_heads: int
@@ -177,9 +209,9 @@ class MultiHeadDotProductAttention(nn.Module):
     if features % self.num_heads:
       raise ValueError(f'hidden_size {features} is not divisible by num_heads {self.num_heads}.')
     head_dim = features // self.num_heads
-    dense = lambda name, **kw: nn.DenseGeneral(
-        dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_XAVIER, name=name, **kw)
-    query, key, value = (dense(name, features=(self.num_heads, head_dim))(x)
+    dense = lambda name, features, in_axes=1: TokenDense(
+        features, in_axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    query, key, value = (dense(name, (self.num_heads, head_dim))(x)
                          for name in ('query', 'key', 'value'))
     if self.attention_impl == 'fused':
       if self.dropout_rate and not deterministic:
@@ -188,7 +220,7 @@ class MultiHeadDotProductAttention(nn.Module):
       out = fused_attention(query, key, value)
     else:
       out = einsum_attention(self, query, key, value, deterministic=deterministic)
-    return dense('out', features=features, axis=(-2, -1))(out)
+    return dense('out', (features,), in_axes=2)(out)
 
 
 def einsum_attention(module: nn.Module, query, key, value, *, deterministic: bool):
@@ -236,8 +268,8 @@ class MlpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
-    dense = lambda f, name: nn.Dense(f, dtype=self.dtype, param_dtype=self.param_dtype,
-                                     kernel_init=_XAVIER, bias_init=_MLP_BIAS, name=name)
+    dense = lambda f, name: TokenDense((f,), bias_init=_MLP_BIAS, dtype=self.dtype,
+                                       param_dtype=self.param_dtype, name=name)
     features = x.shape[-1]
     x = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x), approximate=True)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
