@@ -193,7 +193,7 @@ class TokenDense(nn.Module):
 
 
 class MultiHeadDotProductAttention(nn.Module):
-  """Self-attention with the released parameter layout (per-head DenseGeneral projections)."""
+  """Self-attention with the released parameter layout (per-head projections in `TokenDense`s)."""
   num_heads: int
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
