@@ -3,6 +3,7 @@ and the max-batch search is consistent. Speed itself is never asserted."""
 import json
 import subprocess
 import sys
+import types
 
 from absl import app
 from absl import flags
@@ -168,20 +169,33 @@ def test_compare_timm_without_torch_is_a_usage_error(monkeypatch):
                  '--mode=train', '--num_devices=1'])
 
 
-def test_compare_timm_prints_and_writes_the_paired_ratio(tmp_path, capsys):
+def test_compare_timm_prints_and_writes_the_paired_ratio(tmp_path):
+  # The real command in a process of its own: timm cannot be imported where TensorFlow was.
   torch = pytest.importorskip('torch')
-  pytest.importorskip('timm')
   path = tmp_path / 'out.json'
-  run_command(['--compare_timm', '--model=ViT-Ti_16', '--resolution=32', '--batch=2',
-               '--steps=1', '--pairs=2', '--num_devices=1', '--mode=inference',
-               f'--json_out={path}'])
+  done = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.benchmark', '--compare_timm', '--model=ViT-Ti_16',
+       '--resolution=32', '--batch=2', '--steps=1', '--pairs=2', '--num_devices=1',
+       '--mode=inference', f'--json_out={path}'],
+      capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
   (r,) = json.loads(path.read_text())['compare_timm']
   assert r['timm_model'] == 'vit_tiny_patch16_224' and r['threads'] >= 1
   assert r['ratios'] == pytest.approx([timm / ours for ours, timm in r['pair_times_s']])
   assert r['ratio'] == pytest.approx(sorted(r['ratios'])[0] / 2 + sorted(r['ratios'])[1] / 2)
   assert r['torch'] == torch.__version__
-  printed = capsys.readouterr().out
-  assert printed.count('ratio ') == 1 and 'median of 2 pairs' in printed
+  assert done.stdout.count('ratio ') == 1 and 'median of 2 pairs' in done.stdout
+
+
+def test_compare_timm_refuses_a_process_that_imported_tensorflow(monkeypatch):
+  pytest.importorskip('torch')
+  monkeypatch.delitem(sys.modules, 'timm', raising=False)
+  monkeypatch.setitem(sys.modules, 'tensorflow', sys.modules.get('tensorflow', types.ModuleType(
+      'tensorflow')))
+  with pytest.raises(app.UsageError, match='in a process of its own'):
+    run_command(['--compare_timm', '--model=ViT-Ti_16', '--resolution=32', '--batch=2',
+                 '--mode=train', '--num_devices=1'])
+  assert 'timm' not in sys.modules
 
 
 def test_compare_timm_defaults_to_both_modes_of_the_compare_preset():
@@ -191,13 +205,23 @@ def test_compare_timm_defaults_to_both_modes_of_the_compare_preset():
       for mode in ('train', 'inference')]
 
 
-@pytest.mark.parametrize('model', ['ViT-Ti_16', 'ViT-S_16'])
-def test_timm_equivalent_has_our_parameter_count(model):
+_TIMM_PARAMETERS = """
+import json, sys, timm
+from vit_jax import compare_timm
+print(json.dumps([sum(p.numel() for p in timm.create_model(
+    compare_timm.timm_name(m), pretrained=False, img_size=64, num_classes=10).parameters())
+                  for m in sys.argv[1:]]))
+"""
+
+
+def test_timm_equivalents_have_our_parameter_counts():
   pytest.importorskip('torch')
-  timm = pytest.importorskip('timm')
-  from vit_jax import compare_timm  # pylint: disable=g-import-not-at-top
-  theirs = timm.create_model(compare_timm.timm_name(model), pretrained=False, img_size=64,
-                             num_classes=10)
-  ours = models.abstract_params(model_configs.get_model_config(model), 10, 64)
-  assert sum(p.numel() for p in theirs.parameters()) == sum(
-      x.size for x in jax.tree.leaves(ours))
+  names = ['ViT-Ti_16', 'ViT-S_16']
+  done = subprocess.run([sys.executable, '-c', _TIMM_PARAMETERS, *names], capture_output=True,
+                        text=True, timeout=300, check=False)
+  if "No module named 'timm'" in done.stderr:
+    pytest.skip('timm is not installed')
+  assert done.returncode == 0, done.stderr[-3000:]
+  ours = [sum(x.size for x in jax.tree.leaves(
+      models.abstract_params(model_configs.get_model_config(m), 10, 64))) for m in names]
+  assert json.loads(done.stdout.splitlines()[-1]) == ours

@@ -15,6 +15,7 @@ comparison runs, and nothing else in the package imports this module's dependenc
 """
 import os
 import statistics
+import sys
 from typing import Callable, Sequence
 
 from vit_jax import benchmark_lib as lib
@@ -42,10 +43,22 @@ def timm_name(model: str) -> str:
 
 
 def import_torch():
-  """(torch, timm), or ImportError saying how to install them."""
+  """(torch, timm), or ImportError saying how to install them, or why this process cannot.
+
+  timm imports torchvision, which imports triton, and loading triton after TensorFlow crashes
+  the process (a segmentation fault, seen with TensorFlow 2.21 and triton 3.8): refuse instead.
+  The command itself never imports TensorFlow.
+  """
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f'{INSTALL_HINT} ({e}).') from e
+  if 'tensorflow' in sys.modules and 'timm' not in sys.modules:
+    raise ImportError('--compare_timm cannot import timm in a process that has imported '
+                      'TensorFlow (triton, which timm imports, crashes it); run '
+                      '`python -m vit_jax.benchmark --compare_timm` in a process of its own.')
   try:
     import timm  # pylint: disable=g-import-not-at-top
-    import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(f'{INSTALL_HINT} ({e}).') from e
   return torch, timm

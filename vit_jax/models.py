@@ -161,16 +161,32 @@ def resnet_stem(x, *, num_layers: Sequence[int], width_factor: int, dtype, param
   return x
 
 
-class TokenDense(nn.Module):
-  """`nn.DenseGeneral` over each token's last `in_axes` axes, computed as one 2-D matmul.
+def token_matmul(module: nn.Module, x, features: Tuple[int, ...], in_axes: int,
+                 kernel_init: Callable, bias_init: Callable):
+  """x's last `in_axes` axes times `module`'s `kernel` [*in, *features], plus its `bias`
+  [*features], computed as one 2-D matmul over all leading axes flattened into one.
 
-  kernel [*in, *features] and bias [*features], the released layout, initialised as
-  `nn.DenseGeneral` initialises them (the initialisers see the flat [in, out] and [out] shapes,
-  so a fresh init is the same bit for bit). All leading axes are flattened into one before the
-  matmul: so flattened, XLA:CPU computes the weight gradient x^T dy straight from x and dy,
-  where with [batch, tokens, ...] operands it first transposes dy into a copy
-  (docs/PERFORMANCE.md, "Dense layers as 2-D matmuls").
+  The parameters are created on `module` (in its scope, under its name), with its `dtype` and
+  `param_dtype`; the initialisers see the flat [in, out] and [out] shapes, so a fresh init is
+  the same bit for bit as `nn.DenseGeneral`'s (and `nn.Conv`'s for the patch embedding). So
+  flattened, XLA:CPU computes the weight gradient x^T dy straight from x and dy, where with
+  [batch, tokens, ...] operands it first transposes dy into a copy (docs/PERFORMANCE.md, "Dense
+  layers as 2-D matmuls").
   """
+  lead, in_shape = x.shape[:x.ndim - in_axes], x.shape[x.ndim - in_axes:]
+  n_in, n_out = math.prod(in_shape), math.prod(features)
+  flat = lambda init, shape: lambda rng, full, dtype: init(rng, shape, dtype).reshape(full)
+  kernel = module.param('kernel', flat(kernel_init, (n_in, n_out)), (*in_shape, *features),
+                        module.param_dtype)
+  bias = module.param('bias', flat(bias_init, (n_out,)), tuple(features), module.param_dtype)
+  x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
+  y = x.reshape(-1, n_in) @ kernel.reshape(n_in, n_out) + bias.reshape(n_out)
+  return y.reshape(*lead, *features)
+
+
+class TokenDense(nn.Module):
+  """`nn.DenseGeneral` over each token's last `in_axes` axes (`token_matmul`): the released
+  kernel [*in, *features] and bias [*features], initialised as `nn.DenseGeneral` does."""
   features: Tuple[int, ...]
   in_axes: int = 1
   kernel_init: Callable = _XAVIER
@@ -180,16 +196,8 @@ class TokenDense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    lead, in_shape = x.shape[:x.ndim - self.in_axes], x.shape[x.ndim - self.in_axes:]
-    n_in, n_out = math.prod(in_shape), math.prod(self.features)
-    flat = lambda init, shape: lambda rng, full, dtype: init(rng, shape, dtype).reshape(full)
-    kernel = self.param('kernel', flat(self.kernel_init, (n_in, n_out)),
-                        (*in_shape, *self.features), self.param_dtype)
-    bias = self.param('bias', flat(self.bias_init, (n_out,)), tuple(self.features),
-                      self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = x.reshape(-1, n_in) @ kernel.reshape(n_in, n_out) + bias.reshape(n_out)
-    return y.reshape(*lead, *self.features)
+    return token_matmul(self, x, tuple(self.features), self.in_axes, self.kernel_init,
+                        self.bias_init)
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -423,7 +431,7 @@ class Encoder(nn.Module):
 class PatchEmbedding(nn.Module):
   """The `embedding` layer: a `patch_size` convolution with stride `patch_size` and 'VALID'
   padding (the released `embedding/kernel` [ph, pw, C, D] and `embedding/bias` [D], initialised
-  as `nn.Conv` initialises them), computed as one matmul over the flattened patches.
+  as `nn.Conv` initialises them), computed as `token_matmul` over the flattened patches.
 
   Rows and columns beyond the last whole patch are dropped, as the convolution drops them. On
   XLA:CPU the matmul is faster than the strided convolution forward and backward
@@ -439,12 +447,9 @@ class PatchEmbedding(nn.Module):
     batch, height, width, channels = x.shape
     ph, pw = self.patch_size
     rows, cols = height // ph, width // pw
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (ph, pw, channels, self.features), self.param_dtype)
-    bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     patches = x[:, :rows * ph, :cols * pw].reshape(batch, rows, ph, cols, pw, channels)
-    return jnp.einsum('bhpwqc,pqcd->bhwd', patches, kernel) + bias
+    return token_matmul(self, patches.transpose(0, 1, 3, 2, 4, 5), (self.features,), 3,
+                        nn.initializers.lecun_normal(), nn.initializers.zeros)
 
 
 class VisionTransformer(nn.Module):
