@@ -1,5 +1,6 @@
 """vit_jax.benchmark at a tiny size: every figure is printed and written as JSON, in both modes,
 and the max-batch search is consistent. Speed itself is never asserted."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -169,9 +170,16 @@ def test_compare_timm_without_torch_is_a_usage_error(monkeypatch):
                  '--mode=train', '--num_devices=1'])
 
 
+def _skip_without_timm():
+  # Looked up, not imported: timm cannot be imported in a process that imported TensorFlow.
+  if importlib.util.find_spec('timm') is None:
+    pytest.skip("timm is not installed (pip install '.[compare]')")
+
+
 def test_compare_timm_prints_and_writes_the_paired_ratio(tmp_path):
   # The real command in a process of its own: timm cannot be imported where TensorFlow was.
   torch = pytest.importorskip('torch')
+  _skip_without_timm()
   path = tmp_path / 'out.json'
   done = subprocess.run(
       [sys.executable, '-m', 'vit_jax.benchmark', '--compare_timm', '--model=ViT-Ti_16',
@@ -215,12 +223,10 @@ print(json.dumps([sum(p.numel() for p in timm.create_model(
 
 
 def test_timm_equivalents_have_our_parameter_counts():
-  pytest.importorskip('torch')
+  _skip_without_timm()
   names = ['ViT-Ti_16', 'ViT-S_16']
   done = subprocess.run([sys.executable, '-c', _TIMM_PARAMETERS, *names], capture_output=True,
                         text=True, timeout=300, check=False)
-  if "No module named 'timm'" in done.stderr:
-    pytest.skip('timm is not installed')
   assert done.returncode == 0, done.stderr[-3000:]
   ours = [sum(x.size for x in jax.tree.leaves(
       models.abstract_params(model_configs.get_model_config(m), 10, 64))) for m in names]
