@@ -20,7 +20,7 @@ PATCH = 7
 
 
 def demo_model():
-  model = model_configs.get_model_config('testing')
+  model = model_configs.get_model_config('micro')
   model.model_name = 'ViT-demo_7'
   model.patches.size = (PATCH, PATCH)
   model.hidden_size = HIDDEN

@@ -56,13 +56,13 @@ TRAIN_ROWS = [('ViT-B_16', 224, 256), ('ViT-L_16', 224, 128), ('ViT-B_16', 384, 
 INFERENCE_ROWS = [('ViT-B_16', 224, 512), ('ViT-L_16', 224, 256)]
 TIMM_ROW = ('ViT-B_16', 224, 128)
 MAX_BATCH_ROW = ('ViT-B_16', 224, 256)
-DRY_ROW = ('testing', 32, 4)
+DRY_ROW = ('micro', 32, 4)
 
 
 def _size(dry_run: bool) -> dict:
   if dry_run:
     return dict(train=[DRY_ROW], inference=[DRY_ROW], timm=('ViT-Ti_16', 32, 2),
-                max_batch=DRY_ROW, steps=2, pairs=1, cap=8, granularity=4, check_model='testing',
+                max_batch=DRY_ROW, steps=2, pairs=1, cap=8, granularity=4, check_model='micro',
                 check_resolution=32, check_layers=2)
   return dict(train=TRAIN_ROWS, inference=INFERENCE_ROWS, timm=TIMM_ROW, max_batch=MAX_BATCH_ROW,
               steps=10, pairs=3, cap=4096, granularity=64, check_model='ViT-Ti_16',
@@ -161,7 +161,7 @@ def numerics(size: dict) -> list:
 
 def accumulation(size: dict) -> dict:
   """The update of one train step with accum_steps=2 against accum_steps=1, same batch."""
-  from vit_jax import program as program_lib  # pylint: disable=g-import-not-at-top
+  from vit_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   r = size['check_resolution']
   spec = lib.Spec(model=size['check_model'], resolution=r, batch=8, mode='train', num_devices=1)
   rng = np.random.default_rng(0)
@@ -169,10 +169,10 @@ def accumulation(size: dict) -> dict:
            'label': jnp.asarray(rng.integers(0, 10, 8), jnp.int32)}
   updates = []
   for accum in (1, 2):
-    config = lib.train_config(spec)
+    config = lib.run_config(spec)
     config.model.transformer.num_layers = size['check_layers']
     config.accum_steps, config.warmup_steps = accum, 0  # No warm-up: a non-zero step.
-    trainer = program_lib.Program(config, 10, mesh=sharding.make_mesh(spec.devices()))
+    trainer = trainer_lib.Trainer(config, 10, mesh=sharding.make_mesh(spec.devices()))
     state = trainer.initial_state()
     state['params'] = _perturbed(state['params'])
     before = jax.device_get(state['params'])

@@ -13,7 +13,7 @@ CHECKPOINT_EVERY = 30
 
 def get_config():
   config = config_lib.base_config()
-  config_lib.set_model(config, 'testing')
+  config_lib.set_model(config, 'micro')
   config_lib.set_dataset(config, 'fashion_mnist')
   config.model.patches.size = (4, 4)
   config.model.transformer.num_layers = 1

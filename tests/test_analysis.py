@@ -35,7 +35,7 @@ CLASS_COLOURS = ((220, 30, 30), (30, 200, 30), (30, 30, 220))
 
 
 def tiny_model_config(patch: int = 4) -> ml_collections.ConfigDict:
-  config = model_configs.get_model_config('testing')
+  config = model_configs.get_model_config('micro')
   config.patches.size = (patch, patch)
   return config
 
@@ -52,9 +52,9 @@ def init_params(model_config, num_classes: int, resolution: int, head_bias=None)
   return params
 
 
-def write_npz(tmp_path, name: str = 'testing.npz', resolution: int = 32, head_bias=None) -> str:
-  """A checkpoint of the registered 'testing' model (patch 16) at `resolution`."""
-  params = init_params(model_configs.get_model_config('testing'), NUM_CLASSES, resolution,
+def write_npz(tmp_path, name: str = 'micro.npz', resolution: int = 32, head_bias=None) -> str:
+  """A checkpoint of the registered 'micro' model (patch 16) at `resolution`."""
+  params = init_params(model_configs.get_model_config('micro'), NUM_CLASSES, resolution,
                        head_bias)
   return checkpoint.save_npz(params, str(tmp_path / name))
 
@@ -71,12 +71,12 @@ def write_image_folder(root) -> str:
 
 
 def write_workdir(tmp_path, *, head_bias=None, metrics=None) -> str:
-  """A finished training workdir: model.npz and config.json of a patch-4 'testing' model trained
+  """A finished training workdir: model.npz and config.json of a patch-4 'micro' model trained
   at 16px on a folder dataset, plus metrics.jsonl when `metrics` is given."""
   workdir = tmp_path / 'workdir'
   os.makedirs(workdir, exist_ok=True)
   config = ml_collections.ConfigDict({
-      'model_name': 'testing', 'model': tiny_model_config(), 'num_classes': NUM_CLASSES,
+      'model_name': 'micro', 'model': tiny_model_config(), 'num_classes': NUM_CLASSES,
       'dataset': 'folder:' + write_image_folder(tmp_path / 'images'), 'data_dir': None,
       'train_split': 'train', 'eval_split': 'test', 'batch_eval': 8,
       'pp': {'train': 'resize_crop', 'eval': 'resize', 'resolution': 16}})
@@ -296,23 +296,30 @@ def _analyze(argv):
 
 
 def test_token_stride_of_vit_and_hybrids():
-  assert inference.token_stride(model_configs.get_model_config('ViT-B_16')) == 16
-  assert inference.token_stride(model_configs.get_model_config('R50+ViT-B_16')) == 16
-  assert inference.token_stride(model_configs.get_model_config('R26+ViT-B_32')) == 32
-  assert inference.token_stride(model_configs.get_model_config('R+ViT-Ti_16')) == 32
+  assert model_configs.token_stride(model_configs.get_model_config('ViT-B_16')) == 16
+  assert model_configs.token_stride(model_configs.get_model_config('R50+ViT-B_16')) == 16
+  assert model_configs.token_stride(model_configs.get_model_config('R26+ViT-B_32')) == 32
+  assert model_configs.token_stride(model_configs.get_model_config('R+ViT-Ti_16')) == 32
+  b16 = model_configs.get_model_config('ViT-B_16')
+  assert model_configs.grid(b16, 384) == (24, 24) and model_configs.num_tokens(b16, 384) == 577
+  assert model_configs.resolution_of_posemb(b16, 577) == 384
+  assert model_configs.resolution_of_posemb(b16, 578) is None
+  gap = model_configs.get_model_config('ViT-B_16-gap-norep')
+  assert model_configs.num_tokens(gap, 224) == 196
+  assert model_configs.resolution_of_posemb(gap, 196) == 224
 
 
 def test_analyze_posemb_similarity_and_filters_of_a_npz(tmp_path):
   npz = write_npz(tmp_path)
   out = tmp_path / 'out'
-  result = _analyze(['--analysis=posemb_similarity', f'--checkpoint={npz}', '--model=testing',
+  result = _analyze(['--analysis=posemb_similarity', f'--checkpoint={npz}', '--model=micro',
                      f'--out_dir={out}'])
   assert_png(result['png'])
   with open(result['json']) as f:
     similarity = json.load(f)
   assert similarity['grid'] == [2, 2]
   np.testing.assert_allclose(np.diag(similarity['similarity']), 1.0, rtol=1e-6)
-  result = _analyze(['--analysis=filters', f'--checkpoint={npz}', '--model=testing',
+  result = _analyze(['--analysis=filters', f'--checkpoint={npz}', '--model=micro',
                      '--num_components=5', f'--out_dir={out}'])
   assert_png(result['png'])
   with open(result['json']) as f:
@@ -368,13 +375,13 @@ def test_analyze_fewshot_with_the_workdir_dataset(tmp_path):
 
 
 def test_analyze_speed(tmp_path):
-  result = _analyze(['--analysis=speed', '--speed_models=testing', '--resolutions=16',
+  result = _analyze(['--analysis=speed', '--speed_models=micro', '--resolutions=16',
                      '--batch_sizes=2,1', '--speed_steps=2', f'--out_dir={tmp_path / "out"}'])
   with open(result['json']) as f:
     records = json.load(f)
   assert [r['batch_size'] for r in records] == [1, 2]
   for r in records:
-    assert r['model'] == 'testing' and r['resolution'] == 16
+    assert r['model'] == 'micro' and r['resolution'] == 16
     assert r['images_per_s'] > 0 and r['peak_memory_bytes'] > 0
     assert r['memory_source'] in ('device peak_bytes_in_use', 'host max RSS')
 

@@ -18,7 +18,6 @@ from tests.test_predict_report import PROBABILITIES
 from vit_jax import api
 from vit_jax import checkpoint
 from vit_jax import inference
-from vit_jax import predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +46,7 @@ def test_classify_names_the_classes_in_probability_order(tmp_path):
   npz = write_npz(tmp_path, head_bias=HEAD_BIAS)
   labels = tmp_path / 'labels.txt'
   labels.write_text('cat\ndog\nbird\n')
-  model = vit_jax.load(npz, model_name='testing', labels=str(labels))
+  model = vit_jax.load(npz, model_name='micro', labels=str(labels))
   folder = tmp_path / 'images'
   os.makedirs(folder)
   Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / 'a.png')
@@ -92,7 +91,7 @@ def test_the_readme_example_runs_on_a_demo_like_workdir(tmp_path, capsys):
 def test_imagenet_class_names_ship_in_class_index_order():
   loaded = inference.LoadedModel(model_config=ml_collections.ConfigDict(), params={},
                                  resolution=384, num_classes=1000, source='ViT-B_16.npz')
-  names = predict.class_names(loaded, None)
+  names = inference.class_names(loaded, None)
   assert len(names) == 1000 and len(set(names)) == 999  # 'crane' the bird and the machine.
   # Well-known indices of ImageNet-1k (the order of TFDS' imagenet2012 label feature).
   assert names[0] == 'tench, Tinca tinca' and names[1] == 'goldfish, Carassius auratus'

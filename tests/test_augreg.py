@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from vit_jax import augreg
+from vit_jax import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 INDEX = ROOT / 'tests' / 'data' / 'augreg_index.csv'
@@ -19,11 +19,11 @@ BEST_B16 = 'B_16-i21k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0'
 
 
 def test_short_names_select_the_best_i21k_pretraining():
-  assert augreg.resolve('augreg:B_16', str(INDEX)) == (BEST_B16, 'ViT-B_16')
-  assert augreg.resolve('B_32', str(INDEX))[0].startswith('B_32-i21k-300ep-lr_0.001-aug_light1')
-  assert augreg.resolve('R26_S_32', str(INDEX))[1] == 'R26+ViT-S_32'
+  assert checkpoint.resolve_augreg('augreg:B_16', str(INDEX)) == (BEST_B16, 'ViT-B_16')
+  assert checkpoint.resolve_augreg('B_32', str(INDEX))[0].startswith('B_32-i21k-300ep-lr_0.001-aug_light1')
+  assert checkpoint.resolve_augreg('R26_S_32', str(INDEX))[1] == 'R26+ViT-S_32'
   full = 'B_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.1-sd_0.1'
-  assert augreg.resolve(f'augreg:{full}') == (full, 'ViT-B_16')  # Needs no index.
+  assert checkpoint.resolve_augreg(f'augreg:{full}') == (full, 'ViT-B_16')  # Needs no index.
 
 
 @pytest.mark.parametrize('spec, message', [
@@ -32,7 +32,7 @@ def test_short_names_select_the_best_i21k_pretraining():
 ])
 def test_unknown_short_names_raise(spec, message):
   with pytest.raises(ValueError, match=message):
-    augreg.resolve(spec, str(INDEX))
+    checkpoint.resolve_augreg(spec, str(INDEX))
 
 
 def test_augreg_config_points_at_the_selected_checkpoint(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ def test_backend_summary_names_backend_kind_devices_and_processes():
 
 def test_models_larger_than_vit_s_on_cpu_get_the_install_command(caplog):
   assert hardware.check_accelerator(model_configs.get_model_config('ViT-S_16'))
-  assert hardware.check_accelerator(model_configs.get_model_config('testing'))
+  assert hardware.check_accelerator(model_configs.get_model_config('micro'))
   assert not caplog.records
   assert not hardware.check_accelerator(model_configs.get_model_config('ViT-B_16'))
   message = caplog.records[-1].getMessage()

@@ -2,6 +2,7 @@
 and the max-batch search is consistent. Speed itself is never asserted."""
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import types
@@ -18,9 +19,9 @@ from vit_jax import flops
 from vit_jax import model_configs
 from vit_jax import models
 from vit_jax import sharding
-from vit_jax import program as program_lib
+from vit_jax import trainer as trainer_lib
 
-TINY = ['--model=testing', '--resolution=32', '--batch=2', '--steps=2', '--num_devices=1']
+TINY = ['--model=micro', '--resolution=32', '--batch=2', '--steps=2', '--num_devices=1']
 PRINTED_FIGURES = ('images/s', 'achieved TFLOP/s', 'MFU', 'GFLOP/image', 'lower', 'compile',
                    'peak memory', 'XLA program')
 
@@ -56,7 +57,7 @@ def _main(tmp_path, capsys, *extra):
 def test_inference_prints_and_writes_every_figure_with_the_pipeline(tmp_path, capsys):
   row, printed = _main(tmp_path, capsys, '--with_pipeline', '--pipeline_steps=2',
                        '--pipeline_shuffle_buffer=64')
-  assert (row['mode'], row['model'], row['resolution']) == ('inference', 'testing', 32)
+  assert (row['mode'], row['model'], row['resolution']) == ('inference', 'micro', 32)
   assert row['pipeline_images_per_s'] > 0
   assert 'pipeline images/s' in printed
   if jax.default_backend() == 'cpu':  # No known peak for CPUs: MFU is null, and says why.
@@ -74,15 +75,15 @@ def test_train_step_with_every_switch_and_peak_override(tmp_path, capsys):
   assert row['mfu'] == pytest.approx(row['achieved_tflops'] * 1e12 / 1e12)
   # A train step is 3x the forward FLOPs.
   assert row['flops_per_image'] == pytest.approx(
-      3 * flops.forward_flops(model_configs.get_model_config('testing'), 32))
+      3 * flops.forward_flops(model_configs.get_model_config('micro'), 32))
   assert row['xla_memory']['alias'] > 0  # The donated state is updated in place.
   assert 'MFU' in printed and 'n/a' not in printed.split('MFU')[1].split('\n')[0]
 
 
 def test_the_switches_reach_the_real_trainer():
-  spec = benchmark_lib.Spec(model='testing', resolution=32, batch=2, mode='train', scan_layers=True,
+  spec = benchmark_lib.Spec(model='micro', resolution=32, batch=2, mode='train', scan_layers=True,
                         remat_policy='dots_saveable', attention_impl='fused', num_devices=1)
-  trainer = program_lib.Program(benchmark_lib.train_config(spec), 10,
+  trainer = trainer_lib.Trainer(benchmark_lib.run_config(spec), 10,
                                 mesh=sharding.make_mesh(jax.devices()[:1]))
   model = trainer.model
   assert (model.scan_layers, model.remat_policy, model.attention_impl) == (
@@ -91,7 +92,7 @@ def test_the_switches_reach_the_real_trainer():
 
 
 def test_find_max_batch_doubles_then_bisects_consistently(tmp_path, capsys):
-  spec = benchmark_lib.Spec(model='testing', resolution=32, batch=2, num_devices=1)
+  spec = benchmark_lib.Spec(model='micro', resolution=32, batch=2, num_devices=1)
   capped = benchmark_lib.find_max_batch(spec, memory_limit_bytes=2**40, cap=8)
   assert capped['max_batch_per_device'] == 8 and capped['capped']
   sizes = {p['batch_per_device']: p['bytes'] for p in capped['probes']}
@@ -122,12 +123,18 @@ def test_presets_and_bad_arguments():
   assert {(s.model, s.resolution) for s in specs} == {
       (m, r) for m in ('ViT-B_16', 'ViT-L_16') for r in (224, 384)}
   assert all(s.dtype == 'bfloat16' and s.mode == 'train' for s in specs)
-  with pytest.raises(ValueError, match='not a positive multiple'):
-    benchmark_lib.Spec(model='testing', resolution=32, batch=3, num_devices=2).validate()
-  with pytest.raises(ValueError, match='remat_policy'):
-    benchmark_lib.Spec(model='testing', resolution=32, batch=2, remat_policy='x').validate()
+  # The benchmark validates through config_lib's tables and checks, as training does.
+  for spec, message in [
+      (dict(batch=3, num_devices=2), 'config.batch=3 / config.accum_steps=1 = 3 is not divisible'),
+      (dict(batch=2, remat_policy='x'), "config.model.remat_policy='x'; expected one of"),
+      (dict(batch=2, resolution=30), 'config.pp.resolution=30 is not a multiple of the patch'),
+      (dict(batch=2, steps=0), 'steps=0'),
+  ]:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      benchmark_lib.run_config(benchmark_lib.Spec(
+          **{'model': 'micro', 'resolution': 32, 'num_devices': 1, **spec}))
   with pytest.raises(app.UsageError, match='exclude each other'):
-    benchmark.specs_from_flags(parse(['--preset=gpu', '--model=testing']))
+    benchmark.specs_from_flags(parse(['--preset=gpu', '--model=micro']))
   with pytest.raises(flags.IllegalFlagValueError):
     parse(['--remat=sometimes'])
 
@@ -147,9 +154,15 @@ def test_command_line_entry_point(tmp_path):
   assert 'images/s n/a (compile only)' in done.stdout
   data = json.loads(path.read_text())
   assert data['argv'] == argv and data['results'][0]['compile_s'] > 0
-  done = subprocess.run([sys.executable, '-m', 'vit_jax.benchmark', '--model=testing', 'extra'],
+  done = subprocess.run([sys.executable, '-m', 'vit_jax.benchmark', '--model=micro', 'extra'],
                         capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode != 0 and 'Unexpected arguments: extra' in done.stderr
+  done = subprocess.run([sys.executable, '-m', 'vit_jax.benchmark', '--model=micro',
+                         '--resolution=30', '--num_devices=1'],
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+      'Error: config.pp.resolution=30 is not a multiple of the patch size 16 (x 1 ResNet '
+      'stride) of micro.')
 
 
 def test_paired_times_alternate_which_side_goes_first():

@@ -24,7 +24,7 @@ POSEMB = 'Transformer/posembed_input/pos_embedding'
 
 
 def _config(**overrides):
-  config = model_configs.get_model_config('testing')
+  config = model_configs.get_model_config('micro')
   for key, value in overrides.items():
     config[key] = value
   return config
@@ -369,16 +369,16 @@ def test_logits_after_load_pretrained_at_new_resolution_match_manual_interpolati
 
 
 def test_match_model_config_recognises_released_trees():
-  assert checkpoint.match_model_config(_shapes(_config(), 10, 32)) == ('testing', 10, 32)
+  assert checkpoint.match_model_config(_shapes(_config(), 10, 32)) == ('micro', 10, 32)
   i21k = _shapes(_config(representation_size=16), 21843, 64)
-  assert checkpoint.match_model_config(i21k) == ('testing', 21843, 64)
+  assert checkpoint.match_model_config(i21k) == ('micro', 21843, 64)
   no_head = _shapes(_config(), None, 48)
-  assert checkpoint.match_model_config(no_head) == ('testing', None, 48)
+  assert checkpoint.match_model_config(no_head) == ('micro', None, 48)
   assert checkpoint.match_model_config(_shapes(_config(hidden_size=20), 10, 32)) is None
-  # Without the class token the tree is no longer 'testing' (which has one).
+  # Without the class token the tree is no longer 'micro' (which has one).
   assert checkpoint.match_model_config(_shapes(_config(classifier='gap'), 10, 32)) is None
   odd = dict(i21k, **{POSEMB: (1, 1 + 6, 16)})
-  assert checkpoint.match_model_config(odd) == ('testing', 21843, None)
+  assert checkpoint.match_model_config(odd) == ('micro', 21843, None)
 
 
 def test_match_model_config_of_hybrid_with_legacy_group_norm_shapes():
@@ -393,7 +393,7 @@ def test_match_model_config_of_hybrid_with_legacy_group_norm_shapes():
 
 def test_inspect_prints_tree_parameter_count_and_model_config(tmp_path, capsys):
   flat = _random_flat(_config(), num_classes=10, resolution=32)
-  path = _write_npz(tmp_path / 'testing.npz', flat)
+  path = _write_npz(tmp_path / 'micro.npz', flat)
   checkpoint.main(['checkpoint', 'inspect', path])
   out = capsys.readouterr().out
   for key, value in flat.items():
@@ -401,7 +401,7 @@ def test_inspect_prints_tree_parameter_count_and_model_config(tmp_path, capsys):
                for line in out.splitlines()), key
   count = sum(math.prod(v.shape) for v in flat.values())
   assert f'Parameters: {count:,} in {len(flat)} arrays' in out
-  assert 'Model config: testing (num_classes=10, resolution=32)' in out
+  assert 'Model config: micro (num_classes=10, resolution=32)' in out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +462,7 @@ def test_fetch_downloads_from_the_bucket_url(tmp_path, serve):
   assert open(path, 'rb').read() == data
   assert os.listdir(dest) == ['R50+ViT-B_16.npz']
   assert checkpoint.match_model_config(
-      {k: v.shape for k, v in _flat(checkpoint.load(path)).items()}) == ('testing', 10, 32)
+      {k: v.shape for k, v in _flat(checkpoint.load(path)).items()}) == ('micro', 10, 32)
 
 
 def test_short_read_is_detected_and_leaves_no_file(tmp_path, serve):

@@ -246,9 +246,10 @@ def test_finished_runs_are_recognised_and_parents_come_first(tmp_path):
       '{"step": 5, "eval_top1": 0.5}\n{"step": 10, "loss": 1.0}\n{"step": 10, "eval_top1": 0.7}\n'
       '{"step": 1')  # A line cut short.
   assert runner.read_curve(str(tmp_path)) == [(5, 0.5), (10, 0.7)]
-  assert not runner.is_finished(str(tmp_path), 10)  # No model.npz yet.
+  assert workdir_lib.final_result(str(tmp_path), 10) is None  # No model.npz yet.
   (tmp_path / 'model.npz').write_bytes(b'')
-  assert runner.is_finished(str(tmp_path), 10) and not runner.is_finished(str(tmp_path), 20)
+  assert workdir_lib.final_result(str(tmp_path), 10) == {'eval_top1': 0.7}
+  assert workdir_lib.final_result(str(tmp_path), 20) is None
   pre = experiments.RunSpec(resolution=21, budget=0.5)
   fine = experiments.RunSpec(budget=0.5, init_from=pre)
   assert runner.ordered([fine, experiments.RunSpec(), fine, pre]) == [pre, fine,

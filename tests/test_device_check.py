@@ -13,8 +13,8 @@ _REPO = pathlib.Path(__file__).resolve().parents[1]
 _WITHOUT_TENSORFLOW = '''
 import sys
 sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None
-import vit_jax.models, vit_jax.benchmark, vit_jax.benchmark_lib, vit_jax.program
-import vit_jax.compare_timm, vit_jax.analysis.speed
+import vit_jax.models, vit_jax.benchmark, vit_jax.benchmark_lib, vit_jax.trainer
+import vit_jax.compare_timm
 print('imported', sorted(m for m in sys.modules if m.startswith('vit_jax')))
 '''
 
@@ -27,7 +27,7 @@ def test_models_and_benchmark_import_without_tensorflow():
   result = subprocess.run([sys.executable, '-c', _WITHOUT_TENSORFLOW], capture_output=True,
                           text=True, env=_env(), cwd=_REPO, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "'vit_jax.program'" in result.stdout and "'vit_jax.checkpoint'" in result.stdout
+  assert "'vit_jax.trainer'" in result.stdout and "'vit_jax.checkpoint'" in result.stdout
 
 
 def test_the_blocker_does_block():  # Else the test above could not fail.

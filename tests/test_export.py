@@ -19,7 +19,7 @@ NUM_CLASSES = 5
 
 
 def _hybrid_config():
-  config = model_configs.get_model_config('testing')
+  config = model_configs.get_model_config('micro')
   config.resnet = {'num_layers': (1,), 'width_factor': 1}
   config.patches.size = (1, 1)
   return config
@@ -72,7 +72,7 @@ def _uint8_images(batch, seed=1):
 
 @pytest.fixture(scope='module')
 def vit(tmp_path_factory):
-  config = model_configs.get_model_config('testing')
+  config = model_configs.get_model_config('micro')
   params = _random_params(config)
   return config, params, _save_npz(tmp_path_factory.mktemp('vit') / 'vit.npz', params)
 
@@ -110,7 +110,7 @@ def test_vit_npz_export_at_its_own_resolution_matches_jax_on_every_default_platf
                                                                                     tmp_path):
   config, params, npz = vit
   out = str(tmp_path / 'saved')
-  export.run(_parse_flags(model='testing', checkpoint=npz, out=out))
+  export.run(_parse_flags(model='micro', checkpoint=npz, out=out))
   _check_saved_model(out, config, params)
   assert os.listdir(tmp_path) == ['saved']  # No staging folder left behind.
 
@@ -128,7 +128,7 @@ def test_bfloat16_export_over_an_existing_saved_model(vit, tmp_path):
   out.mkdir()
   (out / 'saved_model.pb').write_bytes(b'an older export')
   (out / 'stale.txt').write_text('from the older export')
-  export.run(_parse_flags(model='testing', checkpoint=npz, out=out, dtype='bfloat16',
+  export.run(_parse_flags(model='micro', checkpoint=npz, out=out, dtype='bfloat16',
                           platforms='cpu', overwrite='true'))
   assert 'stale.txt' not in os.listdir(out)
   loaded = tf.saved_model.load(str(out))
@@ -144,7 +144,7 @@ def test_existing_out_is_kept_without_overwrite_or_when_not_a_saved_model(vit, t
   out = tmp_path / 'saved'
   out.mkdir()
   (out / 'notes.txt').write_text('mine')
-  args = dict(model='testing', checkpoint=npz, out=out)
+  args = dict(model='micro', checkpoint=npz, out=out)
   with pytest.raises(FileExistsError, match=f'--out={out} already exists; pass --overwrite'):
     export.run(_parse_flags(**args))
   with pytest.raises(FileExistsError, match='no saved_model.pb'):
@@ -161,7 +161,7 @@ def test_verification_mismatch_fails_and_leaves_out_untouched(vit, tmp_path, mon
 
   monkeypatch.setattr(export, 'build_serving_module', build_with_other_params)
   with pytest.raises(export.VerificationError, match='serving_default logits'):
-    export.run(_parse_flags(model='testing', checkpoint=npz, out=tmp_path / 'saved',
+    export.run(_parse_flags(model='micro', checkpoint=npz, out=tmp_path / 'saved',
                             platforms='cpu'))
   assert os.listdir(tmp_path) == []
 
@@ -184,7 +184,7 @@ def test_checkpoint_that_does_not_fit_names_every_offending_key(vit, tmp_path, c
   if 'add' in change:
     flat[change.pop('add')] = np.ones(16, np.float32)
   npz = _save_npz(tmp_path / 'changed.npz', traverse_util.unflatten_dict(flat, sep='/'))
-  args = dict(model='testing', checkpoint=npz, out=tmp_path / 'saved')
+  args = dict(model='micro', checkpoint=npz, out=tmp_path / 'saved')
   with pytest.raises(ValueError, match=f'Checkpoint {npz} does not fit') as error:
     export.run(_parse_flags(**{**args, **change}))
   line = next(line for line in str(error.value).splitlines() if offending[0] in line)
@@ -197,21 +197,21 @@ def test_checkpoint_argument_errors_name_the_path_or_flag(vit, hybrid_workdir, t
   _, params, npz = vit
   out = tmp_path / 'saved'
   with pytest.raises(FileNotFoundError, match=f'{tmp_path}/missing.npz does not exist'):
-    export.run(_parse_flags(model='testing', checkpoint=tmp_path / 'missing.npz', out=out))
+    export.run(_parse_flags(model='micro', checkpoint=tmp_path / 'missing.npz', out=out))
   with pytest.raises(ValueError, match='--model'):
     export.run(_parse_flags(checkpoint=npz, out=out))
-  with pytest.raises(ValueError, match='--model=b16 but .* trained testing'):
+  with pytest.raises(ValueError, match='--model=b16 but .* trained micro'):
     export.run(_parse_flags(model='b16', checkpoint=hybrid_workdir[2], out=out))
   with pytest.raises(ValueError, match=f'--num_classes=7 but the head of checkpoint {npz} has 5'):
-    export.run(_parse_flags(model='testing', checkpoint=npz, out=out, num_classes=7))
+    export.run(_parse_flags(model='micro', checkpoint=npz, out=out, num_classes=7))
   workdir = tmp_path / 'unfinished'
   workdir.mkdir()
-  (workdir / 'config.json').write_text('{"model_name": "testing"}')
+  (workdir / 'config.json').write_text('{"model_name": "micro"}')
   with pytest.raises(FileNotFoundError, match=f'{workdir} has no model.npz'):
     export.run(_parse_flags(checkpoint=workdir, out=out))
   headless = {k: v for k, v in params.items() if k != 'head'}
   with pytest.raises(ValueError, match='no classification head'):
-    export.run(_parse_flags(model='testing', checkpoint=_save_npz(tmp_path / 'h.npz', headless),
+    export.run(_parse_flags(model='micro', checkpoint=_save_npz(tmp_path / 'h.npz', headless),
                             out=out))
   assert not out.exists()
 
@@ -228,7 +228,7 @@ def test_flags_are_all_defined_and_platforms_validated():
 def test_an_existing_out_is_refused_before_loading(vit, tmp_path):
   _, _, npz = vit
   (tmp_path / 'saved').mkdir()
-  flag_values = _parse_flags(model='testing', checkpoint=npz, out=tmp_path / 'saved')
+  flag_values = _parse_flags(model='micro', checkpoint=npz, out=tmp_path / 'saved')
   with pytest.raises(FileExistsError) as error:
     export.run(flag_values)
   assert str(error.value) == (f'--out={tmp_path}/saved already exists; pass --overwrite to '

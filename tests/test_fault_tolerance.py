@@ -33,7 +33,7 @@ from vit_jax import main
 from vit_jax import sharding
 from vit_jax import train_loop
 from vit_jax import state_checkpoint
-from vit_jax import program as program_lib
+from vit_jax import trainer as trainer_lib
 from vit_jax import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -415,7 +415,7 @@ def trainer():
       keep_checkpoints=5, progress=False)
   config.model.transformer.num_layers = 1
   # One device: quicker to compile, and what is tested does not depend on the device count.
-  return program_lib.Program(config, train_fixtures.NUM_CLASSES,
+  return trainer_lib.Trainer(config, train_fixtures.NUM_CLASSES,
                              mesh=sharding.make_mesh(jax.devices()[:1]))
 
 

@@ -58,7 +58,7 @@ def test_remat_caveat_only_for_unrolled_remat_on_cpu(monkeypatch):
   for args in (('cpu', 'none', False), ('cpu', 'full', True), ('cpu', 'dots_saveable', True),
                ('gpu', 'full', False), ('tpu', 'full', False)):
     assert hardware.remat_caveat(*args) is None
-  config = model_configs.get_model_config('testing')
+  config = model_configs.get_model_config('micro')
   config.remat_policy = 'full'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
   assert not hardware.check_remat_layout(config)

@@ -307,17 +307,6 @@ def test_batch_must_divide_among_processes(split_folder, field, build):
     build(make_config(f'folder:{root}', batch=9, batch_eval=9), process_index=0, process_count=2)
 
 
-@pytest.mark.parametrize('field, value', [('train', 'random'), ('eval', 'squash')])
-def test_unknown_preprocessing_raises(split_folder, field, value):
-  root, _, _ = split_folder
-  config = make_config(f'folder:{root}')
-  config.pp[field] = value
-  build = {'train': input_pipeline.build_train_iterator,
-           'eval': input_pipeline.build_eval_iterator}[field]
-  with pytest.raises(ValueError, match=f'Unknown config.pp.{field} {value!r}'):
-    build(config, process_index=0, process_count=1)
-
-
 # ---------------------------------------------------------------------------------------------
 # TFDS datasets (mocked: random examples, `num_examples` of them in every split).
 

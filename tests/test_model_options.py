@@ -11,13 +11,13 @@ import pytest
 
 from vit_jax import model_configs
 from vit_jax import models
-from vit_jax import steps
+from vit_jax import trainer as trainer_lib
 
 NUM_CLASSES = 10
 
 
 def _config(num_layers=2, dropout=0.0):
-  cfg = model_configs.get_model_config('testing')
+  cfg = model_configs.get_model_config('micro')
   cfg.transformer.num_layers = num_layers
   cfg.transformer.dropout_rate = dropout
   return cfg
@@ -56,7 +56,7 @@ def _loss_and_grads_fn(model):
     labels = jnp.arange(images.shape[0]) % NUM_CLASSES
     logits = model.apply({'params': params}, images, train=True,
                          rngs={'dropout': jax.random.PRNGKey(seed)})
-    return jnp.mean(steps.cross_entropy(logits, labels, num_classes=NUM_CLASSES))
+    return jnp.mean(trainer_lib.cross_entropy(logits, labels, num_classes=NUM_CLASSES))
 
   return jax.jit(jax.value_and_grad(loss_fn))
 

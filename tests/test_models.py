@@ -112,7 +112,7 @@ def test_released_i21k_parameter_count_with_pre_logits():
 
 
 def _testing_model(**overrides):
-  cfg = model_configs.get_model_config('testing')
+  cfg = model_configs.get_model_config('micro')
   for k, v in overrides.items():
     cfg[k] = v
   return cfg
@@ -250,12 +250,23 @@ def test_attention_weights_of_every_layer_are_sown():
     np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
 
 
-def test_testing_unpooled_classifies_every_token_with_the_class_token():
-  model = models.build_model(models.MODEL_CONFIGS['testing-unpooled'], 10)
-  x = jnp.zeros((2, 32, 32, 3))
-  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
-  assert 'cls' in variables['params']
-  assert jax.eval_shape(lambda v: model.apply(v, x, train=False), variables).shape == (2, 5, 10)
+def _param_count(name: str, num_classes: int = 1000, resolution: int = 224):
+  params = models.abstract_params(models.MODEL_CONFIGS[name], num_classes, resolution)
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+
+
+def test_testing_is_the_official_one():
+  """The official repository's tests: `testing` has 21,390 parameters at 1,000 classes;
+  `testing-unpooled` classifies each of the 196 patch tokens at 224px (no class token)."""
+  # embedding 16*16*3*10 + 10, cls 10, posemb 197*10, block 2*20 (norms) + 4*110 (q, k, v,
+  # out) + 2*110 (MLP), encoder_norm 20, head 10*1000 + 1000.
+  assert _param_count('testing') == 7_690 + 10 + 1_970 + 700 + 20 + 11_000 == 21_390
+  model = models.build_model(models.MODEL_CONFIGS['testing-unpooled'], 1000)
+  x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
+  assert 'cls' not in variables['params']
+  assert jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x).shape == (
+      2, 196, 1000)
 
 
 def test_unknown_model_and_classifier_are_clear_errors():
@@ -267,7 +278,7 @@ def test_unknown_model_and_classifier_are_clear_errors():
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
 
 
-@pytest.mark.parametrize('name', ['testing', 'ViT-B_16', 'R50+ViT-B_16', 'R+ViT-Ti_16'])
+@pytest.mark.parametrize('name', ['micro', 'ViT-B_16', 'R50+ViT-B_16', 'R+ViT-Ti_16'])
 def test_analytic_flops_agree_with_xla_cost_analysis(name):
   cfg = models.MODEL_CONFIGS[name]
   model = models.build_model(cfg, 1000)

@@ -120,7 +120,7 @@ def _relative_error(got, want):
 
 @pytest.mark.parametrize('resnet, patch', [(None, 4), ((1, 1), 1)])
 def test_logits_match_the_official_formulas_and_not_the_old_ones(resnet, patch):
-  cfg = model_configs.get_model_config('testing')
+  cfg = model_configs.get_model_config('micro')
   cfg.patches.size = (patch, patch)
   if resnet is not None:
     cfg.resnet = {'num_layers': resnet, 'width_factor': 1}

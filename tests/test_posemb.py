@@ -10,7 +10,7 @@ from vit_jax import models
 
 
 def _model(posemb, classifier='token'):
-  cfg = model_configs.get_model_config('testing')
+  cfg = model_configs.get_model_config('micro')
   cfg.posemb, cfg.classifier = posemb, classifier
   return models.build_model(cfg, 10)
 

@@ -36,10 +36,10 @@ def _images(tmp_path):
 
 def test_load_model_keeps_the_checkpoint_head_and_reads_its_resolution(tmp_path):
   npz = write_npz(tmp_path, resolution=32, head_bias=HEAD_BIAS)
-  loaded = inference.load_model(npz, model_name='testing')
+  loaded = inference.load_model(npz, model_name='micro')
   assert loaded.resolution == 32 and loaded.grid == (2, 2) and loaded.num_classes == 3
   np.testing.assert_array_equal(loaded.params['head']['bias'], HEAD_BIAS)
-  resized = inference.load_model(npz, model_name='testing', resolution=48)
+  resized = inference.load_model(npz, model_name='micro', resolution=48)
   assert resized.grid == (3, 3)
   posemb = resized.params['Transformer']['posembed_input']['pos_embedding']
   assert posemb.shape == (1, 1 + 9, 16)
@@ -56,7 +56,7 @@ def test_load_model_reads_a_workdir_as_the_plain_model(tmp_path):
   with open(config_path, 'w') as f:
     json.dump(run_config, f)
   loaded = inference.load_model(workdir)
-  assert loaded.name == 'testing' and loaded.resolution == 16 and loaded.grid == (4, 4)
+  assert loaded.name == 'micro' and loaded.resolution == 16 and loaded.grid == (4, 4)
   assert loaded.run_config.dataset.startswith('folder:')
   assert loaded.model.attention_impl == 'xla' and not loaded.model.scan_layers
   assert loaded.model.remat_policy == 'none'
@@ -69,9 +69,9 @@ def test_load_model_errors(tmp_path):
   with pytest.raises(ValueError, match=r'does not fit.*ViT-S_16'):
     inference.load_model(npz, model_name='ViT-S_16')
   with pytest.raises(ValueError, match='not a multiple of 16'):
-    inference.load_model(npz, model_name='testing', resolution=40)
+    inference.load_model(npz, model_name='micro', resolution=40)
   with pytest.raises(ValueError, match='neither a .npz file nor a training workdir'):
-    inference.load_model(str(tmp_path / 'model.ckpt'), model_name='testing')
+    inference.load_model(str(tmp_path / 'model.ckpt'), model_name='micro')
   workdir = write_workdir(tmp_path)
   os.remove(os.path.join(workdir, 'model.npz'))
   with pytest.raises(FileNotFoundError, match='has no model.npz'):
@@ -113,7 +113,7 @@ def test_predict_prints_top_k_softmax_with_label_names(tmp_path):
   labels.write_text('cat\ndog\nbird\n')
   images = _images(tmp_path)
   out = predict.run(parse_flags(predict.define_flags, [
-      f'--checkpoint={npz}', '--model=testing', f'--images={",".join(images)}',
+      f'--checkpoint={npz}', '--model=micro', f'--images={",".join(images)}',
       f'--labels={labels}', '--top_k=2']))
   p = PROBABILITIES
   assert out.splitlines() == [images[0], f'  {p[1]:.4f}  dog', f'  {p[2]:.4f}  bird',
@@ -132,7 +132,7 @@ def test_shipped_fashion_mnist_labels_are_used_for_its_runs():
   loaded = inference.LoadedModel(
       model_config=ml_collections.ConfigDict(), params={}, resolution=28, num_classes=10,
       source='workdir', run_config=ml_collections.ConfigDict({'dataset': 'fashion_mnist'}))
-  assert predict.class_names(loaded, None) == list(fashion_mnist.CLASS_NAMES)
+  assert inference.class_names(loaded, None) == list(fashion_mnist.CLASS_NAMES)
 
 
 def test_labels_file_must_match_the_head(tmp_path):
@@ -140,12 +140,12 @@ def test_labels_file_must_match_the_head(tmp_path):
   labels = tmp_path / 'labels.txt'
   labels.write_text('cat\ndog\n')
   with pytest.raises(ValueError, match='has 2 names but the model has 3 classes'):
-    predict.class_names(inference.load_model(npz, model_name='testing'), str(labels))
+    inference.class_names(inference.load_model(npz, model_name='micro'), str(labels))
 
 
 def test_top_k_orders_by_probability():
   probs = np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])
-  np.testing.assert_array_equal(predict.top_k(probs, 2), [[1, 2], [0, 2]])
+  np.testing.assert_array_equal(inference.top_k(probs, 2), [[1, 2], [0, 2]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def test_paper_params_of_table_1():
   assert [report.paper_params_m(n) for n in ('ViT-B_16', 'ViT-L_32', 'ViT-H_14')] == [86, 307,
                                                                                      632]
   assert report.paper_params_m('R50+ViT-B_16') is None
-  assert report.paper_params_m('testing') is None
+  assert report.paper_params_m('micro') is None
 
 
 def test_count_params_matches_the_known_vit_b16_count():
@@ -183,7 +183,7 @@ def test_report_has_the_tables_curves_and_analyses(tmp_path, monkeypatch):
   text = out.read_text()
   assert '| ViT-B_16 | 12 | 768 | 3072 | 12 | 86.6M | 86M |' in text
   run_row = next(line for line in text.splitlines() if line.startswith('| workdir |'))
-  assert '| testing | folder:' in run_row and '| 16 |' in run_row
+  assert '| micro | folder:' in run_row and '| 16 |' in run_row
   assert run_row.endswith('| 40 | 0.5000 | 75.00% | 75.00% |')
   assert re.search(r'\| 5 \| \d+\.\d\d% ± \d+\.\d\d% \|', text)  # Few-shot table.
   links = re.findall(r'!\[[^]]*\]\(([^)]+)\)', text)

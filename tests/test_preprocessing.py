@@ -117,8 +117,8 @@ def test_predict_probabilities_equal_the_eval_pipelines_for_the_same_file(eval_w
   from_pipeline = batch['image'][batch['mask']]
   _, from_predict = inference.load_images([test_png], loaded.resolution, loaded.run_config.pp)
   np.testing.assert_array_equal(from_predict, from_pipeline)
-  np.testing.assert_array_equal(predict.probabilities(loaded, from_predict, 4),
-                                predict.probabilities(loaded, from_pipeline, 4))
+  np.testing.assert_array_equal(inference.probabilities(loaded, from_predict, 4),
+                                inference.probabilities(loaded, from_pipeline, 4))
 
 
 def test_a_16_bit_png_gets_the_prediction_of_its_8_bit_version(eval_workdir):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from vit_jax import lr_sweep
+from vit_jax import sweep
 from vit_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,13 +53,13 @@ def test_sweep_fine_tunes_each_lr_picks_on_minival_and_resumes(tmp_path):
 def test_choose_takes_the_best_minival_and_the_smaller_lr_on_a_tie():
   results = {0.03: {}, 0.01: {'eval_top1': 0.5}, 0.001: {'eval_top1': 0.5},
              0.003: {'eval_top1': 0.4}}
-  assert lr_sweep.choose(results) == 0.001
-  assert lr_sweep.choose({0.03: {}}) is None
+  assert sweep.choose(results) == 0.001
+  assert sweep.choose({0.03: {}}) is None
 
 
 @pytest.mark.parametrize('lrs, message', [('0.01,abc', "'abc' is not a positive number"),
                                           ('0.01,-1', "'-1' is not a positive number"),
                                           ('0.01,0.01', 'give distinct learning rates')])
 def test_bad_base_lrs_are_one_error_line(lrs, message):
-  with pytest.raises(lr_sweep.cli.UserError, match=message):
-    lr_sweep.parse_base_lrs(lrs.split(','))
+  with pytest.raises(sweep.cli.UserError, match=message):
+    sweep.parse_base_lrs(lrs.split(','))

@@ -1,5 +1,6 @@
 """The train step and loop on 8 CPU devices: learning, accumulation, sharding (multi-host runs:
 tests/test_multihost.py)."""
+import logging
 import re
 
 import jax
@@ -11,8 +12,9 @@ from vit_jax import checkpoint
 from vit_jax import config_lib
 from vit_jax import evaluate
 from vit_jax import optim
+from vit_jax import preprocessing
 from vit_jax import sharding
-from vit_jax import steps
+from vit_jax import trainer as trainer_lib
 
 
 def _run_steps(config, num_steps, batches=None):
@@ -142,13 +144,13 @@ def test_optimizers_follow_the_recipes():
 def test_sigmoid_loss_and_label_smoothing_by_hand():
   logits = np.array([[0.0, 0.0]], np.float32)
   np.testing.assert_allclose(
-      steps.cross_entropy(logits, np.array([1]), num_classes=2, kind='sigmoid'),
+      trainer_lib.cross_entropy(logits, np.array([1]), num_classes=2, kind='sigmoid'),
       [2 * np.log(2)], rtol=1e-6)
   logits = np.array([[2.0, 0.0]], np.float32)
   p = np.exp(logits[0]) / np.exp(logits[0]).sum()
   expected = -(0.95 * np.log(p[0]) + 0.05 * np.log(p[1]))
   np.testing.assert_allclose(
-      steps.cross_entropy(logits, np.array([0]), num_classes=2, label_smoothing=0.1),
+      trainer_lib.cross_entropy(logits, np.array([0]), num_classes=2, label_smoothing=0.1),
       [expected], rtol=1e-6)
 
 
@@ -163,7 +165,21 @@ NUMERIC_ERRORS = [
     ('grad_norm_clip', -1.0, '>= 0'), ('label_smoothing', 1.0, '< 1'),
     ('peak_flops', 0.0, '> 0'), ('log_every', 0, '>= 1'), ('eval_every', 0, '>= 1'),
     ('checkpoint_every', -1, '>= 0'), ('keep_checkpoints', 0, '>= 1'),
+    ('warmup_steps', -1, '>= 0'),
 ]
+# One value outside its table per field of config_lib.CHOICES.
+CHOICE_ERRORS = [
+    ('loss', 'hinge'), ('sharding', 'tp'), ('optimizer', 'lamb'), ('decay_type', 'step'),
+    ('dtype', 'float16'), ('nonfinite', 'ignore'), ('model.attention_impl', 'flash'),
+    ('model.remat_policy', 'most'), ('model.posemb', 'learned'), ('model.classifier', 'cls'),
+    ('pp.train', 'random'), ('pp.eval', 'squash'),
+]
+
+
+def test_every_choice_is_checked_and_the_pp_names_are_preprocessings():
+  assert {field for field, _ in CHOICE_ERRORS} == set(config_lib.CHOICES)
+  assert config_lib.PP_TRAIN == tuple(preprocessing.TRAIN_CROPS)
+  assert config_lib.PP_EVAL == tuple(preprocessing.EVAL_RESIZES)
 
 
 def test_every_numeric_field_is_range_checked_and_the_defaults_pass():
@@ -176,16 +192,9 @@ def test_every_numeric_field_is_range_checked_and_the_defaults_pass():
     ({'batch': 32, 'accum_steps': 3}, 'not divisible by config.accum_steps=3'),
     ({'batch': 32, 'accum_steps': 8}, '= 4 is not divisible by the 8 devices'),
     ({'pp.resolution': 18}, 'config.pp.resolution=18 is not a multiple of the patch size 4'),
-    ({'loss': 'hinge'}, "config.loss='hinge'"),
-    ({'sharding': 'tp'}, "config.sharding='tp'"),
-    ({'warmup_steps': 100}, 'config.warmup_steps=100'),
-    ({'optimizer': 'lamb'}, "config.optimizer='lamb'"),
-    ({'decay_type': 'step'}, "config.decay_type='step'"),
-    ({'dtype': 'float16'}, "config.dtype='float16'"),
-    ({'nonfinite': 'ignore'}, "config.nonfinite='ignore'"),
-    ({'model.attention_impl': 'flash'}, "config.model.attention_impl='flash'"),
-    ({'model.remat_policy': 'most'}, "config.model.remat_policy='most'"),
-] + [({field: value}, f'config.{field}={value!r} must be {bound}')
+] + [({field: value}, f'config.{field}={value!r}; expected one of')
+     for field, value in CHOICE_ERRORS]
+  + [({field: value}, f'config.{field}={value!r} must be {bound}')
      for field, value, bound in NUMERIC_ERRORS])
 def test_config_errors_name_the_field(overrides, message):
   config = train_fixtures.tiny_config()
@@ -199,12 +208,22 @@ def test_config_errors_name_the_field(overrides, message):
     config_lib.validate(config, num_devices=8, process_count=1)
 
 
+def test_warmup_at_least_total_steps_runs_with_a_warning(caplog):
+  config = train_fixtures.tiny_config(warmup_steps=500, total_steps=100, base_lr=0.5)
+  with caplog.at_level(logging.WARNING):
+    config_lib.validate(config, num_devices=8, process_count=1)
+  assert 'config.warmup_steps=500 >= config.total_steps=100' in caplog.text
+  schedule = optim.learning_rate_schedule(config)
+  np.testing.assert_allclose([schedule(0), schedule(50), schedule(99)], [0, 0.05, 0.099],
+                             rtol=1e-6)
+
+
 def test_global_batch_4096_is_a_config_value():
   config = train_fixtures.tiny_config(batch=4096, accum_steps=16)
   config_lib.validate(config, num_devices=8, process_count=2)
   batch = {'image': np.zeros((4096, 2), np.float32), 'label': np.arange(4096)}
   mesh = sharding.make_mesh()
-  micro = jax.jit(lambda b: steps._microbatches(b, 16, mesh))(  # pylint: disable=protected-access
+  micro = jax.jit(lambda b: trainer_lib._microbatches(b, 16, mesh))(  # pylint: disable=protected-access
       jax.device_put(batch, sharding.batch_sharding(mesh)))
   assert micro['label'].shape == (16, 256)
   # Micro-batch j holds examples j, j+16, ...: every device keeps its own rows.

@@ -3,14 +3,14 @@ import ml_collections
 import numpy as np
 
 from vit_jax import config_lib
-from vit_jax import program as program_lib
+from vit_jax import trainer as trainer_lib
 
 NUM_CLASSES = 10
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
   config = config_lib.base_config()
-  config_lib.set_model(config, 'testing')
+  config_lib.set_model(config, 'micro')
   config.model.patches.size = (4, 4)
   config.pp.resolution = 16
   config.num_classes = NUM_CLASSES
@@ -26,8 +26,8 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def tiny_trainer(config) -> program_lib.Program:
-  return program_lib.Program(config, NUM_CLASSES)
+def tiny_trainer(config) -> trainer_lib.Trainer:
+  return trainer_lib.Trainer(config, NUM_CLASSES)
 
 
 def synthetic_batches(config, steps: int, seed: int = 0):

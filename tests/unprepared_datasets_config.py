@@ -8,7 +8,7 @@ from vit_jax import config_lib
 
 def get_config(name: str = 'download'):
   config = config_lib.base_config()
-  config_lib.set_model(config, 'testing')
+  config_lib.set_model(config, 'micro')
   config.dataset = f'unprepared_{name}_test'
   config.eval_split = 'train'
   config.pp.resolution = 16

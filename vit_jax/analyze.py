@@ -24,13 +24,13 @@ from ml_collections import config_flags
 from vit_jax import cli
 from vit_jax import inference
 from vit_jax import model_configs
-from vit_jax.analysis import data
 from vit_jax.analysis import outputs
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """Defined by the program only, so that importing this module adds no flags elsewhere."""
-  flags.DEFINE_enum('analysis', None, outputs.ANALYSES, 'Which analysis to run.', flag_values=fv)
+  flags.DEFINE_enum('analysis', None, [*outputs.ANALYSES, 'speed'], 'Which analysis to run.',
+                    flag_values=fv)
   flags.DEFINE_string('out_dir', None, 'Directory for the PNG/JSON outputs (created).',
                       flag_values=fv)
   flags.DEFINE_string('checkpoint', None, 'A released-layout .npz or a training workdir. Needed '
@@ -123,22 +123,12 @@ def run(fv: flags.FlagValues) -> dict:
   if fv.analysis == 'speed':
     return _speed(fv)
   loaded = _load(fv)
-  if fv.analysis == 'posemb_similarity':
-    return outputs.posemb_similarity(loaded, fv.out_dir)
-  if fv.analysis == 'filters':
-    return outputs.filters(loaded, fv.out_dir, num_components=fv.num_components)
-  config = _data_config(fv, loaded)
-  if fv.analysis == 'fewshot':
-    if config is None:
-      raise ValueError('--analysis=fewshot needs a dataset config: --config, or a workdir as '
-                       '--checkpoint.')
-    return outputs.fewshot(loaded, config, fv.out_dir, shots=_ints(fv.shots, 'shots'),
-                           seeds=fv.fewshot_seeds, l2_reg=fv.l2_reg, pool_size=fv.fewshot_pool,
-                           num_eval=fv.num_eval)
-  names, images = data.analysis_images(loaded.resolution, fv.images, config, fv.num_images)
-  if fv.analysis == 'attention_maps':
-    return outputs.attention_maps(loaded, images, names, fv.out_dir, batch_size=fv.batch_size)
-  return outputs.attention_distance(loaded, images, fv.out_dir, batch_size=fv.batch_size)
+  inputs = outputs.Inputs(
+      fv.out_dir, _data_config(fv, loaded), images=fv.images, num_images=fv.num_images,
+      batch_size=fv.batch_size, num_components=fv.num_components,
+      shots=_ints(fv.shots, 'shots'), fewshot_seeds=fv.fewshot_seeds, l2_reg=fv.l2_reg,
+      fewshot_pool=fv.fewshot_pool, num_eval=fv.num_eval)
+  return outputs.run(fv.analysis, loaded, inputs)
 
 
 def run_and_list_files(fv: flags.FlagValues) -> str:

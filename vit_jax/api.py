@@ -15,11 +15,9 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from vit_jax import augreg
 from vit_jax import checkpoint
 from vit_jax import inference
 from vit_jax import model_configs
-from vit_jax import predict
 
 Images = Union[str, Sequence[str], np.ndarray]
 
@@ -35,7 +33,7 @@ class Model(tuple):
     self = super().__new__(cls, (loaded.model, loaded.params, preprocess))
     self.loaded = loaded
     self.resolution = loaded.resolution
-    self.class_names = predict.class_names(loaded, labels) if loaded.num_classes else []
+    self.class_names = inference.class_names(loaded, labels) if loaded.num_classes else []
     return self
 
 
@@ -56,9 +54,9 @@ def resolve(name_or_path: str, *, bucket: str = 'imagenet21k',
   if name_or_path.endswith('.npz'):
     stem = os.path.basename(name_or_path)[:-len('.npz')]
     return name_or_path, model_configs.get_model_config(stem).model_name
-  if name_or_path.startswith(augreg.PREFIX):
-    return augreg.fetch(name_or_path, dest=checkpoints_dir), augreg.resolve(
-        name_or_path, augreg.index_path(checkpoints_dir))[1]
+  if name_or_path.startswith(checkpoint.AUGREG_PREFIX):
+    return checkpoint.fetch(name_or_path, dest=checkpoints_dir), checkpoint.resolve_augreg(
+        name_or_path, checkpoint.augreg_index_path(checkpoints_dir))[1]
   model_name = model_configs.get_model_config(name_or_path).model_name
   return checkpoint.fetch(model_name, bucket=bucket, dest=checkpoints_dir), model_name
 
@@ -68,13 +66,13 @@ def load(name_or_path: str, *, model_name: Optional[str] = None,
          bucket: str = 'imagenet21k', checkpoints_dir: str = 'checkpoints') -> Model:
   """A released name ('ViT-B_16', fetched from `bucket`; or 'augreg:B_16'), a `.npz` path
   (named as its model, else pass `model_name`) or a training workdir -> Model (unpacks to
-  model, params, preprocess). `labels`: a file of class names (default: see vit_jax.predict)."""
+  model, params, preprocess). `labels`: a file of class names (default: see vit_jax.inference.class_names)."""
   if model_name and name_or_path.endswith('.npz'):
     path = name_or_path
   else:
     path, model_name = resolve(name_or_path, bucket=bucket, checkpoints_dir=checkpoints_dir)
   loaded = inference.load_model(path, model_name=model_name, resolution=resolution)
-  predict.check_head(loaded)
+  inference.check_head(loaded)
   return Model(loaded, labels)
 
 
@@ -83,6 +81,6 @@ def classify(model: Union[str, Model], images: Images, *, top_k: int = 5,
   """The `top_k` (class name, probability) pairs of each image, most probable first; `model`
   is what `load` returned or what it takes."""
   model = model if isinstance(model, Model) else load(model)
-  probs = predict.probabilities(model.loaded, model[2](images), batch_size)
+  probs = inference.probabilities(model.loaded, model[2](images), batch_size)
   return [[(model.class_names[c], float(row[c])) for c in best]
-          for row, best in zip(probs, predict.top_k(probs, top_k))]
+          for row, best in zip(probs, inference.top_k(probs, top_k))]

@@ -11,7 +11,7 @@ labelled), XLA's own per-device buffer sizes of the compiled program
 (`compiled.memory_analysis()`), and optionally the host input pipeline's images/s (fashion_mnist
 at the same resolution and batch).
 
-A train `Spec` times `vit_jax.program.Program`'s jitted `train_step` (state donated, batch and
+A train `Spec` times `vit_jax.trainer.Trainer`'s jitted `train_step` (state donated, batch and
 state sharded over the mesh exactly as in training) on a config from `config_lib.base_config`;
 the model switches travel in `config.model` (which `models.build_model` passes to the module).
 
@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import config_lib
 from vit_jax import flops
 from vit_jax import hardware
 from vit_jax import model_configs
@@ -74,21 +75,8 @@ class Spec:
   num_devices: Optional[int] = None  # None: all devices.
   num_classes: int = 1000
   steps: int = DEFAULT_STEPS
-
-  def validate(self) -> None:
-    for field, choices in (('mode', MODES), ('dtype', models.DTYPES),
-                           ('attention_impl', models.ATTENTION_IMPLS),
-                           ('remat_policy', tuple(models.REMAT_POLICIES)),
-                           ('sharding', tuple(sharding.STRATEGIES)),
-                           ('optimizer', tuple(optim.OPTIMIZERS))):
-      if getattr(self, field) not in choices:
-        raise ValueError(f'{field}={getattr(self, field)!r}; expected one of {choices}.')
-    n = len(self.devices())
-    if self.batch < 1 or self.batch % n:
-      raise ValueError(f'batch={self.batch} is not a positive multiple of the {n} devices '
-                       '(set --num_devices).')
-    if self.steps < 1:
-      raise ValueError(f'steps={self.steps}; expected at least 1.')
+  # The model config to time instead of MODEL_CONFIGS[model] (e.g. a workdir's own model).
+  config: Optional[Any] = dataclasses.field(default=None, compare=False)
 
   def devices(self) -> list:
     devices = jax.devices()
@@ -99,7 +87,8 @@ class Spec:
     return devices[:self.num_devices]
 
   def model_config(self):
-    cfg = model_configs.get_model_config(self.model)
+    cfg = (model_configs.get_model_config(self.model) if self.config is None
+           else self.config.copy_and_resolve_references())
     cfg.attention_impl = self.attention_impl
     cfg.remat_policy = self.remat_policy
     cfg.scan_layers = self.scan_layers
@@ -172,7 +161,7 @@ def random_params(abstract_params, shardings=None, seed: int = 0):
 def time_calls(call, steps: int) -> list:
   """Wall time of each of `steps` calls of `call()` (which must block until its work is done),
   after one untimed warm-up call (allocation and first-call overheads): the one timer of every
-  speed figure (`run`, `vit_jax.analysis.speed`, `vit_jax.compare_timm`)."""
+  speed figure (`run`, and through it `forward_speed`; `vit_jax.compare_timm`)."""
   call()
   times = []
   for _ in range(steps):
@@ -215,11 +204,15 @@ def _inference_program(spec: Spec, mesh) -> _Program:
   return _Program(forward, abstract, make_args, step)
 
 
-def train_config(spec: Spec):
-  """A `config_lib.base_config()` run config for `spec` (model switches in `config.model`)."""
-  from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
+def run_config(spec: Spec):
+  """The `config_lib.base_config()` run config of `spec` (model switches in `config.model`),
+  validated as training validates it: every field in its table, the batch split over the
+  devices, the resolution a multiple of the patch size. Raises ValueError naming the field."""
+  if spec.mode not in MODES:
+    raise ValueError(f'mode={spec.mode!r}; expected one of {MODES}.')
+  if spec.steps < 1:
+    raise ValueError(f'steps={spec.steps}; expected at least 1.')
   config = config_lib.base_config()
-  config_lib.set_model(config, spec.model)
   config.model = spec.model_config()
   config.pp.resolution = spec.resolution
   config.batch = config.batch_eval = spec.batch
@@ -232,8 +225,8 @@ def train_config(spec: Spec):
 
 
 def _train_program(spec: Spec, mesh) -> _Program:
-  from vit_jax import program as program_lib  # pylint: disable=g-import-not-at-top
-  trainer = program_lib.Program(train_config(spec), spec.num_classes, mesh=mesh)
+  from vit_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  trainer = trainer_lib.Trainer(run_config(spec), spec.num_classes, mesh=mesh)
 
   def make_args():
     images, labels = _random_batch(spec, mesh)
@@ -262,7 +255,7 @@ def stepper(program: _Program, compiled):
 
 def compiled_stepper(spec: Spec):
   """`stepper` for `spec` compiled on its devices: what `vit_jax.compare_timm` times."""
-  spec.validate()
+  run_config(spec)
   program = _program(spec, sharding.make_mesh(spec.devices()))
   compiled, _, _ = _compile(program)
   return stepper(program, compiled)
@@ -290,7 +283,6 @@ def pipeline_images_per_s(spec: Spec, *, steps: int = 20, data_dir: Optional[str
   """Host input pipeline throughput (`input_pipeline.bench`: the training stream of
   fashion_mnist at spec's resolution and batch, the run config's preprocessing). The shuffle
   buffer (default the run config's) only changes the untimed start-up."""
-  from vit_jax import config_lib  # pylint: disable=g-import-not-at-top
   from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
   config_lib.set_dataset(config, 'fashion_mnist')
@@ -321,7 +313,7 @@ def run(spec: Spec, *, peak_flops: Optional[float] = None, compile_only: bool = 
   analysis remain). `pipeline_images_per_s` is None: `pipeline_images_per_s(spec)` measures it,
   best after every row so that a row's host peak memory excludes the pipeline.
   """
-  spec.validate()
+  run_config(spec)
   devices = spec.devices()
   mesh = sharding.make_mesh(devices)
   jax.clear_caches()
@@ -330,7 +322,7 @@ def run(spec: Spec, *, peak_flops: Optional[float] = None, compile_only: bool = 
   times = [] if compile_only else time_calls(stepper(program, compiled), spec.steps)
   step_time = statistics.median(times) if times else None
   images_per_s = spec.batch / step_time if times else None
-  cfg = model_configs.get_model_config(spec.model)
+  cfg = spec.model_config()
   per_image = (flops.train_step_flops if spec.mode == 'train' else flops.forward_flops)(
       cfg, spec.resolution, spec.num_classes)
   peak = hardware.peak_flops(devices[0], override=peak_flops)
@@ -350,6 +342,20 @@ def run(spec: Spec, *, peak_flops: Optional[float] = None, compile_only: bool = 
   del compiled, program
   gc.collect()
   return row
+
+
+def forward_speed(model_config, *, resolution: int, batch_size: int, num_classes: int = 1000,
+                  steps: int = DEFAULT_STEPS) -> dict:
+  """`run` of the forward pass of `model_config` on one device, as the analyses and the claims
+  record it (images/s from the median step, the peak memory and its source, XLA's bytes)."""
+  row = run(Spec(model=model_config.model_name, config=model_config, resolution=resolution,
+                 batch=batch_size, num_devices=1, num_classes=num_classes, steps=steps))
+  return {'model': row['model'], 'resolution': resolution, 'batch_size': batch_size,
+          'images_per_s': row['images_per_s'], 'seconds_per_batch': row['step_time_s'],
+          'peak_memory_bytes': row['peak_memory_bytes'],
+          'memory_source': row['peak_memory_source'],
+          'xla_program_bytes': row['xla_memory'] and row['xla_memory']['total'],
+          'backend': row['backend'], 'device': row['device_kind']}
 
 
 def _is_oom(error: Exception) -> bool:
@@ -400,7 +406,7 @@ def find_max_batch(spec: Spec, *, method: str = 'analysis',
   """
   if method not in ('analysis', 'run'):
     raise ValueError(f"method={method!r}; expected 'analysis' or 'run'.")
-  spec.validate()
+  run_config(spec)
   n = len(spec.devices())
   limit, limit_source = ((memory_limit_bytes, 'given') if memory_limit_bytes
                          else hardware.memory_budget(spec.devices()[0]))

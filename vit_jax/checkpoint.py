@@ -8,8 +8,9 @@ and legacy GroupNorm shapes to the model being fine-tuned.
 Usage:
   python -m vit_jax.checkpoint inspect PATH
   python -m vit_jax.checkpoint fetch NAME [--bucket=imagenet21k] [--dest=checkpoints/]
-  python -m vit_jax.checkpoint fetch augreg:B_16    # the best i21k AugReg B/16 (vit_jax.augreg)
+  python -m vit_jax.checkpoint fetch augreg:B_16    # the best i21k AugReg B/16 (see below)
 """
+import csv
 import functools
 import http.client
 import io
@@ -45,7 +46,8 @@ RELEASED_NAMES = {
     'imagenet21k+imagenet2012': ('ViT-B_16', 'ViT-B_32', 'ViT-L_16', 'ViT-L_32',
                                  'ViT-B_16-224', 'ViT-L_16-224', 'R50+ViT-B_16'),
 }
-BUCKETS = (*RELEASED_NAMES, 'augreg')
+AUGREG = 'augreg'  # The AugReg bucket, and the folder under `dest` that its files go to.
+BUCKETS = (*RELEASED_NAMES, AUGREG)
 
 _GROUP_NORM_PARAM = re.compile(r'(^|/)gn[^/]*/(scale|bias)$')
 _BIG_VISION_BLOCK_NAMES = {
@@ -149,18 +151,13 @@ def _from_big_vision(flat: Dict[str, np.ndarray], path: str) -> Dict[str, np.nda
       logging.info('%s: ignoring %d arrays outside params/ (e.g. %s).', path, len(others),
                    others[0])
     flat = {k[len('params/'):]: v for k, v in flat.items() if k.startswith('params/')}
-  scanned = {k: v for k, v in flat.items() if k.startswith(_SCANNED_BLOCK_PREFIX)}
-  if scanned:
-    layer_counts = {v.shape[0] for v in scanned.values()}
-    if len(layer_counts) != 1:
-      raise ValueError(f'Checkpoint {path}: the scanned {_SCANNED_BLOCK_PREFIX} arrays disagree '
-                       f'on the layer count (leading axis): {sorted(layer_counts)}.')
-    (num_layers,) = layer_counts
-    flat = {k: v for k, v in flat.items() if k not in scanned}
-    for key, stacked in scanned.items():
-      for i in range(num_layers):
-        flat[f'Transformer/encoderblock_{i}/{key[len(_SCANNED_BLOCK_PREFIX):]}'] = stacked[i]
-    logging.info('%s: unstacked %d scanned big_vision encoder blocks.', path, num_layers)
+  if any(k.startswith(_SCANNED_BLOCK_PREFIX) for k in flat):
+    try:
+      tree = models.unstack_encoder_blocks(traverse_util.unflatten_dict(flat, sep='/'))
+    except ValueError as e:
+      raise ValueError(f'Checkpoint {path}: {e}') from e
+    flat = traverse_util.flatten_dict(tree, sep='/')
+    logging.info('%s: unstacked the scanned big_vision encoder blocks.', path)
   if any(_BIG_VISION_BLOCK.match(k) for k in flat):
     flat = {_rename_big_vision_block_key(k): v for k, v in flat.items()}
     logging.info('%s: renamed big_vision encoder-block modules to the released names.', path)
@@ -181,25 +178,31 @@ def _rename_big_vision_block_key(key: str) -> str:
 
 def save_npz(params: Mapping[str, Any], path: str) -> str:
   """Writes params (numpy or jax arrays, sharded ones included) as a flat float32 `.npz` with
-  `/`-joined keys; local files are written atomically. Returns `path`."""
+  `/`-joined keys, atomically (`write_atomically`). Returns `path`."""
   flat = traverse_util.flatten_dict(jax.device_get(params), sep='/')
   buffer = io.BytesIO()
   np.savez(buffer, **{k: np.asarray(v, dtype=np.float32) for k, v in flat.items()})
+  write_atomically(path, buffer.getvalue())
+  logging.info('Saved %d arrays to %s.', len(flat), path)
+  return path
+
+
+def write_atomically(path: str, data) -> None:
+  """Writes `data` (bytes or str) to `path` (any tf.io.gfile URL) so that a reader finds the old
+  file or the new one, never a part: a local file is written beside it and renamed into place;
+  an object store (gs://) publishes an object only when its upload completes."""
   directory = os.path.dirname(path)
   if directory:
     gfile().makedirs(directory)
-  # Object stores (gs://) publish an object only when the upload completes.
   target = path if '://' in path else f'{path}.tmp-{os.getpid()}'
   try:
-    with gfile().GFile(target, 'wb') as f:
-      f.write(buffer.getvalue())
+    with gfile().GFile(target, 'wb' if isinstance(data, bytes) else 'w') as f:
+      f.write(data)
     if target != path:
       gfile().rename(target, path, overwrite=True)
   finally:
     if target != path and gfile().exists(target):
       gfile().remove(target)
-  logging.info('Saved %d arrays to %s.', len(flat), path)
-  return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,11 +362,7 @@ def match_model_config(
       continue
     head = flat_shapes.get('head/bias')
     num_classes = int(head[0]) if head is not None else None
-    num_patches = posemb[1] - ('cls' in shapes)
-    grid = math.isqrt(num_patches)
-    resolution = (grid * config.patches.size[0] * model_configs.resnet_stride(config.resnet)
-                  if grid * grid == num_patches else None)
-    return name, num_classes, resolution
+    return name, num_classes, model_configs.resolution_of_posemb(config, posemb[1])
   return None
 
 
@@ -394,7 +393,7 @@ def _config_shapes(name: str) -> Dict[str, Tuple[int, ...]]:
   """Parameter shapes of MODEL_CONFIGS[name] without head, on a 2x2 patch grid."""
   config = model_configs.get_model_config(name)
   config.representation_size = None
-  size = 2 * config.patches.size[0] * model_configs.resnet_stride(config.resnet)
+  size = 2 * model_configs.token_stride(config)
   params = models.abstract_params(config, None, size)
   return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(params, sep='/').items()}
 
@@ -419,7 +418,12 @@ def checkpoint_url(name: str, bucket: str, base_url: str = DEFAULT_BASE_URL) -> 
 def fetch(name: str, *, bucket: str = 'imagenet21k', dest: str = 'checkpoints',
           base_url: str = DEFAULT_BASE_URL, timeout: float = 10.0) -> str:
   """Downloads `<base_url>/<bucket>/<name>.npz` to `<dest>/<name>.npz` unless it is already
-  there; returns the local path."""
+  there; returns the local path. 'augreg:SPEC' is the AugReg checkpoint `resolve_augreg` names,
+  downloaded to `<dest>/augreg/`."""
+  if name.startswith(AUGREG_PREFIX):
+    filename, _ = resolve_augreg(name, augreg_index_path(dest, base_url))
+    return fetch(filename, bucket=AUGREG, dest=os.path.join(dest, AUGREG), base_url=base_url,
+                 timeout=timeout)
   name = name[:-len('.npz')] if name.endswith('.npz') else name
   url = checkpoint_url(name, bucket, base_url)
   path = os.path.join(dest, f'{name}.npz')
@@ -468,6 +472,65 @@ def download(url: str, path: str, *, timeout: float = 10.0, chunk_size: int = 1 
 
 
 # ---------------------------------------------------------------------------------------------
+# AugReg checkpoints ("How to train your ViT?") by short model name, through the bucket's index.
+#
+# `gs://vit_models/augreg/index.csv` has one row per (pre-training, fine-tuning) pair; its columns
+# include `name` ("B/16"), `ds` (pre-training data: i1k, i21k, i21k_30), `final_val` (the
+# pre-training's final validation accuracy), `filename` (the pre-trained checkpoint,
+# `augreg/<filename>.npz`) and `adapt_filename`. A short name ('B_16', 'R26_S_32') stands, as in
+# the official configs/augreg.py, for the i21k pre-training of that model with the best
+# `final_val`; a full filename ('B_16-i21k-300ep-lr_0.001-...') stands for itself.
+
+AUGREG_PREFIX = 'augreg:'
+
+
+def augreg_model_name(short: str) -> str:
+  """Our model config name of an AugReg short name: 'B_16' -> 'ViT-B_16', 'R26_S_32' ->
+  'R26+ViT-S_32', 'R_Ti_16' -> 'R+ViT-Ti_16'; raises ValueError for one we do not have."""
+  if short.startswith('R'):
+    stem, vit = short.split('_', 1)
+    name = f'{stem}+ViT-{vit}'
+  else:
+    name = f'ViT-{short}'
+  if name not in model_configs.MODEL_CONFIGS:
+    raise ValueError(f'AugReg model {short!r} has no model config here ({name} is not one of '
+                     f'{", ".join(model_configs.MODEL_CONFIGS)}).')
+  return name
+
+
+def augreg_index_path(dest: str = 'checkpoints', base_url: str = DEFAULT_BASE_URL) -> str:
+  """The local copy of the bucket's index.csv (`dest/augreg/index.csv`), fetched once."""
+  path = os.path.join(dest, AUGREG, 'index.csv')
+  if not os.path.exists(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    download(f'{base_url.rstrip("/")}/{AUGREG}/index.csv', path)
+  return path
+
+
+def _best_augreg_i21k(index: str, short: str) -> str:
+  """The filename of `short`'s i21k pre-training with the highest final_val."""
+  with open(index, newline='') as f:
+    rows = list(csv.DictReader(f))
+  missing = {'ds', 'final_val', 'filename'} - set(rows[0] if rows else ())
+  if missing:
+    raise ValueError(f'{index} is not an AugReg index.csv: no column(s) {sorted(missing)}.')
+  candidates = [r for r in rows if r['filename'].split('-')[0] == short and r['ds'] == 'i21k']
+  if not candidates:
+    known = sorted({r['filename'].split('-')[0] for r in rows})
+    raise ValueError(f'No i21k AugReg checkpoint of {short!r}; the index has {", ".join(known)}.')
+  return max(candidates, key=lambda r: float(r['final_val']))['filename']
+
+
+def resolve_augreg(spec: str, index: Optional[str] = None) -> tuple[str, str]:
+  """('augreg:')SHORT or a full filename -> (filename without .npz, our model name)."""
+  spec = spec[len(AUGREG_PREFIX):] if spec.startswith(AUGREG_PREFIX) else spec
+  short = spec.split('-')[0]
+  name = augreg_model_name(short)
+  filename = spec if '-' in spec else _best_augreg_i21k(index or augreg_index_path(), short)
+  return filename, name
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line.
 
 
@@ -508,10 +571,6 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
   command, arg = argv[1:]
   if command == 'inspect':
     print(describe(arg))
-  elif arg.startswith('augreg:'):
-    from vit_jax import augreg  # pylint: disable=g-import-not-at-top  # augreg imports us.
-    augreg.fetch(arg, dest=flag_values.dest, base_url=flag_values.base_url,
-                 timeout=flag_values.timeout)
   else:
     fetch(arg, bucket=flag_values.bucket, dest=flag_values.dest,
           base_url=flag_values.base_url, timeout=flag_values.timeout)

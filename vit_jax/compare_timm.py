@@ -3,7 +3,7 @@ this project and timm in PyTorch would make (`python -m vit_jax.benchmark --comp
 
 Both sides run the same step on the same batch in the same process with the same threads: the
 inference forward pass, or a train step (forward, softmax cross-entropy, backward, global-norm
-clipping at 1.0, SGD with momentum 0.9; ours is `vit_jax.program.Program.train_step` from
+clipping at 1.0, SGD with momentum 0.9; ours is `vit_jax.trainer.Trainer.train_step` from
 `benchmark_lib`). timm runs eager by default, or `torch.compile`d; bfloat16 is our compute dtype
 and timm's `torch.autocast`. Timing alternates between the two sides in `pairs` blocks (ours
 first in even blocks, timm first in odd ones), each block the median of `spec.steps` calls after
@@ -121,7 +121,7 @@ def paired_times(calls: Sequence[Callable], *, pairs: int, steps: int) -> list:
 
 def compare(spec: lib.Spec, *, pairs: int = 3, compile_timm: bool = False) -> dict:
   """Times our step and timm's for `spec` in alternating pairs; returns both speeds and ratios."""
-  spec.validate()
+  lib.run_config(spec)
   if pairs < 1:
     raise ValueError(f'pairs={pairs}; expected at least 1.')
   torch, timm = import_torch()

@@ -7,13 +7,14 @@ import json
 import operator
 from typing import Any, Mapping
 
+from absl import logging
 import ml_collections
 
 from vit_jax import model_configs
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import sharding
-from vit_jax import steps
+from vit_jax import trainer as trainer_lib
 
 # Fine-tuning schedules and splits of the paper (Table 4, appendix B.1.1). `train_split` is what
 # the model trains on, `eval_split` the held-out minival of the training data (periodic eval,
@@ -70,6 +71,11 @@ REMOVED_FIELDS = frozenset({'model_name'})
 # The smallest crop of 'inception' preprocessing, as a fraction of the image area: `pp.area_min`
 # here, and input_pipeline's value for a `pp` without the field.
 DEFAULT_AREA_MIN = 0.05
+# The names of vit_jax.preprocessing.TRAIN_CROPS (config.pp.train) and EVAL_RESIZES
+# (config.pp.eval), here because validation must not import TensorFlow (the benchmark runs
+# where there is none); tests/test_train.py checks that the two agree.
+PP_TRAIN = ('inception', 'resize_crop')
+PP_EVAL = ('resize', 'central_crop')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -104,6 +110,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_eval = 512
   c.shuffle_buffer = 50_000
   c.prefetch = 2
+  _add_training_fields(c)
+  return c
+
+
+def _add_training_fields(c: ml_collections.ConfigDict) -> None:
+  """base_config's optimisation, compute, initialisation and loop fields."""
   # Optimisation.
   c.optimizer = 'sgd'
   c.momentum = 0.9
@@ -138,7 +150,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.nonfinite = 'stop'
   # Resuming a workdir with a config that differs from its config.json beyond RESUMABLE_FIELDS.
   c.allow_config_change = False
-  return c
 
 
 def set_model(config: ml_collections.ConfigDict, name: str) -> None:
@@ -165,12 +176,14 @@ def parse_arg(arg: str, defaults=('b16', 'cifar10')):
 
 # The choices of a run config: field -> the table (next to the code it selects) of its values.
 CHOICES = {
-    'optimizer': optim.OPTIMIZERS, 'decay_type': optim.DECAYS, 'loss': steps.LOSSES,
+    'optimizer': optim.OPTIMIZERS, 'decay_type': optim.DECAYS, 'loss': trainer_lib.LOSSES,
     'sharding': sharding.STRATEGIES, 'dtype': models.DTYPES, 'nonfinite': ('stop', 'skip'),
     'model.attention_impl': models.ATTENTION_IMPLS, 'model.remat_policy': models.REMAT_POLICIES,
+    'model.posemb': models.POSEMB_TYPES, 'model.classifier': model_configs.CLASSIFIERS,
+    'pp.train': PP_TRAIN, 'pp.eval': PP_EVAL,
 }
 # Numeric fields -> the bounds their values must satisfy, ', '-separated (a field may be None
-# where base_config defaults to None). warmup_steps is checked against total_steps.
+# where base_config defaults to None). warmup_steps >= total_steps is allowed, with a warning.
 RANGES = {
     'batch': '>= 1', 'batch_eval': '>= 1', 'pp.resolution': '>= 1', 'pp.resize': '>= 1',
     'pp.area_min': '> 0, <= 1', 'shuffle_buffer': '>= 1', 'prefetch': '>= 0',
@@ -178,31 +191,39 @@ RANGES = {
     'momentum': '>= 0, < 1', 'b1': '>= 0, < 1', 'b2': '>= 0, < 1', 'weight_decay': '>= 0',
     'grad_norm_clip': '>= 0', 'label_smoothing': '>= 0, < 1', 'peak_flops': '> 0',
     'log_every': '>= 1', 'eval_every': '>= 1', 'checkpoint_every': '>= 0',
-    'keep_checkpoints': '>= 1',
+    'keep_checkpoints': '>= 1', 'warmup_steps': '>= 0',
 }
 _COMPARISONS = {'>=': operator.ge, '>': operator.gt, '<=': operator.le, '<': operator.lt}
 
 
+_ABSENT = object()
+
+
 def _field(config: ml_collections.ConfigDict, name: str):
+  """The value of a dotted field; _ABSENT where the config has no such field (the ResNet alone
+  has no model.posemb: the model's default applies)."""
   for part in name.split('.'):
+    if part not in config:
+      return _ABSENT
     config = config[part]
   return config
 
 
 def _check_choices_and_ranges(config: ml_collections.ConfigDict) -> None:
   for name, table in CHOICES.items():
-    if _field(config, name) not in table:
-      raise ValueError(f'config.{name}={_field(config, name)!r}; expected one of '
-                       f'{tuple(table)}.')
+    value = _field(config, name)
+    if value is not _ABSENT and value not in table:
+      raise ValueError(f'config.{name}={value!r}; expected one of {tuple(table)}.')
   for name, bounds in RANGES.items():
     value = _field(config, name)
     for bound in bounds.split(', '):
       op, limit = bound.split()
       if value is not None and not _COMPARISONS[op](value, float(limit)):
         raise ValueError(f'config.{name}={value!r} must be {bound}.')
-  if not 0 <= config.warmup_steps < config.total_steps:
-    raise ValueError(f'config.warmup_steps={config.warmup_steps} must be in '
-                     f'[0, config.total_steps={config.total_steps}).')
+  if config.warmup_steps >= config.total_steps:  # As the official recipe, e.g. a short run.
+    logging.warning('config.warmup_steps=%d >= config.total_steps=%d: the learning rate never '
+                    'reaches config.base_lr=%s.', config.warmup_steps, config.total_steps,
+                    config.base_lr)
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int) -> None:
@@ -219,14 +240,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
   if config.batch_eval % num_devices or config.batch_eval % process_count:
     raise ValueError(f'config.batch_eval={config.batch_eval} is not divisible by the '
                      f'{num_devices} devices.')
-  # A ResNet alone (no transformer) pools its feature map: any resolution fits it.
-  has_tokens = config.model.transformer is not None
-  patch = config.model.patches.size[0] if has_tokens else 1
-  stride = model_configs.resnet_stride(config.model.resnet) if has_tokens else 1
-  if config.pp.resolution % (patch * stride):
+  stride = model_configs.token_stride(config.model)
+  if config.pp.resolution % stride:
+    resnet = model_configs.resnet_stride(config.model.resnet)
     raise ValueError(
         f'config.pp.resolution={config.pp.resolution} is not a multiple of the patch size '
-        f'{patch} (x {stride} ResNet stride) of {config.model.model_name}.')
+        f'{stride // resnet} (x {resnet} ResNet stride) of {config.model.model_name}.')
 
 
 def with_defaults(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:

@@ -9,7 +9,7 @@ from vit_jax import checkpoint
 from vit_jax import input_pipeline
 from vit_jax import sharding
 from vit_jax import state_checkpoint
-from vit_jax import program as program_lib
+from vit_jax import trainer as trainer_lib
 from vit_jax import workdir as workdir_lib
 
 
@@ -65,5 +65,5 @@ def checkpoint_params(trainer, path: str):
 def run(config: ml_collections.ConfigDict, path: str) -> dict:
   """`--mode=eval`: `accuracies` of a checkpoint (`.npz` or workdir)."""
   input_pipeline.check_and_complete(config)
-  trainer = program_lib.Program(config, config.num_classes)
+  trainer = trainer_lib.Trainer(config, config.num_classes)
   return accuracies(trainer, checkpoint_params(trainer, path), with_test=True)

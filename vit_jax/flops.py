@@ -57,10 +57,10 @@ def forward_flops(model_config: ml_collections.ConfigDict, resolution: int,
     channels = model_config.hidden_size
   tokens = 1
   if model_config.transformer is not None:
-    tokens = size * size + model_configs.has_class_token(model_config)
+    tokens = model_configs.num_tokens(model_config, resolution)
     flops += model_config.transformer.num_layers * _block_flops(tokens, channels,
                                                                 model_config.transformer.mlp_dim)
-  pooled = tokens if model_config.classifier in ('unpooled', 'token_unpooled') else 1
+  pooled = 1 if model_configs.is_pooled(model_config) else tokens
   features = channels
   if model_config.get('representation_size'):
     flops += 2.0 * pooled * channels * model_config.representation_size

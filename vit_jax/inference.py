@@ -1,11 +1,12 @@
-"""Shared by the inference commands: a checkpoint argument -> a ready model; image files -> arrays.
+"""Inference, shared by the commands and the notebook API: a checkpoint argument -> a ready model;
+image files -> arrays; class names, probabilities and the top classes.
 
 A checkpoint argument is either a released-layout `.npz` (the model name must then be given) or a
 training workdir (vit_jax.workdir: its model.npz + config.json, which names the model, its config,
 the number of classes and the resolution), local or any tf.io.gfile URL (gs://...).
 """
 import dataclasses
-import math
+import functools
 import os
 from typing import Callable, Optional, Sequence
 
@@ -25,6 +26,12 @@ from vit_jax import models
 from vit_jax import preprocessing
 from vit_jax import workdir as workdir_lib
 
+
+
+LABELS_DIR = os.path.join(os.path.dirname(__file__), 'labels')
+# Datasets whose class names ship with the package: dataset name -> file in LABELS_DIR.
+DATASET_LABELS = {'fashion_mnist': 'fashion_mnist.txt', 'imagenet2012': 'imagenet2012.txt'}
+IMAGENET_CLASSES = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,17 +59,7 @@ class LoadedModel:
   @property
   def grid(self) -> tuple[int, int]:
     """Patches per side seen by the transformer."""
-    size = self.resolution // token_stride(self.model_config)
-    return size, size
-
-
-def token_stride(model_config) -> int:
-  """Input pixels per transformer token along one side: the patch size, times the ResNet stem's
-  total stride for hybrids; 1 for the ResNet alone, which has no tokens and pools its feature map
-  at any resolution."""
-  if model_config.transformer is None:
-    return 1
-  return model_config.patches.size[0] * model_configs.resnet_stride(model_config.resnet)
+    return model_configs.grid(self.model_config, self.resolution)
 
 
 def load_model(checkpoint_arg: str, *, model_name: Optional[str] = None,
@@ -89,7 +86,7 @@ def load_model(checkpoint_arg: str, *, model_name: Optional[str] = None,
   native = (run_config.pp.resolution if run_config is not None
             else _resolution_of_posemb(raw, model_config, npz_path))
   resolution = resolution or native
-  stride = token_stride(model_config)
+  stride = model_configs.token_stride(model_config)
   if resolution % stride:
     raise ValueError(f'Resolution {resolution} is not a multiple of {stride}, the pixels per '
                      f'token of {model_config.model_name}.')
@@ -122,15 +119,14 @@ def _read_workdir(workdir: str, model_name: Optional[str]):
 def _resolution_of_posemb(params, model_config, path: str) -> int:
   """The square input resolution a checkpoint's position embeddings were made for."""
   posemb = traverse_util.flatten_dict(params, sep='/').get(checkpoint.POSEMB_KEY)
-  class_token = model_configs.has_class_token(model_config)
-  tokens = 0 if posemb is None else posemb.shape[1] - class_token
-  grid = math.isqrt(max(tokens, 0))
-  if not grid or grid * grid != tokens:
-    shape = None if posemb is None else posemb.shape
+  resolution = posemb is not None and model_configs.resolution_of_posemb(model_config,
+                                                                          posemb.shape[1])
+  if not resolution:
     raise ValueError(f'Checkpoint {path} does not fit model {model_config.model_name}: its '
-                     f'position embeddings {shape} are not a square grid of patches '
-                     f'(+ class token: {class_token}).')
-  return grid * token_stride(model_config)
+                     f'position embeddings {None if posemb is None else posemb.shape} are not a '
+                     'square grid of patches (+ class token: '
+                     f'{model_configs.has_class_token(model_config)}).')
+  return resolution
 
 
 def list_image_files(paths: Sequence[str]) -> list[str]:
@@ -211,3 +207,58 @@ def map_batches(fn: Callable[[jax.Array], jax.Array], images: np.ndarray, batch_
     outputs.append(np.asarray(fn(batch))[:count])
   return np.concatenate(outputs)
 
+
+def read_labels(path: str) -> list[str]:
+  with open(path) as f:
+    labels = [line.strip() for line in f]
+  while labels and not labels[-1]:
+    labels.pop()
+  return labels
+
+
+def class_names(loaded: LoadedModel, labels_path: Optional[str]) -> list[str]:
+  """Names of the model's classes; raises when a labels file has the wrong length."""
+  if loaded.run_config is not None:
+    dataset = loaded.run_config.get('dataset')
+  else:
+    dataset = 'imagenet2012' if loaded.num_classes == IMAGENET_CLASSES else None
+  if labels_path is None and dataset in DATASET_LABELS:
+    labels_path = os.path.join(LABELS_DIR, DATASET_LABELS[dataset])
+  if labels_path is None:
+    return [str(i) for i in range(loaded.num_classes)]
+  labels = read_labels(labels_path)
+  if len(labels) != loaded.num_classes:
+    raise ValueError(f'Labels file {labels_path} has {len(labels)} names but the model has '
+                     f'{loaded.num_classes} classes.')
+  return labels
+
+
+def check_head(loaded: LoadedModel) -> bool:
+  """Warns when the classification head is all zeros (the released ImageNet-21k files): every
+  image then gets the same, uniform prediction."""
+  head = loaded.params.get('head')
+  if head is None or any(np.any(np.asarray(v)) for v in head.values()):
+    return True
+  logging.warning(
+      'The head of %s is all zeros (as in the released ImageNet-21k checkpoints): its '
+      'predictions are uniform over the %d classes. Use it for features (the pre-logits, '
+      'e.g. vit_jax.analyze) or fine-tune it first (python -m vit_jax.main '
+      '--config=configs/vit.py:...).', loaded.source, loaded.num_classes)
+  return False
+
+
+def probabilities(loaded: LoadedModel, images: np.ndarray,
+                  batch_size: int) -> np.ndarray:
+  """Softmax class probabilities [n, classes]."""
+  if not loaded.num_classes:
+    raise ValueError(f'Checkpoint {loaded.source} has no classification head.')
+  model = loaded.model
+  forward = jax.jit(lambda params, x: jax.nn.softmax(model.apply({'params': params}, x,
+                                                                 train=False)))
+  return map_batches(functools.partial(forward, loaded.params), images, batch_size,
+                               desc='predict')
+
+
+def top_k(probs: np.ndarray, k: int) -> np.ndarray:
+  """Indices [n, k] of the k most probable classes per row, most probable first."""
+  return np.argsort(-probs, axis=-1, kind='stable')[:, :k]

@@ -3,6 +3,7 @@
 Each entry is an `ml_collections.ConfigDict` whose fields are the keyword arguments of
 `vit_jax.models.VisionTransformer` (besides `num_classes`).
 """
+import math
 from typing import Optional, Sequence
 
 import ml_collections
@@ -67,21 +68,17 @@ def bit(name: str, num_layers: Sequence[int],
   return config
 
 
-def _testing() -> ml_collections.ConfigDict:
-  config = _vit('testing', 'Ti', 16)
-  config.hidden_size = 16
-  config.transformer.mlp_dim = 32
-  config.transformer.num_heads = 2
-  config.transformer.num_layers = 2
+def _small(name: str, hidden: int, mlp: int, layers: int, *, dropout: float = 0.0,
+           classifier: str = 'token') -> ml_collections.ConfigDict:
+  config = _vit(name, 'Ti', 16, dropout=dropout, classifier=classifier)
+  config.hidden_size = hidden
+  config.transformer.update(mlp_dim=mlp, num_heads=2, num_layers=layers)
   return config
 
 
-def _testing_unpooled() -> ml_collections.ConfigDict:
-  """`testing` whose head classifies every token (class token included): logits [B, T, C]."""
-  config = _testing()
-  config.model_name = 'testing-unpooled'
-  config.classifier = 'token_unpooled'
-  return config
+# The official repository's `testing` (21,390 parameters at 1,000 classes and 224px) and
+# `testing-unpooled` (its head classifies each of the 196 patch tokens: no class token).
+_TESTING = dict(hidden=10, mlp=10, layers=1, dropout=0.1)
 
 
 def _all_configs():
@@ -108,8 +105,10 @@ def _all_configs():
       bit('BiT-R26x1', (2, 2, 2, 2)),
       bit('BiT-R50x1', (3, 4, 6, 3)),
       bit('BiT-R101x1', (3, 4, 23, 3)),
-      _testing(),
-      _testing_unpooled(),
+      _small('testing', **_TESTING),
+      _small('testing-unpooled', **_TESTING, classifier='unpooled'),
+      # The tests' and the demo's model: small, but with even widths (2-D position embeddings).
+      _small('micro', hidden=16, mlp=32, layers=2),
   ]
   return {c.model_name: c for c in configs}
 
@@ -128,12 +127,19 @@ ALIASES = {
 }
 
 
-# classifier -> whether the model prepends a class token (vit_jax.models.VisionTransformer).
-CLASSIFIERS = {'token': True, 'gap': False, 'unpooled': False, 'token_unpooled': True}
+# config.model.classifier -> (prepends a class token, pools the tokens into one vector):
+# 'token' classifies the class token, 'gap' the mean token, the unpooled two every token
+# (logits [batch, tokens, classes]; 'token_unpooled' includes the class token).
+CLASSIFIERS = {'token': (True, True), 'gap': (False, True), 'unpooled': (False, False),
+               'token_unpooled': (True, False)}
 
 
 def has_class_token(model_config: ml_collections.ConfigDict) -> bool:
-  return CLASSIFIERS[model_config.classifier]
+  return CLASSIFIERS[model_config.classifier][0]
+
+
+def is_pooled(model_config: ml_collections.ConfigDict) -> bool:
+  return CLASSIFIERS[model_config.classifier][1]
 
 
 def resnet_stride(resnet: Optional[ml_collections.ConfigDict]) -> int:
@@ -144,6 +150,39 @@ def resnet_stride(resnet: Optional[ml_collections.ConfigDict]) -> int:
   return 4 * 2**max(len(resnet['num_layers']) - 1, 0)
 
 
+# Model geometry: how many input pixels make a token, the patch grid at a resolution, and back.
+
+
+def token_stride(model_config: ml_collections.ConfigDict) -> int:
+  """Input pixels per transformer token along one side: the patch size, times the ResNet stem's
+  total stride for hybrids; 1 for the ResNet alone, which has no tokens and pools its feature map
+  at any resolution."""
+  if model_config.transformer is None:
+    return 1
+  return model_config.patches.size[0] * resnet_stride(model_config.resnet)
+
+
+def grid(model_config: ml_collections.ConfigDict, resolution: int) -> tuple[int, int]:
+  """Patches per side that the transformer sees at `resolution` (a multiple of token_stride)."""
+  size = resolution // token_stride(model_config)
+  return size, size
+
+
+def num_tokens(model_config: ml_collections.ConfigDict, resolution: int) -> int:
+  """The encoder's sequence length at `resolution`: the patches (+ the class token)."""
+  rows, cols = grid(model_config, resolution)
+  return rows * cols + has_class_token(model_config)
+
+
+def resolution_of_posemb(model_config: ml_collections.ConfigDict,
+                         posemb_tokens: int) -> Optional[int]:
+  """The square input resolution whose position embeddings have `posemb_tokens` rows (the class
+  token's included where the model has one); None when the patches are not a square grid."""
+  patches = posemb_tokens - has_class_token(model_config)
+  size = math.isqrt(max(patches, 0))
+  if not size or size * size != patches:
+    return None
+  return size * token_stride(model_config)
 
 
 def get_model_config(name: str) -> ml_collections.ConfigDict:

@@ -479,8 +479,8 @@ class VisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool):
     if self.classifier not in model_configs.CLASSIFIERS:
-      raise ValueError(f'Unknown classifier {self.classifier!r}; expected token, gap, '
-                       'unpooled or token_unpooled.')
+      raise ValueError(f'Unknown classifier {self.classifier!r}; expected one of '
+                       f'{tuple(model_configs.CLASSIFIERS)}.')
     if self.transformer is None and self.classifier != 'gap':
       raise ValueError(f"A model without a transformer ({self.model_name}) pools its feature "
                        f"map: classifier must be 'gap', not {self.classifier!r}.")
@@ -509,7 +509,7 @@ class VisionTransformer(nn.Module):
     """Patch grid [batch, h, w, D] -> (class token +) tokens through the `Transformer` encoder."""
     batch, height, width, channels = x.shape
     x = _constrain_batch(jnp.reshape(x, (batch, height * width, channels)))
-    if model_configs.CLASSIFIERS[self.classifier]:
+    if model_configs.CLASSIFIERS[self.classifier][0]:  # A class token.
       cls = self.param('cls', nn.initializers.zeros, (1, 1, channels), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
     return Encoder(name='Transformer', attention_impl=self.attention_impl,

@@ -18,7 +18,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warm-up from 0 to `base_lr`, then cosine decay to 0 or linear decay to
   LINEAR_DECAY_END at `total_steps`.
 
-  `config` is validated (config_lib.validate): a known decay_type, 0 <= warmup < total_steps.
+  `config` is validated (config_lib.validate): a known decay_type, warmup >= 0 (at
+  least total_steps: the rate never reaches base_lr).
   """
   base_lr, warmup, total = config.base_lr, config.warmup_steps, config.total_steps
   decay = DECAYS[config.decay_type]
@@ -26,7 +27,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
     warm = step / max(warmup, 1)
-    progress = jnp.clip((step - warmup) / (total - warmup), 0.0, 1.0)
+    progress = jnp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
     return jnp.where(step < warmup, base_lr * warm, decay(progress, base_lr))
 
   return schedule

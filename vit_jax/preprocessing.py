@@ -15,7 +15,6 @@ functions, so an image file is classified exactly as the eval pipeline sees it.
 Pixels become float32 (x - 127.5) / 127.5, in [-1, 1]; grayscale, RGBA and 16-bit images become
 8-bit RGB first.
 """
-import functools
 from typing import Callable
 
 import tensorflow as tf
@@ -71,24 +70,32 @@ def _central_crop(image, *, resolution: int, resize: int):
   return tf.image.resize_with_crop_or_pad(tf.image.resize(image, size), resolution, resolution)
 
 
-def _choose(options: dict, name: str, field: str):
-  if name not in options:
-    raise ValueError(f'Unknown {field} {name!r}; expected one of {sorted(options)}.')
-  return options[name]
+def _inception(image, seed, pp):
+  return _inception_crop(image, seed, resolution=pp.resolution,
+                         area_min=pp.get('area_min', config_lib.DEFAULT_AREA_MIN))
+
+
+def _resize_crop(image, seed, pp):
+  return _resize_random_crop(image, seed, resolution=pp.resolution, resize=_resize_size(pp))
+
+
+# config.pp.train -> (image, seed, pp) -> crop; config.pp.eval -> (image, pp) -> resized. Their
+# names are config_lib.PP_TRAIN / PP_EVAL, which validate reads without importing TensorFlow.
+TRAIN_CROPS = {'inception': _inception, 'resize_crop': _resize_crop}
+EVAL_RESIZES = {
+    'resize': lambda image, pp: _resize(image, resolution=pp.resolution),
+    'central_crop': lambda image, pp: _central_crop(image, resolution=pp.resolution,
+                                                    resize=_resize_size(pp)),
+}
 
 
 def train_preprocess(pp) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
   """(decoded uint8 [H, W, 3] image, stateless seed [2]) -> float32 [R, R, 3] in [-1, 1]."""
-  crop = _choose({
-      'inception': functools.partial(_inception_crop, resolution=pp.resolution,
-                                     area_min=pp.get('area_min', config_lib.DEFAULT_AREA_MIN)),
-      'resize_crop': functools.partial(_resize_random_crop, resolution=pp.resolution,
-                                       resize=_resize_size(pp)),
-  }, pp.train, 'config.pp.train')
+  crop = TRAIN_CROPS[pp.train]
 
   def preprocess(image, seed):
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    image = crop(image, crop_seed)
+    image = crop(image, crop_seed, pp)
     return normalize(tf.image.stateless_random_flip_left_right(image, flip_seed))
 
   return preprocess
@@ -96,12 +103,8 @@ def train_preprocess(pp) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
 
 def eval_preprocess(pp) -> Callable[[tf.Tensor], tf.Tensor]:
   """Decoded uint8 [(N,) H, W, 3] images -> float32 [(N,) R, R, 3] in [-1, 1]."""
-  resize = _choose({
-      'resize': functools.partial(_resize, resolution=pp.resolution),
-      'central_crop': functools.partial(_central_crop, resolution=pp.resolution,
-                                        resize=_resize_size(pp)),
-  }, pp.eval, 'config.pp.eval')
-  return lambda image: normalize(resize(image))
+  resize = EVAL_RESIZES[pp.eval]
+  return lambda image: normalize(resize(image, pp))
 
 
 def eval_image(encoded: tf.Tensor, pp) -> tf.Tensor:

@@ -24,16 +24,13 @@ from vit_jax import inference
 from vit_jax import model_configs
 from vit_jax import models
 from vit_jax import workdir as workdir_lib
-from vit_jax.analysis import data
-from vit_jax.analysis import embeddings
 from vit_jax.analysis import outputs
 from vit_jax.analysis import plots
 
 # Paper, Table 1 (parameters in millions).
 PAPER_PARAMS_M = {'B': 86, 'L': 307, 'H': 632}
 TABLE1_MODELS = ('ViT-B_16', 'ViT-L_16', 'ViT-H_14')
-REPORT_ANALYSES = ('posemb_similarity', 'filters', 'attention_distance', 'attention_maps',
-                   'fewshot')
+REPORT_ANALYSES = tuple(outputs.ANALYSES)
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -149,43 +146,14 @@ def run_section(run: Run, out_dir: str, fv: flags.FlagValues) -> str:
            '### Training curves', '',
            _image(plots.training_curves(run.events, os.path.join(figures, 'training_curves.png'),
                                         title=run.name), out_dir, 'training curves'), '']
+  image = lambda path, alt: _image(path, out_dir, alt)
   for analysis in fv.analyses:
-    lines += _analysis_section(analysis, run, figures, out_dir, fv) + ['']
+    # The attention maps show a few images; the attention distance averages over more.
+    count = fv.num_attention_maps if analysis == 'attention_maps' else fv.num_images
+    inputs = outputs.Inputs(figures, run.config, images=fv.images, num_images=count,
+                            batch_size=fv.batch_size, shots=[int(n) for n in fv.shots])
+    lines += outputs.markdown_section(analysis, loaded, inputs, image) + ['']
   return '\n'.join(lines)
-
-
-def _analysis_section(analysis: str, run: Run, figures: str, out_dir: str,
-                      fv: flags.FlagValues) -> list[str]:
-  loaded = run.loaded
-  if analysis == 'posemb_similarity':
-    result = outputs.posemb_similarity(loaded, figures)
-    return ['### Position-embedding similarity (Fig. 7 centre)', '',
-            _image(result['png'], out_dir, 'position embedding similarity')]
-  if analysis == 'filters':
-    if not embeddings.has_pixel_patch_embedding(loaded.model_config):
-      return ['### Embedding filters', '', 'Not applicable: a hybrid embeds ResNet features.']
-    result = outputs.filters(loaded, figures)
-    return ['### Embedding filters (Fig. 7 left)', '',
-            f'The components shown explain {result["explained_variance"]:.1%} of the filters\' '
-            'variance.', '', _image(result['png'], out_dir, 'embedding filters')]
-  if analysis == 'fewshot':
-    result = outputs.fewshot(loaded, run.config, figures,
-                             shots=[int(n) for n in fv.shots])
-    rows = ['### Few-shot linear accuracy', '', '| Shots per class | Accuracy (mean ± std) |',
-            '|---|---|']
-    rows += [f'| {n} | {r["mean"]:.2%} ± {r["std"]:.2%} |' for n, r in result['results'].items()]
-    return rows
-  count = fv.num_images if analysis == 'attention_distance' else fv.num_attention_maps
-  names, images = data.analysis_images(loaded.resolution, fv.images, run.config, count)
-  names, images = names[:count], images[:count]
-  if analysis == 'attention_distance':
-    result = outputs.attention_distance(loaded, images, figures, batch_size=fv.batch_size)
-    return ['### Mean attention distance (Fig. 7 right)', '',
-            f'Averaged over {len(images)} images.', '',
-            _image(result['png'], out_dir, 'mean attention distance')]
-  result = outputs.attention_maps(loaded, images, names, figures, batch_size=fv.batch_size)
-  return ['### Attention maps (Fig. 6)', ''] + [
-      _image(path, out_dir, f'attention map of {name}') for path, name in zip(result['png'], names)]
 
 
 def _run_names(workdirs: Sequence[str]) -> list[str]:

@@ -47,11 +47,10 @@ from vit_jax import evaluate
 from vit_jax import flops
 from vit_jax import hardware
 from vit_jax import input_pipeline
-from vit_jax import metrics_writer
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import state_checkpoint
-from vit_jax import program as program_lib
+from vit_jax import trainer as trainer_lib
 from vit_jax import workdir as workdir_lib
 
 
@@ -191,7 +190,7 @@ class _Profile:
 @dataclasses.dataclass
 class Run:
   """A training run ready to go on from `step` (see `prepare`)."""
-  trainer: program_lib.Program
+  trainer: trainer_lib.Trainer
   ckpt: state_checkpoint.TrainCheckpointer
   workdir: str
   state: Any
@@ -220,7 +219,7 @@ class Run:
   def _loop(self, stop: _StopSignals):
     config, trainer, ckpt, state, step = (self.trainer.config, self.trainer, self.ckpt,
                                           self.state, self.step)
-    writer = metrics_writer.MetricsWriter(self.workdir)
+    writer = workdir_lib.MetricsWriter(self.workdir)
     batches = self.batches
     schedule = optim.learning_rate_schedule(config)
     throughput = _Throughput(config, trainer.num_classes, step)
@@ -270,7 +269,7 @@ def _batches(config, trainer, step: int) -> Iterator[dict]:
       sharding.batch_sharding(trainer.mesh), size=config.prefetch)
 
 
-def _restore_or_init(trainer: program_lib.Program, ckpt: state_checkpoint.TrainCheckpointer,
+def _restore_or_init(trainer: trainer_lib.Trainer, ckpt: state_checkpoint.TrainCheckpointer,
                      workdir: str):
   if ckpt.latest_step() is None:
     return trainer.initial_state(), 0
@@ -286,7 +285,7 @@ def _restore_or_init(trainer: program_lib.Program, ckpt: state_checkpoint.TrainC
 MEMORY_WARNING_FRACTION = 0.9
 
 
-def check_step_memory(trainer: program_lib.Program) -> None:
+def check_step_memory(trainer: trainer_lib.Trainer) -> None:
   """Compiles the train step (the loop reuses the executable) and compares XLA's memory analysis
   with hardware.memory_budget: ValueError when it does not fit, a warning when it nearly does,
   both with the numbers and what to change. A step that does not fit would otherwise be killed
@@ -328,7 +327,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   lock = workdir_lib.lock(workdir)
   ckpt = None
   try:
-    trainer = program_lib.Program(config, config.num_classes)
+    trainer = trainer_lib.Trainer(config, config.num_classes)
     check_step_memory(trainer)
     ckpt = state_checkpoint.TrainCheckpointer(
         workdir_lib.path(workdir, workdir_lib.CHECKPOINTS), save_every=config.checkpoint_every,

@@ -25,7 +25,7 @@ import datetime
 import json
 import os
 import socket
-from typing import Optional
+from typing import Mapping, Optional
 
 from absl import logging
 import jax
@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from vit_jax import checkpoint
 from vit_jax import cli
 from vit_jax import config_lib
 
@@ -100,13 +101,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Process 0 writes WORKDIR/config.json (replacing it in one rename)."""
   if jax.process_index() == 0:
-    _write_text(path(workdir, CONFIG), config.to_json_best_effort(indent=2, sort_keys=True))
-
-
-def _write_text(target: str, text: str) -> None:
-  with tf.io.gfile.GFile(target + '.tmp', 'w') as f:
-    f.write(text)
-  tf.io.gfile.rename(target + '.tmp', target, overwrite=True)
+    checkpoint.write_atomically(path(workdir, CONFIG), config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def read_model_files(workdir: str) -> tuple[ml_collections.ConfigDict, str]:
@@ -164,6 +159,47 @@ def read_metrics(workdir: str) -> list[dict]:
   return events
 
 
+# The metrics of a run's last step that make its result.
+RESULT_FIELDS = ('eval_top1', 'test_top1')
+
+
+def final_result(workdir: str, total_steps: int) -> Optional[dict]:
+  """{'eval_top1'[, 'test_top1']} at step `total_steps` of a finished run (its model.npz written),
+  else None: how the sweep and the claims tell a finished run from one to resume."""
+  if not tf.io.gfile.exists(path(workdir, MODEL)):
+    return None
+  result = {}
+  for event in read_metrics(workdir):
+    if event['step'] == total_steps:
+      result.update({k: event[k] for k in RESULT_FIELDS if k in event})
+  return result if 'eval_top1' in result else None
+
+
+class MetricsWriter:
+  """Writes metrics to WORKDIR/metrics.jsonl and TensorBoard event files. Only process 0 writes;
+  the others get a writer that does nothing, so callers need no checks."""
+
+  def __init__(self, workdir: str, *, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._path = path(workdir, METRICS)
+    self._summary = None
+    if self.enabled:
+      tf.io.gfile.makedirs(workdir)
+      self._summary = tf.summary.create_file_writer(path(workdir, TENSORBOARD))
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    with tf.io.gfile.GFile(self._path, 'a') as f:
+      f.write(json.dumps({'step': int(step), **scalars}) + '\n')
+    with self._summary.as_default(step=int(step)):
+      for name, value in scalars.items():
+        tf.summary.scalar(name, value)
+    self._summary.flush()
+    logging.info('step %d: %s', step, ', '.join(f'{k}={v:.5g}' for k, v in scalars.items()))
+
+
 def rewind_metrics(workdir: str, step: int) -> None:
   """Drops the events after `step` from WORKDIR/metrics.jsonl (the resumed run writes them
   again): everything from the first event after `step` on, and a last line cut short (no
@@ -185,7 +221,7 @@ def rewind_metrics(workdir: str, step: int) -> None:
     return
   logging.info('Dropping %d line(s) after step %d from %s (from line %d).', len(lines) - end,
                step, metrics_path, lines[end].number)
-  _write_text(metrics_path, ''.join(line.text for line in lines[:end]))
+  checkpoint.write_atomically(metrics_path, ''.join(line.text for line in lines[:end]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,13 @@
-"""Runs one analysis on a loaded model and writes its figures (PNG) and numbers (JSON) into a
-directory. Shared by `vit_jax.analyze` (one analysis per call) and `vit_jax.report` (all of them).
-
-Each function returns a summary dict: the files it wrote under 'png' / 'json' plus headline
-numbers for a report.
+"""The analyses of a loaded model, by name (`ANALYSES`): each writes its figures (PNG) and
+numbers (JSON) into a directory and returns a summary dict (the files it wrote under 'png' /
+'json' plus headline numbers), and has a Markdown section for a report. `vit_jax.analyze` runs
+one, `vit_jax.report` each of those it is asked for; a new analysis is a new entry.
 """
+import dataclasses
 import functools
 import json
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from absl import logging
 import jax
@@ -15,19 +15,16 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from vit_jax import benchmark_lib
 from vit_jax import inference
 from vit_jax import input_pipeline
+from vit_jax import model_configs
 from vit_jax import models
 from vit_jax.analysis import attention
 from vit_jax.analysis import data
 from vit_jax.analysis import embeddings
 from vit_jax.analysis import fewshot as fewshot_lib
 from vit_jax.analysis import plots
-from vit_jax.analysis import speed as speed_lib
-
-ANALYSES = ('attention_maps', 'posemb_similarity', 'filters', 'attention_distance', 'fewshot',
-            'speed')
-
 
 def write_json(obj, path: str) -> str:
   with open(path, 'w') as f:
@@ -75,10 +72,8 @@ def posemb_similarity(loaded: inference.LoadedModel, out_dir: str) -> dict:
 
 
 def filters(loaded: inference.LoadedModel, out_dir: str, *, num_components: int = 28) -> dict:
-  """Fig. 7 left: the top principal components of the patch-embedding filters."""
-  if not embeddings.has_pixel_patch_embedding(loaded.model_config):
-    raise ValueError(f'{loaded.name} is a hybrid: its patch embedding sees ResNet features, not '
-                     'pixels, so its filters cannot be shown as image patches.')
+  """Fig. 7 left: the top principal components of the patch-embedding filters (a ViT's: see
+  `_hybrid`)."""
   components, explained = embeddings.principal_components(
       loaded.params['embedding']['kernel'], num_components)
   return {
@@ -94,7 +89,7 @@ def attention_distance(loaded: inference.LoadedModel, images: np.ndarray, out_di
                        batch_size: int = 32) -> dict:
   """Fig. 7 right: mean attention distance per layer and head, averaged over `images`."""
   model = loaded.model
-  patch_px = inference.token_stride(loaded.model_config)
+  patch_px = model_configs.token_stride(loaded.model_config)
 
   @jax.jit
   def distances(params, batch):
@@ -159,10 +154,118 @@ def speed(model_configs: Sequence[ml_collections.ConfigDict], resolutions: Seque
           for b in sorted(batch_sizes)]
   records = []
   for config, resolution, batch_size in tqdm.tqdm(grid, desc='speed'):
-    record = speed_lib.measure(config, resolution=resolution, batch_size=batch_size,
-                               num_classes=num_classes, steps=steps)
+    record = benchmark_lib.forward_speed(config, resolution=resolution,
+                                         batch_size=batch_size, num_classes=num_classes,
+                                         steps=steps)
     logging.info('%s @ %dpx, batch %d: %.1f images/s, peak memory %.1f MiB (%s)',
                  record['model'], resolution, batch_size, record['images_per_s'],
                  record['peak_memory_bytes'] / 2**20, record['memory_source'])
     records.append(record)
   return {'json': write_json(records, os.path.join(out_dir, 'speed.json')), 'records': records}
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry.
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """What the analyses read besides the model: where to write, the dataset config (eval images,
+  few-shot splits; None without one) and the options of analyze's and report's flags."""
+  out_dir: str
+  config: Optional[ml_collections.ConfigDict] = None
+  images: Sequence[str] = ()  # Image files / directories; default: the config's eval split.
+  num_images: int = 128
+  batch_size: int = 32
+  num_components: int = 28
+  shots: Sequence[int] = (1, 5, 10, 25)
+  fewshot_seeds: int = 5
+  l2_reg: float = 1.0
+  fewshot_pool: int = 10_000
+  num_eval: Optional[int] = None
+
+  def analysis_images(self, resolution: int) -> tuple[list[str], np.ndarray]:
+    names, images = data.analysis_images(resolution, self.images, self.config, self.num_images)
+    return names[:self.num_images], images[:self.num_images]
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+  """`run(loaded, inputs)` -> summary; `markdown(summary, image)` -> the lines of its report
+  section under `title` (`image(path, alt)` links a figure); `not_applicable(loaded)` -> why it
+  does not apply to a model, or None."""
+  title: str
+  run: Callable
+  markdown: Callable
+  not_applicable: Callable = lambda loaded: None
+
+
+def _attention_maps(loaded, inputs: Inputs) -> dict:
+  names, images = inputs.analysis_images(loaded.resolution)
+  return {**attention_maps(loaded, images, names, inputs.out_dir, batch_size=inputs.batch_size),
+          'names': names}
+
+
+def _attention_distance(loaded, inputs: Inputs) -> dict:
+  _, images = inputs.analysis_images(loaded.resolution)
+  return {**attention_distance(loaded, images, inputs.out_dir, batch_size=inputs.batch_size),
+          'num_images': len(images)}
+
+
+def _fewshot(loaded, inputs: Inputs) -> dict:
+  if inputs.config is None:
+    raise ValueError('fewshot needs a dataset config: --config, or a workdir as --checkpoint.')
+  return fewshot(loaded, inputs.config, inputs.out_dir, shots=inputs.shots,
+                 seeds=inputs.fewshot_seeds, l2_reg=inputs.l2_reg,
+                 pool_size=inputs.fewshot_pool, num_eval=inputs.num_eval)
+
+
+def _hybrid(loaded) -> Optional[str]:
+  if embeddings.has_pixel_patch_embedding(loaded.model_config):
+    return None
+  return (f'{loaded.name} is a hybrid: its patch embedding sees ResNet features, not pixels, so '
+          'its filters cannot be shown as image patches.')
+
+
+ANALYSES = {
+    'attention_maps': Analysis(
+        'Attention maps (Fig. 6)', _attention_maps,
+        lambda r, image: [image(path, f'attention map of {name}')
+                          for path, name in zip(r['png'], r['names'])]),
+    'posemb_similarity': Analysis(
+        'Position-embedding similarity (Fig. 7 centre)',
+        lambda loaded, inputs: posemb_similarity(loaded, inputs.out_dir),
+        lambda r, image: [image(r['png'], 'position embedding similarity')]),
+    'filters': Analysis(
+        'Embedding filters (Fig. 7 left)',
+        lambda loaded, inputs: filters(loaded, inputs.out_dir,
+                                       num_components=inputs.num_components),
+        lambda r, image: [f'The components shown explain {r["explained_variance"]:.1%} of the '
+                          'filters\' variance.', '', image(r['png'], 'embedding filters')],
+        _hybrid),
+    'attention_distance': Analysis(
+        'Mean attention distance (Fig. 7 right)', _attention_distance,
+        lambda r, image: [f'Averaged over {r["num_images"]} images.', '',
+                          image(r['png'], 'mean attention distance')]),
+    'fewshot': Analysis(
+        'Few-shot linear accuracy', _fewshot,
+        lambda r, image: ['| Shots per class | Accuracy (mean ± std) |', '|---|---|'] + [
+            f'| {n} | {x["mean"]:.2%} ± {x["std"]:.2%} |' for n, x in r['results'].items()]),
+}
+
+
+def run(name: str, loaded, inputs: Inputs) -> dict:
+  """Runs analysis `name` (ValueError when it does not apply to the model)."""
+  reason = ANALYSES[name].not_applicable(loaded)
+  if reason:
+    raise ValueError(reason)
+  return ANALYSES[name].run(loaded, inputs)
+
+
+def markdown_section(name: str, loaded, inputs: Inputs, image: Callable) -> list[str]:
+  """The report section of analysis `name` on `loaded` (run here), or why it does not apply."""
+  analysis = ANALYSES[name]
+  reason = analysis.not_applicable(loaded)
+  body = ([f'Not applicable: {reason}'] if reason
+          else analysis.markdown(analysis.run(loaded, inputs), image))
+  return [f'### {analysis.title}', ''] + body

@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from vit_jax import models
 from vit_jax.claims import experiments
 from vit_jax.claims import measure
 from vit_jax.claims import plots
@@ -104,7 +105,7 @@ def _c1_evaluate(ctx: Context) -> Finding:
 
 # --- C2: position embeddings -------------------------------------------------------------------
 
-_POSEMBS = ('learn', 'none', 'learn2d', 'sincos2d')
+_POSEMBS = models.POSEMB_TYPES
 
 
 def _c2_runs(scale):

@@ -44,7 +44,7 @@ SCALES = {
     'quick': Scale('quick', steps=6, batch=16, seeds=(0,), hidden=32, layers=2,
                    data_sizes=(256, 1024), lr_scales=(1.0, 3.0), eval_examples=256,
                    evals_per_run=2, analysis_images=16, fewshot_pool=200,
-                   speed_models=(('testing', 32, 4),),
+                   speed_models=(('micro', 32, 4),),
                    note='A check of the machinery on a few steps: its verdicts say nothing '
                    'about the paper.'),
     'full': Scale('full', steps=500, batch=128, seeds=(0, 1), hidden=64, layers=4,
@@ -92,7 +92,7 @@ def model_config(spec: RunSpec, scale: Scale) -> ml_collections.ConfigDict:
     return model_configs.bit('BiT-mini', (1, 1), width_factor=0.5)
   if spec.arch not in ARCHITECTURES:
     raise ValueError(f'Unknown architecture {spec.arch!r}; expected one of {ARCHITECTURES}.')
-  config = model_configs.get_model_config('testing')
+  config = model_configs.get_model_config('micro')
   config.model_name = f'ViT-mini_{PATCH}' if spec.arch == 'vit' else 'R+ViT-mini_1'
   config.hidden_size = scale.hidden
   config.transformer.mlp_dim = 4 * scale.hidden

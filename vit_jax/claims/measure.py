@@ -5,13 +5,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from vit_jax import benchmark_lib
 from vit_jax import inference
 from vit_jax import model_configs
 from vit_jax.analysis import attention
 from vit_jax.analysis import data
 from vit_jax.analysis import embeddings
 from vit_jax.analysis import outputs
-from vit_jax.analysis import speed as speed_lib
 from vit_jax.claims import experiments
 from vit_jax.claims import runner
 
@@ -64,7 +64,7 @@ def attention_distance(result: runner.RunResult, scale: experiments.Scale,
   summary = outputs.attention_distance(loaded, images, analysis_dir(out_dir, result))
   distances = np.asarray(summary['mean_distance_px'])  # [layers, heads]
   per_layer = distances.mean(axis=1)
-  uniform = uniform_attention_distance(loaded.grid, inference.token_stride(loaded.model_config))
+  uniform = uniform_attention_distance(loaded.grid, model_configs.token_stride(loaded.model_config))
   slope = float(np.polyfit(np.arange(1, len(per_layer) + 1), per_layer, 1)[0])
   return {'mean_distance_px': distances.tolist(), 'slope_px_per_layer': slope,
           'uniform_distance_px': uniform,
@@ -110,6 +110,6 @@ def fewshot_accuracy(result: runner.RunResult, scale: experiments.Scale, out_dir
 
 def speed(scale: experiments.Scale) -> list:
   """Inference images/s of the scale's speed models on this machine (Fig. 12 in small)."""
-  return [speed_lib.measure(model_configs.get_model_config(name), resolution=resolution,
-                            batch_size=batch, steps=3)
+  return [benchmark_lib.forward_speed(model_configs.get_model_config(name),
+                                      resolution=resolution, batch_size=batch, steps=3)
           for name, resolution, batch in scale.speed_models]

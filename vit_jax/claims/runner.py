@@ -10,7 +10,6 @@ import os
 from typing import Optional, Sequence
 
 from absl import logging
-import tensorflow as tf
 import tqdm
 
 from vit_jax import cli
@@ -44,12 +43,6 @@ def read_curve(workdir: str) -> list:
   curve = {event['step']: event['eval_top1'] for event in workdir_lib.read_metrics(workdir)
            if 'eval_top1' in event}
   return sorted(curve.items())
-
-
-def is_finished(workdir: str, total_steps: int) -> bool:
-  curve = read_curve(workdir)
-  return (tf.io.gfile.exists(workdir_lib.path(workdir, workdir_lib.MODEL)) and bool(curve)
-          and curve[-1][0] == total_steps)
 
 
 def ordered(specs: Sequence[experiments.RunSpec]) -> list:
@@ -87,7 +80,7 @@ def _run_one(spec, scale, dataset, runs_dir, data_dir, done) -> RunResult:
   parent = done.get(spec.init_from)
   if parent is not None and parent.failure:
     return result((), f'its initialisation run {spec.init_from.name} failed')
-  if is_finished(workdir, config.total_steps):
+  if workdir_lib.final_result(workdir, config.total_steps) is not None:
     logging.info('Reusing the finished run %s.', workdir)
   else:
     try:
