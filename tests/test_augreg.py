@@ -20,7 +20,8 @@ BEST_B16 = 'B_16-i21k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0'
 
 def test_short_names_select_the_best_i21k_pretraining():
   assert checkpoint.resolve_augreg('augreg:B_16', str(INDEX)) == (BEST_B16, 'ViT-B_16')
-  assert checkpoint.resolve_augreg('B_32', str(INDEX))[0].startswith('B_32-i21k-300ep-lr_0.001-aug_light1')
+  assert checkpoint.resolve_augreg('B_32', str(INDEX))[0].startswith(
+      'B_32-i21k-300ep-lr_0.001-aug_light1')
   assert checkpoint.resolve_augreg('R26_S_32', str(INDEX))[1] == 'R26+ViT-S_32'
   full = 'B_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.1-sd_0.1'
   assert checkpoint.resolve_augreg(f'augreg:{full}') == (full, 'ViT-B_16')  # Needs no index.

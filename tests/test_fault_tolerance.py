@@ -278,13 +278,19 @@ def _reset_flags():
      re.escape('config.pp.resolution=18 is not a multiple of the patch size 4')),
     ([f'--config={CONFIG}', '--config.batch=12'],
      re.escape('config.batch=12 / config.accum_steps=1 = 12 is not divisible by the 8 devices.')),
+    ([f'--config={CONFIG}', '--config.pp.eval=squash'],  # Once failed only at the first eval.
+     re.escape("config.pp.eval='squash'; expected one of ('resize', 'central_crop').")),
+    ([f'--config={CONFIG}', '--config.model.posemb=learned'],
+     re.escape("config.model.posemb='learned'; expected one of ('learn', 'none', 'learn2d', "
+               "'sincos2d').")),
     ([f'--config={CONFIG}', '--config.batchh=16'],
      re.escape("""Unknown config field 'batchh'. Did you mean "batch" instead of "batchh"?""")),
     ([f'--config={CONFIG}', '--config.dataset=folder:/no/such/folder'],
      re.escape('Image folder /no/such/folder does not exist.')),
     ([f'--config={CONFIG}', '--mode=eval', '--checkpoint=/no/such/model.npz'],
      re.escape('Checkpoint /no/such/model.npz does not exist.')),
-], ids=['model', 'dataset', 'resolution', 'batch', 'field', 'folder', 'checkpoint'])
+], ids=['model', 'dataset', 'resolution', 'batch', 'pp_eval', 'posemb', 'field', 'folder',
+        'checkpoint'])
 def test_bad_input_gets_error_message_and_exit_code_2(run_main, tmp_path, args, message):
   start = time.monotonic()
   code, _, stderr = run_main(f'--workdir={tmp_path / "workdir"}', *args)

@@ -135,11 +135,11 @@ def machine() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Programs: (jitted function, abstract args, concrete-args factory).
+# Workloads: what one timed step runs (jitted function, abstract args, concrete-args factory).
 
 
 @dataclasses.dataclass
-class _Program:
+class _Workload:
   jitted: Any
   abstract_args: tuple
   make_args: Any  # () -> concrete args for the first call.
@@ -180,7 +180,7 @@ def _random_batch(spec: Spec, mesh, seed: int = 0):
   return put(images), put(labels)
 
 
-def _inference_program(spec: Spec, mesh) -> _Program:
+def _inference_workload(spec: Spec, mesh) -> _Workload:
   cfg = spec.model_config()
   model = models.build_model(cfg, spec.num_classes, dtype=jnp.dtype(spec.dtype))
   r = spec.resolution
@@ -201,7 +201,7 @@ def _inference_program(spec: Spec, mesh) -> _Program:
     compiled(*args).block_until_ready()
     return args
 
-  return _Program(forward, abstract, make_args, step)
+  return _Workload(forward, abstract, make_args, step)
 
 
 def run_config(spec: Spec):
@@ -224,7 +224,7 @@ def run_config(spec: Spec):
   return config
 
 
-def _train_program(spec: Spec, mesh) -> _Program:
+def _train_workload(spec: Spec, mesh) -> _Workload:
   from vit_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   trainer = trainer_lib.Trainer(run_config(spec), spec.num_classes, mesh=mesh)
 
@@ -238,17 +238,17 @@ def _train_program(spec: Spec, mesh) -> _Program:
     jax.block_until_ready((state, metrics))
     return state, batch
 
-  return _Program(trainer.train_step, (trainer.abstract_state, trainer.abstract_batch),
+  return _Workload(trainer.train_step, (trainer.abstract_state, trainer.abstract_batch),
                   make_args, step)
 
 
-def stepper(program: _Program, compiled):
+def stepper(workload: _Workload, compiled):
   """A no-argument callable that runs one step of `compiled` and waits for it, threading the
-  program's arguments (the train state) from call to call."""
-  args = [program.make_args()]
+  workload's arguments (the train state) from call to call."""
+  args = [workload.make_args()]
 
   def call():
-    args[0] = program.step(compiled, args[0])
+    args[0] = workload.step(compiled, args[0])
 
   return call
 
@@ -256,18 +256,18 @@ def stepper(program: _Program, compiled):
 def compiled_stepper(spec: Spec):
   """`stepper` for `spec` compiled on its devices: what `vit_jax.compare_timm` times."""
   run_config(spec)
-  program = _program(spec, sharding.make_mesh(spec.devices()))
-  compiled, _, _ = _compile(program)
-  return stepper(program, compiled)
+  workload = _workload(spec, sharding.make_mesh(spec.devices()))
+  compiled, _, _ = _compile(workload)
+  return stepper(workload, compiled)
 
 
-def _program(spec: Spec, mesh) -> _Program:
-  return (_train_program if spec.mode == 'train' else _inference_program)(spec, mesh)
+def _workload(spec: Spec, mesh) -> _Workload:
+  return (_train_workload if spec.mode == 'train' else _inference_workload)(spec, mesh)
 
 
-def _compile(program: _Program):
+def _compile(workload: _Workload):
   start = time.perf_counter()
-  lowered = program.jitted.lower(*program.abstract_args)
+  lowered = workload.jitted.lower(*workload.abstract_args)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()
@@ -317,9 +317,9 @@ def run(spec: Spec, *, peak_flops: Optional[float] = None, compile_only: bool = 
   devices = spec.devices()
   mesh = sharding.make_mesh(devices)
   jax.clear_caches()
-  program = _program(spec, mesh)
-  compiled, lower_s, compile_s = _compile(program)
-  times = [] if compile_only else time_calls(stepper(program, compiled), spec.steps)
+  workload = _workload(spec, mesh)
+  compiled, lower_s, compile_s = _compile(workload)
+  times = [] if compile_only else time_calls(stepper(workload, compiled), spec.steps)
   step_time = statistics.median(times) if times else None
   images_per_s = spec.batch / step_time if times else None
   cfg = spec.model_config()
@@ -339,7 +339,7 @@ def run(spec: Spec, *, peak_flops: Optional[float] = None, compile_only: bool = 
       'peak_memory_bytes': memory, 'peak_memory_source': memory_source,
       'xla_memory': hardware.xla_memory(compiled), 'pipeline_images_per_s': None,
   }
-  del compiled, program
+  del compiled, workload
   gc.collect()
   return row
 
@@ -371,8 +371,8 @@ def _probe(spec: Spec, method: str, limit: int) -> dict:
   jax.clear_caches()
   probe = {'batch_per_device': spec.batch // len(spec.devices()), 'bytes': None}
   try:
-    program = _program(spec, mesh)
-    compiled, _, compile_s = _compile(program)
+    workload = _workload(spec, mesh)
+    compiled, _, compile_s = _compile(workload)
     probe['compile_s'] = compile_s
     memory = hardware.xla_memory(compiled)
     probe['bytes'] = memory and memory['total']
@@ -382,7 +382,7 @@ def _probe(spec: Spec, method: str, limit: int) -> dict:
                          '--max_batch_method=run.')
       probe['fits'] = memory['total'] <= limit
     else:
-      args = program.step(compiled, program.make_args())
+      args = workload.step(compiled, workload.make_args())
       del args
       probe['fits'] = True
   except (jax.errors.JaxRuntimeError, MemoryError) as e:
@@ -390,7 +390,7 @@ def _probe(spec: Spec, method: str, limit: int) -> dict:
       raise
     probe.update(fits=False, error=str(e).splitlines()[0][:200])
   finally:
-    program = compiled = None  # pylint: disable=unused-variable
+    workload = compiled = None  # pylint: disable=unused-variable
     gc.collect()
   return probe
 

@@ -61,6 +61,10 @@ _BIG_VISION_BLOCK = re.compile(
 _SCANNED_BLOCK_PREFIX = 'Transformer/encoderblock/'
 
 
+# Where an object appears only when its upload completes (and a rename would be a copy).
+_OBJECT_STORES = ('gs://', 's3://')
+
+
 class DownloadError(OSError):
   """A checkpoint could not be downloaded (offline, HTTP error or truncated transfer)."""
 
@@ -189,12 +193,12 @@ def save_npz(params: Mapping[str, Any], path: str) -> str:
 
 def write_atomically(path: str, data) -> None:
   """Writes `data` (bytes or str) to `path` (any tf.io.gfile URL) so that a reader finds the old
-  file or the new one, never a part: a local file is written beside it and renamed into place;
-  an object store (gs://) publishes an object only when its upload completes."""
+  file or the new one, never a part: written beside it and renamed into place, except on an
+  object store (_OBJECT_STORES), which publishes an object only when its upload completes."""
   directory = os.path.dirname(path)
   if directory:
     gfile().makedirs(directory)
-  target = path if '://' in path else f'{path}.tmp-{os.getpid()}'
+  target = path if path.startswith(_OBJECT_STORES) else f'{path}.tmp-{os.getpid()}'
   try:
     with gfile().GFile(target, 'wb' if isinstance(data, bytes) else 'w') as f:
       f.write(data)

@@ -111,7 +111,7 @@ def _read_workdir(workdir: str, model_name: Optional[str]):
     raise ValueError(f'{workdir_lib.path(workdir, workdir_lib.CONFIG)} does not describe a model '
                      f'vit_jax can build (edited by hand?): {type(e).__name__}: {e}') from e
   trained = model_config.model_name
-  if model_name and model_configs.ALIASES.get(model_name.lower(), model_name) != trained:
+  if model_name and model_configs.canonical_name(model_name) != trained:
     raise ValueError(f'--model={model_name} but workdir {workdir} trained {trained}.')
   return run_config, model_config, npz_path
 

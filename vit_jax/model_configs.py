@@ -185,9 +185,14 @@ def resolution_of_posemb(model_config: ml_collections.ConfigDict,
   return size * token_stride(model_config)
 
 
+def canonical_name(name: str) -> str:
+  """The model name an alias stands for ('b16' -> 'ViT-B_16'); other names as they are."""
+  return ALIASES.get(name.lower(), name)
+
+
 def get_model_config(name: str) -> ml_collections.ConfigDict:
   """Returns a copy of the config for a model name or alias; raises naming the choices."""
-  key = ALIASES.get(name.lower(), name)
+  key = canonical_name(name)
   if key not in MODEL_CONFIGS:
     raise ValueError(
         f'Unknown model {name!r}. Known models: {", ".join(MODEL_CONFIGS)}; '

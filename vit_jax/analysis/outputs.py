@@ -26,16 +26,38 @@ from vit_jax.analysis import embeddings
 from vit_jax.analysis import fewshot as fewshot_lib
 from vit_jax.analysis import plots
 
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """What the analyses read besides the model: where to write, the dataset config (eval images,
+  few-shot splits; None without one) and the options of analyze's and report's flags."""
+  out_dir: str
+  config: Optional[ml_collections.ConfigDict] = None
+  images: Sequence[str] = ()  # Image files / directories; default: the config's eval split.
+  num_images: int = 128
+  batch_size: int = 32
+  num_components: int = 28
+  shots: Sequence[int] = (1, 5, 10, 25)
+  fewshot_seeds: int = 5
+  l2_reg: float = 1.0
+  fewshot_pool: int = 10_000
+  num_eval: Optional[int] = None
+
+  def analysis_images(self, resolution: int) -> tuple[list[str], np.ndarray]:
+    names, images = data.analysis_images(resolution, self.images, self.config, self.num_images)
+    return names[:self.num_images], images[:self.num_images]
+
+
 def write_json(obj, path: str) -> str:
   with open(path, 'w') as f:
     json.dump(obj, f, indent=1)
   return path
 
 
-def attention_maps(loaded: inference.LoadedModel, images: np.ndarray, names: Sequence[str],
-                   out_dir: str, *, batch_size: int = 32) -> dict:
+def attention_maps(loaded: inference.LoadedModel, inputs: Inputs) -> dict:
   """Fig. 6: the rollout map of each image overlaid on it, one PNG per image."""
-  model = loaded.model
+  names, images = inputs.analysis_images(loaded.resolution)
+  model, out_dir = loaded.model, inputs.out_dir
 
   @jax.jit
   def rollout_maps(params, batch):
@@ -43,7 +65,7 @@ def attention_maps(loaded: inference.LoadedModel, images: np.ndarray, names: Seq
     return attention.rollout_map(weights, loaded.grid, loaded.has_class_token)
 
   maps = inference.map_batches(functools.partial(rollout_maps, loaded.params), images,
-                               batch_size, desc='attention rollout')
+                               inputs.batch_size, desc='attention rollout')
   pngs = []
   for i, (name, image, heat) in enumerate(zip(names, images, maps)):
     stem = os.path.splitext(os.path.basename(name))[0]
@@ -52,10 +74,10 @@ def attention_maps(loaded: inference.LoadedModel, images: np.ndarray, names: Seq
   path = write_json({'grid': list(loaded.grid),
                      'maps': {name: heat.tolist() for name, heat in zip(names, maps)}},
                     os.path.join(out_dir, 'attention_maps.json'))
-  return {'png': pngs, 'json': path}
+  return {'png': pngs, 'json': path, 'names': names}
 
 
-def posemb_similarity(loaded: inference.LoadedModel, out_dir: str) -> dict:
+def posemb_similarity(loaded: inference.LoadedModel, inputs: Inputs) -> dict:
   """Fig. 7 centre: cosine similarity between the patches' position embeddings."""
   posemb = embeddings.patch_position_embeddings(loaded.params, loaded.has_class_token)
   similarity = embeddings.cosine_similarity(posemb)
@@ -65,30 +87,30 @@ def posemb_similarity(loaded: inference.LoadedModel, out_dir: str) -> dict:
                      f'{grid[0]}x{grid[1]} patch grid of {loaded.resolution}px.')
   return {
       'png': plots.position_similarity(similarity, grid,
-                                       os.path.join(out_dir, 'posemb_similarity.png')),
+                                       os.path.join(inputs.out_dir, 'posemb_similarity.png')),
       'json': write_json({'grid': list(grid), 'similarity': similarity.tolist()},
-                         os.path.join(out_dir, 'posemb_similarity.json')),
+                         os.path.join(inputs.out_dir, 'posemb_similarity.json')),
   }
 
 
-def filters(loaded: inference.LoadedModel, out_dir: str, *, num_components: int = 28) -> dict:
+def filters(loaded: inference.LoadedModel, inputs: Inputs) -> dict:
   """Fig. 7 left: the top principal components of the patch-embedding filters (a ViT's: see
   `_hybrid`)."""
   components, explained = embeddings.principal_components(
-      loaded.params['embedding']['kernel'], num_components)
+      loaded.params['embedding']['kernel'], inputs.num_components)
   return {
-      'png': plots.embedding_filters(components, os.path.join(out_dir, 'filters.png')),
+      'png': plots.embedding_filters(components, os.path.join(inputs.out_dir, 'filters.png')),
       'json': write_json({'explained_variance_ratio': explained.tolist(),
                           'components': components.tolist()},
-                         os.path.join(out_dir, 'filters.json')),
+                         os.path.join(inputs.out_dir, 'filters.json')),
       'explained_variance': float(explained.sum()),
   }
 
 
-def attention_distance(loaded: inference.LoadedModel, images: np.ndarray, out_dir: str, *,
-                       batch_size: int = 32) -> dict:
-  """Fig. 7 right: mean attention distance per layer and head, averaged over `images`."""
-  model = loaded.model
+def attention_distance(loaded: inference.LoadedModel, inputs: Inputs) -> dict:
+  """Fig. 7 right: mean attention distance per layer and head, averaged over the images."""
+  _, images = inputs.analysis_images(loaded.resolution)
+  model, out_dir = loaded.model, inputs.out_dir
   patch_px = model_configs.token_stride(loaded.model_config)
 
   @jax.jit
@@ -98,7 +120,7 @@ def attention_distance(loaded: inference.LoadedModel, images: np.ndarray, out_di
                                              loaded.has_class_token)
 
   per_image = inference.map_batches(functools.partial(distances, loaded.params), images,
-                                    batch_size, desc='attention distance')
+                                    inputs.batch_size, desc='attention distance')
   mean = per_image.mean(axis=0)
   return {
       'png': plots.attention_distance(mean, os.path.join(out_dir, 'attention_distance.png'),
@@ -107,15 +129,16 @@ def attention_distance(loaded: inference.LoadedModel, images: np.ndarray, out_di
                           'resolution': loaded.resolution,
                           'mean_distance_px': mean.tolist()},  # [layer][head]
                          os.path.join(out_dir, 'attention_distance.json')),
-      'mean_distance_px': mean,
+      'mean_distance_px': mean, 'num_images': len(images),
   }
 
 
-def fewshot(loaded: inference.LoadedModel, config: ml_collections.ConfigDict, out_dir: str, *,
-            shots: Sequence[int] = (1, 5, 10, 25), seeds: int = 5, l2_reg: float = 1.0,
-            pool_size: int = 10_000, num_eval: Optional[int] = None) -> dict:
-  """Few-shot linear accuracy on `config.eval_split` from frozen pre-logit features, fitted on
-  shots drawn from the first `pool_size` examples of `config.train_split`."""
+def fewshot(loaded: inference.LoadedModel, inputs: Inputs) -> dict:
+  """Few-shot linear accuracy on the config's eval split from frozen pre-logit features, fitted
+  on shots drawn from the first `inputs.fewshot_pool` examples of its train split."""
+  config = inputs.config
+  if config is None:
+    raise ValueError('fewshot needs a dataset config: --config, or a workdir as --checkpoint.')
   if config.pp.resolution != loaded.resolution:
     raise ValueError(f'The dataset config feeds {config.pp.resolution}px images but the model was '
                      f'loaded for {loaded.resolution}px.')
@@ -130,19 +153,20 @@ def fewshot(loaded: inference.LoadedModel, config: ml_collections.ConfigDict, ou
       labels.append(batch['label'][batch['mask']])
     return np.concatenate(feats), np.concatenate(labels)
 
-  train_x, train_y = features(config.train_split, pool_size)
-  eval_x, eval_y = features(config.eval_split, num_eval)
+  train_x, train_y = features(config.train_split, inputs.fewshot_pool)
+  eval_x, eval_y = features(config.eval_split, inputs.num_eval)
   num_classes = input_pipeline.get_dataset_info(config).num_classes
   results = fewshot_lib.evaluate(train_x, train_y, eval_x, eval_y, num_classes=num_classes,
-                                 shots=shots, seeds=seeds, l2_reg=l2_reg)
+                                 shots=inputs.shots, seeds=inputs.fewshot_seeds,
+                                 l2_reg=inputs.l2_reg)
   for n, r in results.items():
     logging.info('%d-shot linear accuracy: %.2f%% +- %.2f', n, 100 * r['mean'], 100 * r['std'])
   path = write_json({'dataset': config.dataset, 'train_split': config.train_split,
                      'eval_split': config.eval_split, 'pool_size': len(train_y),
                      'num_eval': len(eval_y), 'feature_dim': int(train_x.shape[1]),
-                     'l2_reg': l2_reg, 'seeds': seeds,
+                     'l2_reg': inputs.l2_reg, 'seeds': inputs.fewshot_seeds,
                      'results': {str(n): r for n, r in results.items()}},
-                    os.path.join(out_dir, 'fewshot.json'))
+                    os.path.join(inputs.out_dir, 'fewshot.json'))
   return {'json': path, 'results': results}
 
 
@@ -169,27 +193,6 @@ def speed(model_configs: Sequence[ml_collections.ConfigDict], resolutions: Seque
 
 
 @dataclasses.dataclass(frozen=True)
-class Inputs:
-  """What the analyses read besides the model: where to write, the dataset config (eval images,
-  few-shot splits; None without one) and the options of analyze's and report's flags."""
-  out_dir: str
-  config: Optional[ml_collections.ConfigDict] = None
-  images: Sequence[str] = ()  # Image files / directories; default: the config's eval split.
-  num_images: int = 128
-  batch_size: int = 32
-  num_components: int = 28
-  shots: Sequence[int] = (1, 5, 10, 25)
-  fewshot_seeds: int = 5
-  l2_reg: float = 1.0
-  fewshot_pool: int = 10_000
-  num_eval: Optional[int] = None
-
-  def analysis_images(self, resolution: int) -> tuple[list[str], np.ndarray]:
-    names, images = data.analysis_images(resolution, self.images, self.config, self.num_images)
-    return names[:self.num_images], images[:self.num_images]
-
-
-@dataclasses.dataclass(frozen=True)
 class Analysis:
   """`run(loaded, inputs)` -> summary; `markdown(summary, image)` -> the lines of its report
   section under `title` (`image(path, alt)` links a figure); `not_applicable(loaded)` -> why it
@@ -198,26 +201,6 @@ class Analysis:
   run: Callable
   markdown: Callable
   not_applicable: Callable = lambda loaded: None
-
-
-def _attention_maps(loaded, inputs: Inputs) -> dict:
-  names, images = inputs.analysis_images(loaded.resolution)
-  return {**attention_maps(loaded, images, names, inputs.out_dir, batch_size=inputs.batch_size),
-          'names': names}
-
-
-def _attention_distance(loaded, inputs: Inputs) -> dict:
-  _, images = inputs.analysis_images(loaded.resolution)
-  return {**attention_distance(loaded, images, inputs.out_dir, batch_size=inputs.batch_size),
-          'num_images': len(images)}
-
-
-def _fewshot(loaded, inputs: Inputs) -> dict:
-  if inputs.config is None:
-    raise ValueError('fewshot needs a dataset config: --config, or a workdir as --checkpoint.')
-  return fewshot(loaded, inputs.config, inputs.out_dir, shots=inputs.shots,
-                 seeds=inputs.fewshot_seeds, l2_reg=inputs.l2_reg,
-                 pool_size=inputs.fewshot_pool, num_eval=inputs.num_eval)
 
 
 def _hybrid(loaded) -> Optional[str]:
@@ -229,26 +212,23 @@ def _hybrid(loaded) -> Optional[str]:
 
 ANALYSES = {
     'attention_maps': Analysis(
-        'Attention maps (Fig. 6)', _attention_maps,
+        'Attention maps (Fig. 6)', attention_maps,
         lambda r, image: [image(path, f'attention map of {name}')
                           for path, name in zip(r['png'], r['names'])]),
     'posemb_similarity': Analysis(
-        'Position-embedding similarity (Fig. 7 centre)',
-        lambda loaded, inputs: posemb_similarity(loaded, inputs.out_dir),
+        'Position-embedding similarity (Fig. 7 centre)', posemb_similarity,
         lambda r, image: [image(r['png'], 'position embedding similarity')]),
     'filters': Analysis(
-        'Embedding filters (Fig. 7 left)',
-        lambda loaded, inputs: filters(loaded, inputs.out_dir,
-                                       num_components=inputs.num_components),
+        'Embedding filters (Fig. 7 left)', filters,
         lambda r, image: [f'The components shown explain {r["explained_variance"]:.1%} of the '
                           'filters\' variance.', '', image(r['png'], 'embedding filters')],
         _hybrid),
     'attention_distance': Analysis(
-        'Mean attention distance (Fig. 7 right)', _attention_distance,
+        'Mean attention distance (Fig. 7 right)', attention_distance,
         lambda r, image: [f'Averaged over {r["num_images"]} images.', '',
                           image(r['png'], 'mean attention distance')]),
     'fewshot': Analysis(
-        'Few-shot linear accuracy', _fewshot,
+        'Few-shot linear accuracy', fewshot,
         lambda r, image: ['| Shots per class | Accuracy (mean ± std) |', '|---|---|'] + [
             f'| {n} | {x["mean"]:.2%} ± {x["std"]:.2%} |' for n, x in r['results'].items()]),
 }

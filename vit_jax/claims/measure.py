@@ -9,7 +9,6 @@ from vit_jax import benchmark_lib
 from vit_jax import inference
 from vit_jax import model_configs
 from vit_jax.analysis import attention
-from vit_jax.analysis import data
 from vit_jax.analysis import embeddings
 from vit_jax.analysis import outputs
 from vit_jax.claims import experiments
@@ -60,8 +59,8 @@ def attention_distance(result: runner.RunResult, scale: experiments.Scale,
   """Mean attention distance per layer and head (Fig. 7 right) on the eval images, its slope
   against depth and the fraction of global heads per layer."""
   loaded = inference.load_model(result.workdir)
-  images = data.images(loaded.run_config, loaded.run_config.eval_split, scale.analysis_images)
-  summary = outputs.attention_distance(loaded, images, analysis_dir(out_dir, result))
+  summary = outputs.attention_distance(loaded, outputs.Inputs(
+      analysis_dir(out_dir, result), loaded.run_config, num_images=scale.analysis_images))
   distances = np.asarray(summary['mean_distance_px'])  # [layers, heads]
   per_layer = distances.mean(axis=1)
   uniform = uniform_attention_distance(loaded.grid, model_configs.token_stride(loaded.model_config))
@@ -93,7 +92,7 @@ def posemb_structure(result: runner.RunResult, out_dir: str) -> dict:
   loaded = inference.load_model(result.workdir)
   similarity = embeddings.cosine_similarity(
       embeddings.patch_position_embeddings(loaded.params, loaded.has_class_token))
-  png = outputs.posemb_similarity(loaded, analysis_dir(out_dir, result))['png']
+  png = outputs.posemb_similarity(loaded, outputs.Inputs(analysis_dir(out_dir, result)))['png']
   return {**grid_structure(similarity, loaded.grid), 'png': png}
 
 
@@ -101,10 +100,9 @@ def fewshot_accuracy(result: runner.RunResult, scale: experiments.Scale, out_dir
                      shots: int = 5) -> float:
   """`shots`-shot linear accuracy (percent) of the frozen features, 3 draws."""
   loaded = inference.load_model(result.workdir)
-  config = loaded.run_config
-  summary = outputs.fewshot(loaded, config, analysis_dir(out_dir, result), shots=(shots,),
-                            seeds=3, pool_size=scale.fewshot_pool,
-                            num_eval=scale.eval_examples or 2000)
+  summary = outputs.fewshot(loaded, outputs.Inputs(
+      analysis_dir(out_dir, result), loaded.run_config, shots=(shots,), fewshot_seeds=3,
+      fewshot_pool=scale.fewshot_pool, num_eval=scale.eval_examples or 2000))
   return 100.0 * summary['results'][shots]['mean']
 
 
