@@ -19,6 +19,7 @@ import numpy as np
 
 from vit_jax import cli
 from vit_jax import inference
+from vit_jax import output_check
 
 LABELS_DIR = os.path.join(os.path.dirname(__file__), 'labels')
 # Datasets whose class names ship with the package: dataset name -> file in LABELS_DIR.
@@ -84,14 +85,17 @@ def check_head(loaded: inference.LoadedModel) -> bool:
 
 def probabilities(loaded: inference.LoadedModel, images: np.ndarray,
                   batch_size: int) -> np.ndarray:
-  """Softmax class probabilities [n, classes]."""
+  """Softmax class probabilities [n, classes]; NonFiniteOutputError when a logit is not
+  finite."""
   if not loaded.num_classes:
     raise ValueError(f'Checkpoint {loaded.source} has no classification head.')
   model = loaded.model
-  forward = jax.jit(lambda params, x: jax.nn.softmax(model.apply({'params': params}, x,
-                                                                 train=False)))
-  return inference.map_batches(functools.partial(forward, loaded.params), images, batch_size,
-                               desc='predict')
+  forward = jax.jit(lambda params, x: model.apply({'params': params}, x, train=False))
+  logits = inference.map_batches(functools.partial(forward, loaded.params), images, batch_size,
+                                 desc='predict')
+  output_check.check_finite(logits, f'Checkpoint {loaded.source}', model=model,
+                            params=loaded.params, images=images)
+  return np.asarray(jax.nn.softmax(logits, axis=-1))
 
 
 def top_k(probs: np.ndarray, k: int) -> np.ndarray:

@@ -9,7 +9,10 @@ Fault tolerance:
     starts at the restored step) and RNG (part of the state), so it follows the loss curve of an
     uninterrupted run. metrics.jsonl is first cut back to the restored step.
   * SIGTERM / SIGINT: the current step finishes, its checkpoint is saved and TrainingInterrupted
-    is raised (the CLI exits with 128 + the signal number). A second signal acts as usual. With
+    is raised (the CLI exits with 128 + the signal number). A second signal acts as usual.
+    During an evaluation (the final one included) the evaluation stops after its current batch,
+    the step is saved and the same holds: the resumed command evaluates again (and writes the
+    final accuracies and model.npz of a run stopped in its last evaluation). With
     several processes SIGTERM goes through JAX's preemption service (all processes stop at the
     same step) and SIGINT is not intercepted.
   * Non-finite loss or gradients: the train step does not apply the update (on device) and
@@ -205,8 +208,8 @@ class Run:
     try:
       with _StopSignals() as stop:
         state, eval_metrics = self._loop(stop)
-      if not eval_metrics:  # The run had already finished: report its accuracies all the same.
-        eval_metrics = evaluate.accuracies(self.trainer, state['params'], with_test=True)
+        if not eval_metrics:  # Finished already (or stopped in its final evaluation).
+          eval_metrics = self._final_accuracies(state, stop)
       params = self.trainer.released_params(_host_params(state['params']))
       if jax.process_index() == 0:
         checkpoint.save_npz(params, workdir_lib.path(self.workdir, workdir_lib.MODEL))
@@ -255,12 +258,36 @@ class Run:
         raise TrainingInterrupted(stop.signum, step,
                                   workdir_lib.path(self.workdir, workdir_lib.CHECKPOINTS))
       if step % config.eval_every == 0 or step == config.total_steps:
-        eval_metrics = evaluate.accuracies(trainer, state['params'],
-                                           with_test=step == config.total_steps)
+        eval_metrics = self._evaluate(state, step, stop)
         writer.write(step, eval_metrics)
     progress.close()
     profile.close(step, state)
     return state, eval_metrics
+
+
+  def _evaluate(self, state, step: int, stop: _StopSignals) -> dict:
+    """`evaluate.accuracies` after `step` (with the test split after the last step); a signal
+    during it saves `step` (if not yet saved) and raises TrainingInterrupted, as during the
+    steps: the same command then evaluates again."""
+    try:
+      return evaluate.accuracies(
+          self.trainer, state['params'], with_test=step == self.trainer.config.total_steps,
+          source=f'The model of step {step} in {self.workdir}',
+          should_stop=lambda: stop.signum is not None)
+    except evaluate.Stopped:
+      self.ckpt.save(step, state)
+      self.ckpt.wait()
+      raise TrainingInterrupted(stop.signum, step,
+                                workdir_lib.path(self.workdir, workdir_lib.CHECKPOINTS)) from None
+
+  def _final_accuracies(self, state, stop: _StopSignals) -> dict:
+    """The accuracies of a run restored at its last step; written to metrics.jsonl when its
+    final evaluation is not there (a signal stopped it)."""
+    metrics = self._evaluate(state, self.step, stop)
+    if not any(event['step'] == self.step and 'eval_top1' in event
+               for event in workdir_lib.read_metrics(self.workdir)):
+      metrics_writer.MetricsWriter(self.workdir).write(self.step, metrics)
+    return metrics
 
 
 def _batches(config, trainer, step: int) -> Iterator[dict]:

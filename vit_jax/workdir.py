@@ -234,9 +234,32 @@ def lock(workdir: str) -> Lock:
   return held
 
 
+def check_writable(workdir: str) -> None:
+  """Raises OSError naming the path when a run could not write its files: --workdir or
+  WORKDIR/checkpoints is a file, or the deepest of them that exists does not take a new file
+  (read-only, no permission). Called before a start changes anything: a run that went on would
+  find no checkpoints, rewind metrics.jsonl and rewrite config.json, then fail at its first save."""
+  checkpoints = path(workdir, CHECKPOINTS)
+  for location, name in ((workdir, f'--workdir={workdir}'),
+                         (checkpoints, f'The checkpoints folder {checkpoints}')):
+    if tf.io.gfile.exists(location) and not tf.io.gfile.isdir(location):
+      raise FileExistsError(f'{name} is a file, not a directory; move it away.')
+  target = next((p for p in (checkpoints, workdir) if tf.io.gfile.exists(p)), None)
+  if target is None:
+    return
+  probe = path(target, f'.write-test-{socket.gethostname()}-{os.getpid()}')
+  try:
+    with tf.io.gfile.GFile(probe, 'w') as f:
+      f.write('')
+    tf.io.gfile.remove(probe)
+  except (OSError, tf.errors.OpError) as e:
+    reason = getattr(e, 'message', None) or getattr(e, 'strerror', None) or e
+    raise PermissionError(f'Cannot write into {target} ({reason}): the run saves its '
+                          'checkpoints there. Make it writable, or use another --workdir.') from e
+
+
 def _acquire(workdir: str) -> Lock:
-  if tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):
-    raise FileExistsError(f'--workdir={workdir} is a file, not a directory.')
+  check_writable(workdir)
   created = not tf.io.gfile.exists(workdir)
   tf.io.gfile.makedirs(workdir)
   lock_path = path(workdir, LOCK)

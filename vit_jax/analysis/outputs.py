@@ -18,6 +18,7 @@ import tqdm
 from vit_jax import inference
 from vit_jax import input_pipeline
 from vit_jax import models
+from vit_jax import output_check
 from vit_jax.analysis import attention
 from vit_jax.analysis import data
 from vit_jax.analysis import embeddings
@@ -47,6 +48,7 @@ def attention_maps(loaded: inference.LoadedModel, images: np.ndarray, names: Seq
 
   maps = inference.map_batches(functools.partial(rollout_maps, loaded.params), images,
                                batch_size, desc='attention rollout')
+  _check_finite(maps, loaded, images, 'attention maps')
   pngs = []
   for i, (name, image, heat) in enumerate(zip(names, images, maps)):
     stem = os.path.splitext(os.path.basename(name))[0]
@@ -56,6 +58,12 @@ def attention_maps(loaded: inference.LoadedModel, images: np.ndarray, names: Seq
                      'maps': {name: heat.tolist() for name, heat in zip(names, maps)}},
                     os.path.join(out_dir, 'attention_maps.json'))
   return {'png': pngs, 'json': path}
+
+
+def _check_finite(values: np.ndarray, loaded: inference.LoadedModel, images: np.ndarray,
+                  what: str) -> None:
+  output_check.check_finite(values, f'Checkpoint {loaded.source}', what=what,
+                            model=loaded.model, params=loaded.params, images=images)
 
 
 def posemb_similarity(loaded: inference.LoadedModel, out_dir: str) -> dict:
@@ -104,6 +112,7 @@ def attention_distance(loaded: inference.LoadedModel, images: np.ndarray, out_di
 
   per_image = inference.map_batches(functools.partial(distances, loaded.params), images,
                                     batch_size, desc='attention distance')
+  _check_finite(per_image, loaded, images, 'attention distances')
   mean = per_image.mean(axis=0)
   return {
       'png': plots.attention_distance(mean, os.path.join(out_dir, 'attention_distance.png'),
@@ -132,6 +141,9 @@ def fewshot(loaded: inference.LoadedModel, config: ml_collections.ConfigDict, ou
     feats, labels = [], []
     for batch in tqdm.tqdm(data.batches(config, split, limit), desc=f'features {split}'):
       feats.append(np.asarray(embed(backbone, batch['image']))[batch['mask']])
+      output_check.check_finite(feats[-1], f'Checkpoint {loaded.source}',
+                                what=f'pre-logit features on {split}', model=representation,
+                                params=backbone, images=batch['image'][batch['mask']])
       labels.append(batch['label'][batch['mask']])
     return np.concatenate(feats), np.concatenate(labels)
 
