@@ -6,6 +6,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import pytest
 from tests import fault_tolerance_config
 from tests import train_fixtures
 from tests.test_analysis import write_workdir
+from tests.test_fault_tolerance import _env as fault_tolerance_env
 from tests.test_reliability import CONFIG
 from tests.test_reliability import ROOT
 from tests.test_reliability import _assert_user_error
@@ -27,6 +29,7 @@ from vit_jax import config_lib
 from vit_jax import input_pipeline
 from vit_jax import output_check
 from vit_jax import state_checkpoint
+from vit_jax import workdir as workdir_lib
 
 # ---------------------------------------------------------------------------------------------
 # Finite weights, non-finite outputs.
@@ -303,3 +306,36 @@ def test_every_float_field_refuses_inf_and_nan():
       with pytest.raises(ValueError, match=rf'^config\.{re.escape(field)}=-?(inf|nan) must be a '
                          'finite number'):
         config_lib.validate(config, num_devices=1, process_count=1)
+
+
+def test_sigterm_during_the_final_evaluation_exits_143_and_the_same_command_finishes(tmp_path):
+  workdir = tmp_path / 'run'
+  command = [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', f'--config={CONFIG}',
+             '--config.total_steps=3', '--config.warmup_steps=0', '--config.eval_split=test',
+             '--config.test_split=test', '--config.batch_eval=16']
+  env = fault_tolerance_env(tmp_path / 'cache')
+  with open(tmp_path / 'first.err', 'w') as err:
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=err)
+    deadline = time.monotonic() + 240
+    while not any(e['step'] == 3 for e in workdir_lib.read_metrics(str(workdir))):
+      assert process.poll() is None and time.monotonic() < deadline
+      time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)  # Now in the evaluation of 10,000 test images.
+    assert process.wait(120) == 128 + signal.SIGTERM, (tmp_path / 'first.err').read_text()
+  assert 'Stopped by SIGTERM after step 3' in (tmp_path / 'first.err').read_text()
+  assert os.listdir(workdir / 'checkpoints') == ['3'] and not (workdir / 'model.npz').exists()
+  assert not any('eval_top1' in e for e in workdir_lib.read_metrics(str(workdir)))
+  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (workdir / 'model.npz').exists()
+  finals = [e for e in workdir_lib.read_metrics(str(workdir)) if 'eval_top1' in e]
+  assert [(e['step'], sorted(e)) for e in finals] == [(3, ['eval_top1', 'step', 'test_top1'])]
+  assert f'eval_top1={finals[0]["eval_top1"]:.4f}' in result.stdout
+
+
+def test_eval_of_a_missing_workdir_creates_nothing(tmp_path):
+  result = _command('main', '--mode=eval', f'--workdir={tmp_path / "typo"}', f'--config={CONFIG}')
+  _assert_user_error(result, r'.*typo is neither a released-layout \.npz nor a training workdir')
+  assert not os.listdir(tmp_path)
