@@ -339,3 +339,12 @@ def test_eval_of_a_missing_workdir_creates_nothing(tmp_path):
   result = _command('main', '--mode=eval', f'--workdir={tmp_path / "typo"}', f'--config={CONFIG}')
   _assert_user_error(result, r'.*typo is neither a released-layout \.npz nor a training workdir')
   assert not os.listdir(tmp_path)
+
+
+def test_report_on_a_binary_metrics_file_names_it(tmp_path):
+  workdir = pathlib.Path(write_workdir(tmp_path))
+  (workdir / 'metrics.jsonl').write_bytes(bytes(range(256)) * 4096)
+  result = _command('report', f'--workdir={workdir}', f'--out={tmp_path / "out" / "report.md"}')
+  _assert_user_error(result, r'.*workdir/metrics\.jsonl is not a metrics file: it holds no JSON '
+                     r'event and \d+ of its lines are not UTF-8 text')
+  assert not (tmp_path / 'out' / 'report.md').exists()
