@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -26,6 +27,7 @@ from tests.test_reliability import _command
 from tests.test_reliability import _env
 from vit_jax import checkpoint
 from vit_jax import config_lib
+from vit_jax import hardware
 from vit_jax import input_pipeline
 from vit_jax import output_check
 from vit_jax import state_checkpoint
@@ -348,3 +350,46 @@ def test_report_on_a_binary_metrics_file_names_it(tmp_path):
   _assert_user_error(result, r'.*workdir/metrics\.jsonl is not a metrics file: it holds no JSON '
                      r'event and \d+ of its lines are not UTF-8 text')
   assert not (tmp_path / 'out' / 'report.md').exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory check inside a container: the cgroup's limit.
+
+
+def _fake_cgroups(monkeypatch, tmp_path, proc_lines: str, files: dict) -> None:
+  tmp_path.mkdir(exist_ok=True)
+  (tmp_path / 'proc_self_cgroup').write_text(proc_lines)
+  for name, text in files.items():
+    (tmp_path / 'cg' / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / 'cg' / name).write_text(text)
+  monkeypatch.setattr(hardware, 'CGROUP_ROOT', str(tmp_path / 'cg'))
+  monkeypatch.setattr(hardware, 'PROC_SELF_CGROUP', str(tmp_path / 'proc_self_cgroup'))
+  monkeypatch.delenv(hardware.MEMORY_LIMIT_ENV, raising=False)
+
+
+GIB = 2**30
+
+
+def test_memory_budget_uses_a_cgroup_v2_limit(monkeypatch, tmp_path):
+  _fake_cgroups(monkeypatch, tmp_path, '0::/job\n', {
+      'memory.max': 'max\n', 'job/memory.max': f'{6 * GIB}\n', 'job/memory.current': f'{GIB}\n',
+      'job/memory.stat': f'anon 5\ninactive_file {GIB // 2}\n'})
+  assert hardware.cgroup_memory_available() == 5.5 * GIB
+  budget, source = hardware.memory_budget()
+  assert budget == int(5.5 * GIB) // jax.local_device_count()
+  assert source.startswith('the memory its cgroup (container) limit leaves / ')
+
+
+def test_memory_budget_uses_a_cgroup_v1_limit_and_ignores_unlimited_ones(monkeypatch, tmp_path):
+  _fake_cgroups(monkeypatch, tmp_path, '4:memory:/a/b\n3:cpu:/\n', {
+      'memory/memory.limit_in_bytes': '9223372036854771712\n',
+      'memory/memory.usage_in_bytes': f'{GIB}\n',
+      'memory/a/memory.limit_in_bytes': f'{4 * GIB}\n', 'memory/a/memory.usage_in_bytes': '0\n',
+      'memory/a/b/memory.limit_in_bytes': f'{8 * GIB}\n',
+      'memory/a/b/memory.usage_in_bytes': f'{GIB}\n'})
+  assert hardware.cgroup_memory_available() == 4 * GIB  # The parent's limit is tighter.
+  _fake_cgroups(monkeypatch, tmp_path / 'none', '4:memory:/\n', {
+      'memory/memory.limit_in_bytes': '9223372036854771712\n',
+      'memory/memory.usage_in_bytes': f'{GIB}\n'})
+  assert hardware.cgroup_memory_available() is None
+  assert hardware.memory_budget()[1].startswith("the host's available memory")
