@@ -2,6 +2,7 @@
 cannot satisfy, unusable checkpoint folders, wrong exits and messages. Command-line cases run the
 real `python -m vit_jax.<command>` in a subprocess.
 """
+import json
 import os
 import pathlib
 import re
@@ -393,3 +394,26 @@ def test_memory_budget_uses_a_cgroup_v1_limit_and_ignores_unlimited_ones(monkeyp
       'memory/memory.usage_in_bytes': f'{GIB}\n'})
   assert hardware.cgroup_memory_available() is None
   assert hardware.memory_budget()[1].startswith("the host's available memory")
+
+
+# ---------------------------------------------------------------------------------------------
+# A lock left by a run killed on another host.
+
+
+def test_a_lock_of_another_host_names_the_flag_that_takes_it_over(tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  holder = {'host': 'other-host', 'pid': 12345, 'since': '2026-01-02T03:04:05+00:00'}
+  (workdir / 'lock').write_text(json.dumps(holder))
+  result = _command('main', f'--workdir={workdir}', f'--config={CONFIG}')
+  _assert_user_error(result, r'.*run is in use by host other-host pid 12345 since .* rerun with '
+                     r'--take_over_lock to take the workdir over')
+  assert json.loads((workdir / 'lock').read_text()) == holder
+  # With the flag the run holds the workdir (and here stops at its memory check, which comes
+  # after the lock, releasing it).
+  result = _command('main', f'--workdir={workdir}', f'--config={CONFIG}', '--take_over_lock',
+                    env=_env(**{hardware.MEMORY_LIMIT_ENV: '0.0001'}))
+  _assert_user_error(result, 'Out of memory')
+  assert re.search(r'Taking over .*run/lock: it names host other-host pid 12345 since .*, as '
+                   '--take_over_lock asks', result.stderr)
+  assert os.listdir(workdir) == []

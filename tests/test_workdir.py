@@ -170,8 +170,8 @@ def test_lock_of_a_live_process_or_another_host_is_refused(root, host):
   with pytest.raises(workdir_lib.WorkdirInUse) as error:
     workdir_lib.lock(workdir)
   assert str(error.value) == (f'{workdir} is in use by host {hostname} pid {pid} since '
-                              f'2026-01-02T03:04:05+00:00 (delete {workdir}/lock if that run is '
-                              'gone).')
+                              '2026-01-02T03:04:05+00:00 (if that run is gone, e.g. killed on '
+                              'its host, rerun with --take_over_lock to take the workdir over).')
   assert isinstance(error.value, cli.UserError)
 
 
@@ -294,6 +294,6 @@ def test_several_processes_hold_the_workdir_once_by_process_0(tmp_path):
   held = _lock_naming(str(tmp_path / 'held'), socket.gethostname(), os.getpid())
   first, second = _lock_in_two_processes(str(tmp_path / 'held'))
   assert first == (f'REFUSED {tmp_path}/held is in use by host {held["host"]} pid '
-                   f'{os.getpid()} since {held["since"]} (delete {tmp_path}/held/lock if that '
-                   'run is gone).')
+                   f'{os.getpid()} since {held["since"]} (if that run is gone, e.g. killed on '
+                   'its host, rerun with --take_over_lock to take the workdir over).')
   assert second == f'REFUSED Process 0 could not hold {tmp_path}/held: see its error.'

@@ -340,19 +340,21 @@ def check_step_memory(trainer: program_lib.Program) -> None:
   logging.warning('Close to the memory limit: %s', message)
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
+def prepare(config: ml_collections.ConfigDict, workdir: str, *,
+            take_over_lock: bool = False) -> Run:
   """Checks the config and workdir, holds the workdir, restores WORKDIR/checkpoints or
   initialises the state and builds the input pipeline; only then writes config.json.
 
   Raises ValueError / OSError for what the user must fix: config, data, paths, checkpoints, a
-  workdir in use; a start that fails leaves the workdir as it was.
+  workdir in use (`take_over_lock`: take over the lock of a run gone on another host); a start
+  that fails leaves the workdir as it was.
   """
   input_pipeline.check_and_complete(config)
   workdir_lib.check_config(config, workdir)
   hardware.check_host_allocator()
   hardware.check_remat_layout(config.model)
   hardware.check_accelerator(config.model)
-  lock = workdir_lib.lock(workdir)
+  lock = workdir_lib.lock(workdir, take_over=take_over_lock)
   ckpt = None
   try:
     trainer = program_lib.Program(config, config.num_classes)

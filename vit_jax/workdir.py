@@ -295,14 +295,20 @@ class Lock:
       tf.io.gfile.rmtree(self.workdir)
 
 
-def lock(workdir: str) -> Lock:
+# The flag of `python -m vit_jax.main` that passes `take_over=True` (named in the error).
+TAKE_OVER_FLAG = '--take_over_lock'
+
+
+def lock(workdir: str, *, take_over: bool = False) -> Lock:
   """Holds `workdir` for this run: process 0 takes the lock (the others hold an empty Lock),
   all processes fail together when it is taken. Raises WorkdirInUse (or FileExistsError for a
-  workdir that is a file)."""
+  workdir that is a file). A lock naming a process of this host that is gone is taken over;
+  one naming another host (a shared workdir on NFS or gs://, its run killed there) only with
+  `take_over`: this host cannot tell whether that run still goes on."""
   held, error = Lock(workdir, None), None
   if jax.process_index() == 0:
     try:
-      held = _acquire(workdir)
+      held = _acquire(workdir, take_over)
     except Exception as e:  # pylint: disable=broad-except  (raised below, once all know)
       error = e
   if jax.process_count() > 1:
@@ -338,7 +344,7 @@ def check_writable(workdir: str) -> None:
                           'checkpoints there. Make it writable, or use another --workdir.') from e
 
 
-def _acquire(workdir: str) -> Lock:
+def _acquire(workdir: str, take_over: bool) -> Lock:
   check_writable(workdir)
   created = not tf.io.gfile.exists(workdir)
   tf.io.gfile.makedirs(workdir)
@@ -348,10 +354,12 @@ def _acquire(workdir: str) -> Lock:
   if not _create(lock_path, holder):
     other = _read_holder(lock_path)
     if other is not None:  # None: released in the meantime.
-      if not _is_stale(other):
+      stale = _is_stale(other)
+      if not (stale or take_over):
         raise WorkdirInUse(_in_use_message(workdir, other, lock_path))
-      logging.warning('Taking over %s: it names host %s pid %s since %s, a process that is '
-                      'gone.', lock_path, other['host'], other['pid'], other.get('since'))
+      logging.warning('Taking over %s: it names host %s pid %s since %s, %s.', lock_path,
+                      other.get('host'), other.get('pid'), other.get('since'),
+                      'a process that is gone' if stale else f'as {TAKE_OVER_FLAG} asks')
       tf.io.gfile.remove(lock_path)
     if not _create(lock_path, holder):
       raise WorkdirInUse(_in_use_message(workdir, _read_holder(lock_path), lock_path))
@@ -412,7 +420,8 @@ def _in_use_message(workdir: str, holder: Optional[dict], lock_path: str) -> str
     return (f'{workdir} is in use: its lock file {lock_path} is being written or unreadable; '
             'delete it if no run uses this workdir.')
   return (f'{workdir} is in use by host {holder.get("host")} pid {holder.get("pid")} since '
-          f'{holder.get("since")} (delete {lock_path} if that run is gone).')
+          f'{holder.get("since")} (if that run is gone, e.g. killed on its host, rerun with '
+          f'{TAKE_OVER_FLAG} to take the workdir over).')
 
 
 def mismatch_error(error: ValueError, config: ml_collections.ConfigDict,
