@@ -31,7 +31,10 @@ from vit_jax import config_lib
 from vit_jax import hardware
 from vit_jax import input_pipeline
 from vit_jax import output_check
+from vit_jax import program as program_lib
+from vit_jax import sharding
 from vit_jax import state_checkpoint
+from vit_jax import train_loop
 from vit_jax import workdir as workdir_lib
 
 # ---------------------------------------------------------------------------------------------
@@ -417,3 +420,22 @@ def test_a_lock_of_another_host_names_the_flag_that_takes_it_over(tmp_path):
   assert re.search(r'Taking over .*run/lock: it names host other-host pid 12345 since .*, as '
                    '--take_over_lock asks', result.stderr)
   assert os.listdir(workdir) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming with another number of devices.
+
+
+def test_resuming_on_another_number_of_devices_warns(tmp_path, caplog):
+  config = train_fixtures.tiny_config()
+  eight = program_lib.Program(config, train_fixtures.NUM_CLASSES)
+  assert eight.mesh.devices.size == 8
+  with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=1) as ckpt:
+    ckpt.save(5, eight.initial_state())
+  two = program_lib.Program(config, train_fixtures.NUM_CLASSES,
+                            mesh=sharding.make_mesh(jax.devices()[:2]))
+  for trainer, warned in ((eight, False), (two, True)):
+    caplog.clear()
+    with state_checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=1) as ckpt:
+      assert train_loop._restore_or_init(trainer, ckpt, str(tmp_path))[1] == 5  # pylint: disable=protected-access
+    assert ('Resuming step 5 on 2 devices; it was saved by a run on 8.' in caplog.text) == warned

@@ -194,6 +194,20 @@ class TrainCheckpointer:
       raise error or ValueError(f'Restoring step {step} failed on another process.')
     return restored[_STATE], step
 
+  def saved_device_count(self, step: int) -> Optional[int]:
+    """The number of devices of the mesh `step` was saved from (orbax's sharding metadata);
+    None when its metadata does not say."""
+    try:
+      metadata = ocp.StandardCheckpointHandler().metadata(
+          epath.Path(self._directory) / str(step) / _STATE)
+    except _IO_ERRORS:
+      return None
+    for leaf in jax.tree.leaves(metadata):
+      mesh_shape = getattr(getattr(leaf, 'sharding', None), 'shape', None)
+      if mesh_shape is not None:
+        return int(np.prod(mesh_shape))
+    return None
+
   def _layout_differences(self, abstract_state: Any, step: int, shown: int = 8) -> list:
     """How the arrays saved at `step` differ from `abstract_state` in names or shapes (at most
     `shown` lines); [] when they agree or the step's metadata cannot be read."""

@@ -306,7 +306,20 @@ def _restore_or_init(trainer: program_lib.Program, ckpt: state_checkpoint.TrainC
   except state_checkpoint.CheckpointMismatchError as e:
     raise workdir_lib.mismatch_error(e, trainer.config, workdir) from e
   logging.info('Resumed from %s at step %d.', workdir, step)
+  _check_device_count(ckpt.saved_device_count(step), trainer.mesh.devices.size, step)
   return state, step
+
+
+def _check_device_count(saved: Optional[int], now: int, step: int) -> bool:
+  """Warns when a run resumes on another number of devices than it saved its state from."""
+  if saved is None or saved == now:
+    return True
+  logging.warning(
+      'Resuming step %d on %d devices; it was saved by a run on %d. The run goes on correctly, '
+      'but its loss curve departs from an uninterrupted run on %d devices: the training data '
+      'is read as one shard per device (another order) and the batch is reduced in another '
+      'order. Resume on %d devices to follow that curve.', step, now, saved, saved, saved)
+  return False
 
 
 # A step whose XLA buffers need more than this fraction of the memory budget gets a warning.
