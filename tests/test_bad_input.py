@@ -26,6 +26,7 @@ from tests.test_reliability import ROOT
 from tests.test_reliability import _assert_user_error
 from tests.test_reliability import _command
 from tests.test_reliability import _env
+from tests.test_reliability import _poison
 from vit_jax import checkpoint
 from vit_jax import config_lib
 from vit_jax import hardware
@@ -41,21 +42,12 @@ from vit_jax import workdir as workdir_lib
 # Finite weights, non-finite outputs.
 
 
-def _rewrite(npz_path: pathlib.Path, **values) -> None:
-  """Sets keys (`__` for `/`) of an .npz checkpoint to a constant."""
-  with np.load(npz_path) as f:
-    arrays = dict(f)
-  for key, value in values.items():
-    key = key.replace('__', '/')
-    arrays[key] = np.full_like(arrays[key], value)
-  np.savez(npz_path, **arrays)
-
-
 @pytest.fixture(scope='module')
 def huge_head(tmp_path_factory) -> pathlib.Path:
   """A finished workdir whose finite head (1e38) makes every logit infinite."""
   workdir = pathlib.Path(write_workdir(tmp_path_factory.mktemp('huge_head')))
-  _rewrite(workdir / 'model.npz', head__kernel=1e38, Transformer__encoder_norm__bias=10.0)
+  _poison(str(workdir / 'model.npz'), 1e38, keys=['head/kernel'])
+  _poison(str(workdir / 'model.npz'), 10.0, keys=['Transformer/encoder_norm/bias'])
   return workdir
 
 
@@ -90,9 +82,9 @@ def test_eval_refuses_infinite_logits(huge_head):
 
 def test_analyze_refuses_non_finite_attention_naming_the_first_layer(tmp_path):
   workdir = pathlib.Path(write_workdir(tmp_path))
-  _rewrite(workdir / 'model.npz',
-           Transformer__encoderblock_0__MultiHeadDotProductAttention_1__query__bias=1e38,
-           Transformer__encoderblock_0__MultiHeadDotProductAttention_1__key__bias=1e38)
+  _poison(str(workdir / 'model.npz'), 1e38,
+          keys=[f'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/{name}/bias'
+                for name in ('query', 'key')])
   result = _command('analyze', '--analysis=attention_maps', f'--checkpoint={workdir}',
                     f'--images={tmp_path / "images" / "class0"}', f'--out_dir={tmp_path / "out"}')
   _assert_user_error(result, r'Checkpoint .* computes Inf or NaN attention maps for \d+ of \d+ '
