@@ -2,7 +2,8 @@
 
 Two `python -m vit_jax.main --coordinator_address=... --num_processes=2 --process_id=I`
 processes with 4 CPU devices each (gloo collectives) train on Fashion-MNIST through the real
-input pipeline, each reading the shards of its own devices, with FSDP (parameters and optimizer
+input pipeline (the whole train split, a shuffle buffer far smaller than it), each reading the
+shards of its own devices, with FSDP (parameters and optimizer
 state split across the hosts) and gradient accumulation. Stopped with SIGTERM to both and
 resumed by the same commands, they must follow the loss curve and reach the eval accuracy and
 final weights of one process with 8 devices, writing one metrics.jsonl and one model.npz.
@@ -25,7 +26,10 @@ from vit_jax import workdir as workdir_lib
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = ROOT / 'tests' / 'fault_tolerance_config.py'
 TOTAL_STEPS = 20
-FLAGS = [f'--config={CONFIG}', f'--config.total_steps={TOTAL_STEPS}', '--config.batch=16',
+# The whole train split (60,000 images) with a buffer of 8 per device's shard: far smaller than a
+# shard, so each process's shuffle must not depend on how many shards it reads.
+FLAGS = [f'--config={CONFIG}', f'--config.total_steps={TOTAL_STEPS}', '--config.batch=64',
+         '--config.train_split=train', '--config.shuffle_buffer=64',
          '--config.accum_steps=2', '--config.sharding=fsdp', f'--config.eval_every={TOTAL_STEPS}',
          f'--config.checkpoint_every={TOTAL_STEPS}']
 TIMEOUT_S = 300

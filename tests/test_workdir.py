@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tracemalloc
 import uuid
 
 import numpy as np
@@ -87,7 +88,8 @@ def test_rewind_keeps_broken_lines_before_the_step_and_drops_the_rest(root, capl
   _write(path, ''.join(METRICS))
   workdir_lib.rewind_metrics(root, 3)
   assert _read(path) == ''.join(METRICS[:4])
-  assert f'{path} line 2 is not a JSON event with a step; kept' in caplog.text
+  assert (f'{path}: 1 line(s) are not JSON events with a step; kept as they are: line 2.'
+          in caplog.text)
   workdir_lib.rewind_metrics(root, 10)  # Nothing after step 10: unchanged.
   assert _read(path) == ''.join(METRICS[:4])
 
@@ -102,8 +104,34 @@ def test_rewind_drops_a_last_line_cut_short(root):
 def test_read_metrics_names_the_lines_it_skips(root, caplog):
   _write(f'{root}/metrics.jsonl', ''.join(METRICS))
   assert [e['step'] for e in workdir_lib.read_metrics(root)] == [1, 2, 3, 4]
-  assert f'{root}/metrics.jsonl line 2 is not a JSON event with a step; skipped' in caplog.text
-  assert f'{root}/metrics.jsonl line 6 is not' in caplog.text
+  assert (f'{root}/metrics.jsonl: 2 line(s) are not JSON events with a step; skipped: line 2, '
+          '6.' in caplog.text)
+
+
+def test_read_metrics_of_millions_of_bad_lines_warns_once_in_bounded_memory(root, caplog):
+  garbage = b'not json\n' * 100_000 + b'x' * (3 << 20)  # And a 3 MiB line without a newline.
+  with tf.io.gfile.GFile(f'{root}/metrics.jsonl', 'wb') as f:
+    f.write(b'{"step": 1, "loss": 2.0}\n' + garbage + b'\n{"step": 2, "loss": 1.0}\n')
+  tracemalloc.start()
+  try:
+    events = workdir_lib.read_metrics(root)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert [e['step'] for e in events] == [1, 2]
+  assert peak < 8 << 20
+  warnings = [r for r in caplog.records if 'metrics.jsonl' in r.getMessage()]
+  assert len(warnings) == 1
+  assert ('100001 line(s) are not JSON events with a step; skipped: line 2, 3, 4, 5, 6, ...'
+          in warnings[0].getMessage())
+
+
+def test_read_metrics_of_a_binary_file_names_it(root):
+  with tf.io.gfile.GFile(f'{root}/metrics.jsonl', 'wb') as f:
+    f.write(bytes(range(256)) * 1000)
+  with pytest.raises(ValueError, match=f'^{root}/metrics.jsonl is not a metrics file: it holds no '
+                     r'JSON event and \d+ of its lines are not UTF-8 text'):
+    workdir_lib.read_metrics(root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,8 +170,8 @@ def test_lock_of_a_live_process_or_another_host_is_refused(root, host):
   with pytest.raises(workdir_lib.WorkdirInUse) as error:
     workdir_lib.lock(workdir)
   assert str(error.value) == (f'{workdir} is in use by host {hostname} pid {pid} since '
-                              f'2026-01-02T03:04:05+00:00 (delete {workdir}/lock if that run is '
-                              'gone).')
+                              '2026-01-02T03:04:05+00:00 (if that run is gone, e.g. killed on '
+                              'its host, rerun with --take_over_lock to take the workdir over).')
   assert isinstance(error.value, cli.UserError)
 
 
@@ -266,6 +294,6 @@ def test_several_processes_hold_the_workdir_once_by_process_0(tmp_path):
   held = _lock_naming(str(tmp_path / 'held'), socket.gethostname(), os.getpid())
   first, second = _lock_in_two_processes(str(tmp_path / 'held'))
   assert first == (f'REFUSED {tmp_path}/held is in use by host {held["host"]} pid '
-                   f'{os.getpid()} since {held["since"]} (delete {tmp_path}/held/lock if that '
-                   'run is gone).')
+                   f'{os.getpid()} since {held["since"]} (if that run is gone, e.g. killed on '
+                   'its host, rerun with --take_over_lock to take the workdir over).')
   assert second == f'REFUSED Process 0 could not hold {tmp_path}/held: see its error.'

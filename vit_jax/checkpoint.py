@@ -104,9 +104,24 @@ def load(path: str) -> Dict[str, Any]:
                            'which is refused (only numeric arrays are loaded).') from e
   except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
     raise ValueError(f'Checkpoint {path} is truncated or not a valid .npz archive: {e}') from e
+  _check_arrays(flat, path)
   flat = _from_big_vision(flat, path)
   check_weights(flat, f'Checkpoint {path}')
   return traverse_util.unflatten_dict(flat, sep='/')
+
+
+def _check_arrays(flat: Mapping[str, np.ndarray], path: str) -> None:
+  """ValueError naming the file and key of an array that cannot be a weight: a scalar (shape
+  ()), strings, complex numbers or raw bytes. (Arrays outside `params/` of a big_vision file
+  are ignored, as on load.)"""
+  used = {k: v for k, v in flat.items() if k.startswith('params/')} or flat
+  for key, value in used.items():
+    if value.dtype.kind in 'USVOc':
+      raise ValueError(f'Checkpoint {path}: key {key!r} holds {value.dtype} values '
+                       f'(shape {value.shape}); weights are float arrays.')
+    if value.ndim == 0:
+      raise ValueError(f'Checkpoint {path}: key {key!r} is a scalar (shape ()); weights are '
+                       'arrays of at least one dimension.')
 
 
 def check_weights(params: Mapping[str, Any], source: str) -> None:

@@ -69,10 +69,13 @@ def _config_file_error(flag_values: flags.FlagValues) -> Optional[str]:
   for name in flag_values:
     value = flag_values[name].value
     if type(value).__name__ == '_ErrorConfig':
-      lines = [line.strip() for line in str(object.__getattribute__(value, '_error')).splitlines()
-               if line.strip()]
-      return f'flag --{name}: {lines[0]}: {lines[-1]}'
+      return f'flag --{name}: {_first_and_last_line(object.__getattribute__(value, "_error"))}'
   return None
+
+
+def _first_and_last_line(error: Any) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return f'{lines[0]}: {lines[-1]}' if len(lines) > 1 else ''.join(lines)
 
 
 def parse_flags(argv: Sequence[str]):
@@ -84,6 +87,13 @@ def parse_flags(argv: Sequence[str]):
       return remaining
   except flags.Error as e:
     message = _flag_error_message(e)
+  except OSError as e:  # A config file that failed to load, at its first --config.x override.
+    if 'failure to load' not in str(e):
+      raise
+    names = [arg[2:].split('=')[0].split('.')[0] for arg in argv[1:]
+             if arg.startswith('--') and '.' in arg.split('=')[0]]
+    text = str(e).split('failure to load: ', 1)[-1]
+    message = f'flag --{names[0] if names else "config"}: {_first_and_last_line(text)}'
   except AttributeError as e:  # ml_collections: `--config.x=...` where the config has no x.
     key_error = e.args[0] if e.args and isinstance(e.args[0], KeyError) else e
     message = 'Unknown config field ' + str(key_error.args[0]).replace('\n', '. ')

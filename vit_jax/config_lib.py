@@ -4,6 +4,7 @@
 assemble their ConfigDicts from these functions, so every recipe shares one set of field names.
 """
 import json
+import math
 import operator
 from typing import Any, Mapping
 
@@ -210,6 +211,9 @@ def _field(config: ml_collections.ConfigDict, name: str):
 
 
 def _check_choices_and_ranges(config: ml_collections.ConfigDict) -> None:
+  for name, value in _flatten(config.to_dict()).items():  # Inf and NaN pass every comparison.
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f'config.{name}={value!r} must be a finite number.')
   for name, table in CHOICES.items():
     value = _field(config, name)
     if value is not _ABSENT and value not in table:

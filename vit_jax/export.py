@@ -25,7 +25,9 @@ The SavedModel is written next to --out, loaded back with `tf.saved_model.load` 
 signatures are compared with the JAX model on deterministic random images (on this machine's
 platform): logits within 1e-4 (float32) or 5e-2 (bfloat16, whose rounding differs between XLA
 builds) of max(1, largest |logit|), probabilities equal to their softmax. Only a model that
-matches is moved to --out; on a mismatch the command fails and --out is left as it was.
+matches is moved to --out; on a mismatch (a NaN difference is one) the command fails and --out
+is left as it was. Before anything is written, the JAX model's logits of those images must be
+finite (vit_jax.output_check).
 """
 import uuid
 from typing import Any, Mapping, Sequence
@@ -41,6 +43,7 @@ import tensorflow as tf
 from vit_jax import cli
 from vit_jax import inference
 from vit_jax import models
+from vit_jax import output_check
 from vit_jax import preprocessing
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
@@ -101,6 +104,22 @@ def verification_images(resolution: int) -> np.ndarray:
   return rng.integers(0, 256, (NUM_VERIFICATION_IMAGES, resolution, resolution, 3), np.uint8)
 
 
+def jax_logits(model: models.VisionTransformer, params: Mapping[str, Any],
+               images: np.ndarray) -> np.ndarray:
+  """The JAX model's logits of float images in [-1, 1]."""
+  return np.asarray(jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(
+      params, images))
+
+
+def check_outputs(model: models.VisionTransformer, params: Mapping[str, Any], resolution: int,
+                  source: str) -> None:
+  """NonFiniteOutputError (vit_jax.output_check) unless the model's logits of the verification
+  images are finite: a SavedModel of it would serve Inf logits and NaN probabilities."""
+  scaled = preprocess_uint8(tf.constant(verification_images(resolution))).numpy()
+  output_check.check_finite(jax_logits(model, params, scaled), source, model=model,
+                            params=params, images=scaled)
+
+
 def verify_saved_model(path: str, model: models.VisionTransformer, params: Mapping[str, Any],
                        resolution: int, logit_tolerance: float) -> float:
   """Loads the SavedModel at `path` and runs both signatures on `verification_images`: the
@@ -109,8 +128,7 @@ def verify_saved_model(path: str, model: models.VisionTransformer, params: Mappi
   VerificationError otherwise."""
   images = verification_images(resolution)
   scaled = preprocess_uint8(tf.constant(images)).numpy()
-  want = np.asarray(jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(
-      params, scaled))
+  want = jax_logits(model, params, scaled)
   bound = logit_tolerance * max(1.0, float(np.max(np.abs(want))))
   loaded = tf.saved_model.load(path)
   largest = 0.0
@@ -122,14 +140,14 @@ def verify_saved_model(path: str, model: models.VisionTransformer, params: Mappi
           f'The SavedModel at {path} returns {name} logits {logits.shape} and probabilities '
           f'{probabilities.shape}; the JAX model {want.shape}.')
     error = float(np.max(np.abs(logits - want)))
-    if error > bound:
+    if not error <= bound:  # NaN fails too.
       raise VerificationError(
           f'The SavedModel at {path} does not match the JAX model: {name} logits differ by up to '
           f'{error:.3g} (allowed {bound:.3g}).')
     softmax = np.exp(logits - logits.max(-1, keepdims=True))
     softmax /= softmax.sum(-1, keepdims=True)
     probability_error = float(np.max(np.abs(probabilities - softmax)))
-    if probability_error > PROBABILITY_TOLERANCE:
+    if not probability_error <= PROBABILITY_TOLERANCE:
       raise VerificationError(
           f'The SavedModel at {path}: {name} probabilities differ from the softmax of its logits '
           f'by up to {probability_error:.3g}.')
@@ -153,9 +171,11 @@ def check_out_dir(out: str, overwrite: bool) -> None:
 
 def export(model: models.VisionTransformer, params: Mapping[str, Any], resolution: int,
            out: str, *, overwrite: bool, platforms: Sequence[str],
-           logit_tolerance: float) -> None:
-  """Writes the SavedModel next to `out`, verifies it and only then moves it to `out`."""
+           logit_tolerance: float, source: str = 'The model') -> None:
+  """Checks the model's outputs (`check_outputs`; `source` names it), writes the SavedModel next
+  to `out`, verifies it and only then moves it to `out`."""
   check_out_dir(out, overwrite)
+  check_outputs(model, params, resolution, source)
   staging = f'{out.rstrip("/")}.partial-{uuid.uuid4().hex[:8]}'
   try:
     module = build_serving_module(model, params, resolution, platforms)
@@ -221,7 +241,8 @@ def run(flag_values: flags.FlagValues) -> None:
                loaded.name, num_classes, loaded.resolution, loaded.resolution, fv.dtype,
                ','.join(fv.platforms), fv.out)
   export(model, loaded.params, loaded.resolution, fv.out, overwrite=fv.overwrite,
-         platforms=fv.platforms, logit_tolerance=LOGIT_TOLERANCES[fv.dtype])
+         platforms=fv.platforms, logit_tolerance=LOGIT_TOLERANCES[fv.dtype],
+         source=f'Checkpoint {loaded.source}')
   logging.info('Saved %s with signatures %s.', fv.out, ', '.join(SIGNATURES))
 
 

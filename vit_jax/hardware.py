@@ -80,10 +80,68 @@ def check_remat_layout(model_config) -> bool:
   return caveat is None
 
 
+# Where the kernel shows this process's control groups (monkeypatched by tests).
+CGROUP_ROOT = '/sys/fs/cgroup'
+PROC_SELF_CGROUP = '/proc/self/cgroup'
+# A cgroup v1 memory limit at least this large means "no limit" (the kernel shows ~2**63).
+_NO_CGROUP_LIMIT = 2**60
+
+
+def _read_number(path: str) -> Optional[int]:
+  try:
+    with open(path) as f:
+      text = f.read().strip()
+  except OSError:
+    return None
+  return int(text) if text.isdigit() else None  # cgroup v2 writes 'max' for no limit.
+
+
+def _inactive_file(stat_path: str) -> int:
+  """Page cache the kernel reclaims before killing anything (memory.stat), in bytes."""
+  try:
+    with open(stat_path) as f:
+      return next((int(line.split()[1]) for line in f
+                   if line.split()[0] in ('inactive_file', 'total_inactive_file')), 0)
+  except (OSError, ValueError, IndexError):
+    return 0
+
+
+def cgroup_memory_available() -> Optional[int]:
+  """Bytes this process's memory cgroup (v2 memory.max, v1 memory.limit_in_bytes; the tightest
+  of its own and its ancestors' that are visible) lets it still use: limit - usage + reclaimable
+  page cache. None outside a memory-limited cgroup (a container limited to 6 GiB on a 64 GiB host
+  gets OOM-killed at 6)."""
+  try:
+    with open(PROC_SELF_CGROUP) as f:
+      entries = [line.rstrip('\n').split(':', 2) for line in f if line.count(':') >= 2]
+  except OSError:
+    entries = []
+  candidates = []  # (limit file, usage file, stat file) of each visible level.
+  for _, controllers, group in entries:
+    if controllers == '':  # v2, unified hierarchy.
+      base, names = CGROUP_ROOT, ('memory.max', 'memory.current', 'memory.stat')
+    elif 'memory' in controllers.split(','):
+      base = os.path.join(CGROUP_ROOT, 'memory')
+      names = ('memory.limit_in_bytes', 'memory.usage_in_bytes', 'memory.stat')
+    else:
+      continue
+    parts = [part for part in group.split('/') if part]
+    for depth in range(len(parts), -1, -1):
+      level = os.path.join(base, *parts[:depth])
+      candidates.append(tuple(os.path.join(level, name) for name in names))
+  available = []
+  for limit_path, usage_path, stat_path in candidates:
+    limit, usage = _read_number(limit_path), _read_number(usage_path)
+    if limit is not None and usage is not None and limit < _NO_CGROUP_LIMIT:
+      available.append(max(0, limit - usage + _inactive_file(stat_path)))
+  return min(available) if available else None
+
+
 def memory_budget(device=None) -> tuple:
   """(bytes, source): the memory one device's programs may use: $VIT_JAX_MEMORY_LIMIT_GB if set,
   else the device allocator's `bytes_limit` (GPU, TPU), else on CPU the host's available memory
-  (MemAvailable) shared by all of this process's CPU devices."""
+  (MemAvailable) or, when less, what this process's memory cgroup still allows
+  (`cgroup_memory_available`), shared by all of this process's CPU devices."""
   override = os.environ.get(MEMORY_LIMIT_ENV)
   if override:
     try:
@@ -97,8 +155,12 @@ def memory_budget(device=None) -> tuple:
   with open('/proc/meminfo') as f:
     available = next(int(line.split()[1]) * 1024 for line in f
                      if line.startswith('MemAvailable:'))
+  where = 'the host\'s available memory'
+  cgroup = cgroup_memory_available()
+  if cgroup is not None and cgroup < available:
+    available, where = cgroup, 'the memory its cgroup (container) limit leaves'
   return available // jax.local_device_count(), (
-      f'the host\'s available memory / {jax.local_device_count()} CPU devices')
+      f'{where} / {jax.local_device_count()} CPU devices')
 
 
 def backend_summary() -> str:

@@ -23,6 +23,7 @@ from vit_jax import config_lib
 from vit_jax import input_pipeline
 from vit_jax import model_configs
 from vit_jax import models
+from vit_jax import output_check
 from vit_jax import preprocessing
 from vit_jax import workdir as workdir_lib
 
@@ -249,14 +250,17 @@ def check_head(loaded: LoadedModel) -> bool:
 
 def probabilities(loaded: LoadedModel, images: np.ndarray,
                   batch_size: int) -> np.ndarray:
-  """Softmax class probabilities [n, classes]."""
+  """Softmax class probabilities [n, classes]; NonFiniteOutputError when a logit is not
+  finite."""
   if not loaded.num_classes:
     raise ValueError(f'Checkpoint {loaded.source} has no classification head.')
   model = loaded.model
-  forward = jax.jit(lambda params, x: jax.nn.softmax(model.apply({'params': params}, x,
-                                                                 train=False)))
-  return map_batches(functools.partial(forward, loaded.params), images, batch_size,
-                               desc='predict')
+  forward = jax.jit(lambda params, x: model.apply({'params': params}, x, train=False))
+  logits = map_batches(functools.partial(forward, loaded.params), images, batch_size,
+                       desc='predict')
+  output_check.check_finite(logits, f'Checkpoint {loaded.source}', model=model,
+                            params=loaded.params, images=images)
+  return np.asarray(jax.nn.softmax(logits, axis=-1))
 
 
 def top_k(probs: np.ndarray, k: int) -> np.ndarray:

@@ -20,11 +20,10 @@ Datasets (`config.dataset`):
 
 Training stream (`build_train_iterator`): the split is cut into one shard per device
 (`tfds.split_for_jax_process` semantics) and each process reads the shards of its devices; each
-shard is shuffled every epoch with a seed derived from (config.seed, shard, epoch) and every
-example augmented with a stateless seed derived from its position in the shard's stream, so the
-global stream is a pure function of (config, device count), whatever the number of processes,
-and resuming at
-`start_step` skips still-undecoded records instead of replaying the pipeline. Small datasets whose
+shard is shuffled every epoch with a seed derived from (config.seed, shard, epoch) in a buffer
+of shuffle_buffer / devices examples, and every example augmented with a stateless seed derived
+from its position in the shard's stream, so the global stream is a pure function of (config,
+device count), whatever the number of processes, and resuming at `start_step` skips still-undecoded records instead of replaying the pipeline. Small datasets whose
 decoded uint8 images fit in `_AUTO_CACHE_BYTES` are decoded once and cached in memory
 (`config.cache`: True / False force it).
 
@@ -183,11 +182,46 @@ def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: Optional[str]) -> No
         f'{" ".join(str(e).split())[:300]}); {fix}.') from e
 
 
-def check_and_complete(config: ml_collections.ConfigDict) -> None:
-  """Validates `config` for this process's devices (config_lib.validate) and fills num_classes
-  from the dataset: once per run, before anything is written or compiled."""
+def check_and_complete(config: ml_collections.ConfigDict, *, training: bool = True) -> None:
+  """Validates `config` for this process's devices (config_lib.validate) and against the
+  dataset's own facts (`check_against_data`), and fills num_classes from the dataset: once per
+  run, before anything is written or compiled."""
   config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
-  config.num_classes = config.num_classes or get_dataset_info(config).num_classes
+  info = get_dataset_info(config)
+  check_against_data(config, info, num_shards=jax.device_count(), training=training)
+  config.num_classes = config.num_classes or info.num_classes
+
+
+def check_against_data(config: ml_collections.ConfigDict, info: DatasetInfo, *, num_shards: int,
+                       training: bool) -> None:
+  """ValueError naming the field for a setting the data cannot satisfy: fewer classes in the
+  head than the dataset's labels (0 .. classes - 1), fewer training examples than data shards
+  (one per device). Warnings for what runs but means little: a dataset of one class (accuracy
+  1.0 whatever the model), a head with classes no label uses, a batch larger than the split."""
+  name = f'{config.dataset!r}'
+  if config.num_classes and config.num_classes < info.num_classes:
+    raise ValueError(
+        f'config.num_classes={config.num_classes} but {name} has {info.num_classes} classes '
+        f'(labels 0 to {info.num_classes - 1}): a head of {config.num_classes} cannot learn them. '
+        'Leave config.num_classes unset to take the dataset\'s.')
+  if config.num_classes and config.num_classes > info.num_classes:
+    logging.warning('config.num_classes=%d but %s has %d classes: the head\'s other %d classes '
+                    'never occur.', config.num_classes, name, info.num_classes,
+                    config.num_classes - info.num_classes)
+  if info.num_classes == 1:
+    logging.warning('%s has one class only: every prediction is that class and accuracy is 1.0 '
+                    'whatever the model. (A folder dataset needs one sub-folder per class.)',
+                    name)
+  if not training:
+    return
+  if info.num_train_examples < num_shards:
+    raise ValueError(
+        f'config.train_split={config.train_split!r} selects {info.num_train_examples} examples '
+        f'of {name}, fewer than the {num_shards} devices that each read a shard of it.')
+  if info.num_train_examples < config.batch:
+    logging.warning('config.batch=%d is larger than config.train_split=%r (%d examples of %s): '
+                    'every batch repeats examples.', config.batch, config.train_split,
+                    info.num_train_examples, name)
 
 
 def _tfds_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
@@ -327,11 +361,11 @@ def build_train_iterator(config, *, start_step: int = 0, process_index: Optional
                          num_shards: Optional[int] = None) -> Iterator[dict]:
   """Infinite {'image': f32 [B, R, R, 3], 'label': i32 [B]} batches, B = batch / processes.
 
-  The split is cut into `num_shards` shards (default: one per process), each shuffled and
-  augmented on its own; a process reads its consecutive share of them and puts batch /
-  num_shards rows of each into every batch. Training passes one shard per device, so the global
-  batches do not depend on how the devices are spread over processes (one host with 8 devices
-  or two with 4 read the same), given shuffle buffers that hold a whole shard.
+  The split is cut into `num_shards` shards (default: one per process), each shuffled (with
+  `shard_shuffle_buffer` examples) and augmented on its own; a process reads its consecutive
+  share of them and puts batch / num_shards rows of each into every batch. Training passes one
+  shard per device, so the global batches do not depend on how the devices are spread over
+  processes: one host with 8 devices or two with 4 read the same, for every split and buffer.
   """
   index, count = _process_index_and_count(process_index, process_count)
   num_shards = num_shards or count
@@ -344,12 +378,24 @@ def build_train_iterator(config, *, start_step: int = 0, process_index: Optional
   cache = _use_cache(config, source.image_shape,
                      source.shard(config.train_split, index, count).num_examples)
   streams = [_shard_stream(config, source, shard, num_shards, start_step * shard_batch,
-                           config.shuffle_buffer // per_process, cache)
+                           shard_shuffle_buffer(config.shuffle_buffer, num_shards), cache)
              for shard in range(index * per_process, (index + 1) * per_process)]
   choice = tf.data.Dataset.range(per_process * shard_batch).map(
       lambda row: row // shard_batch).repeat()
   ds = streams[0] if per_process == 1 else tf.data.Dataset.choose_from_datasets(streams, choice)
   return _numpy_batches(ds, local_batch)
+
+
+def shard_shuffle_buffer(shuffle_buffer: int, num_shards: int) -> int:
+  """Examples each shard's shuffle holds: config.shuffle_buffer is the total over all shards.
+
+  It depends on the number of shards only, never on how many a process reads, so that the
+  stream is the same for every process layout. The cost: a process holds shuffle_buffer /
+  processes examples, not shuffle_buffer (the same on one host); reading the whole split on every
+  process and keeping its rows, the other layout-independent shuffle, would read and hold it
+  `processes` times.
+  """
+  return max(1, math.ceil(shuffle_buffer / num_shards))
 
 
 def _shard_stream(config, source, index: int, count: int, first_example: int,

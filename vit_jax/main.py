@@ -13,7 +13,8 @@ Exit codes:
   1      an unexpected error (a bug): Python's traceback.
   2      `Error: <message>` on stderr (vit_jax.cli): a bad flag, config, dataset, path or
          checkpoint, a workdir holding a run with another config or held by another run
-         (vit_jax.workdir.lock), a training checkpoint that could not be saved (disk full).
+         (vit_jax.workdir.lock; --take_over_lock takes over the lock of a run that is gone
+         on another host), a training checkpoint that could not be saved (disk full).
          A start that fails so leaves the workdir as it was. Add --verbosity=1 to log the
          traceback too.
   3      training stopped on a non-finite loss or gradient (config.nonfinite='stop').
@@ -46,6 +47,10 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None, 'For --mode=eval: a released-layout .npz or a workdir (default: '
     '--workdir).')
+_TAKE_OVER_LOCK = flags.DEFINE_bool(
+    'take_over_lock', False, 'Train even though WORKDIR/lock names a run of another host: for a '
+    'shared workdir (NFS, gs://) whose run was killed there (kill -9, a lost VM). Safe only when '
+    'that run is gone: two runs in one workdir overwrite each other\'s checkpoints.')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'Multi-host: host:port of process 0 (jax.distributed).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
@@ -104,7 +109,7 @@ def check_remote_paths(config, paths) -> None:
 def _train(config, workdir: str) -> dict:
   """Trains; a signal ends it with 128 + N and a non-finite loss with EXIT_NONFINITE (cli)."""
   check_remote_paths(config, [workdir])
-  run = train_loop.prepare(config, workdir)
+  run = train_loop.prepare(config, workdir, take_over_lock=_TAKE_OVER_LOCK.value)
   try:
     return run.train()
   except train_loop.NonFiniteError as e:

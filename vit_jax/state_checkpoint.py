@@ -27,6 +27,7 @@ orbax stores typed keys as their key data and restores them with their implement
 
 Every process must make the same calls with the same arguments (they synchronise inside orbax).
 """
+import re
 import textwrap
 import time
 from typing import Any, Optional, Tuple
@@ -99,6 +100,12 @@ class TrainCheckpointer:
     if step in self._manager.all_steps():
       return False
     self._finish_pending_save()
+    if not epath.Path(self._directory).is_dir():  # Created by __init__: deleted since.
+      self._save_failed = True
+      raise CheckpointSaveError(
+          f'Cannot save the training checkpoint for step {step}: {self._directory} was deleted '
+          '(or replaced by a file) during the run, and with it the checkpoints of earlier steps. '
+          'Run the same command to start again from the last checkpoint left, if any.')
     try:
       self._manager.save(
           step,
@@ -159,7 +166,7 @@ class TrainCheckpointer:
       try:
         restored = self._restore_step(abstract_state, candidate)
       except _IO_ERRORS as e:
-        failures[candidate] = textwrap.shorten(str(e), 400)
+        failures[candidate] = describe_error(e)
         logging.warning('The training checkpoint for step %d in %s cannot be restored, trying '
                         'the previous one. The error: %s', candidate, self._directory,
                         failures[candidate])
@@ -186,6 +193,20 @@ class TrainCheckpointer:
     if not _on_all_processes(error is None):
       raise error or ValueError(f'Restoring step {step} failed on another process.')
     return restored[_STATE], step
+
+  def saved_device_count(self, step: int) -> Optional[int]:
+    """The number of devices of the mesh `step` was saved from (orbax's sharding metadata);
+    None when its metadata does not say."""
+    try:
+      metadata = ocp.StandardCheckpointHandler().metadata(
+          epath.Path(self._directory) / str(step) / _STATE)
+    except _IO_ERRORS:
+      return None
+    for leaf in jax.tree.leaves(metadata):
+      mesh_shape = getattr(getattr(leaf, 'sharding', None), 'shape', None)
+      if mesh_shape is not None:
+        return int(np.prod(mesh_shape))
+    return None
 
   def _layout_differences(self, abstract_state: Any, step: int, shown: int = 8) -> list:
     """How the arrays saved at `step` differ from `abstract_state` in names or shapes (at most
@@ -224,13 +245,19 @@ class TrainCheckpointer:
     except _IO_ERRORS as e:
       raise self._save_error(step, e) from e
 
-  def _save_error(self, step: int, cause: Exception) -> CheckpointSaveError:
+  def _save_error(self, step: Optional[int], cause: Exception) -> CheckpointSaveError:
     self._save_failed = True
+    what = f'the training checkpoint for step {step}' if step is not None else 'a checkpoint'
+    if not epath.Path(self._directory).is_dir():
+      return CheckpointSaveError(
+          f'Saving {what} failed: {self._directory} was deleted (or replaced by a file) during '
+          'the run, and with it the checkpoints of earlier steps.')
     self._manager.reload()  # The steps on disk: orbax's own list may be off after a failure.
-    return CheckpointSaveError(
-        f'Saving the training checkpoint for step {step} to {self._directory} failed: '
-        f'{textwrap.shorten(str(cause), 400)} The last complete checkpoint (step '
-        f'{self._manager.latest_step()}) is kept.')
+    latest = self._manager.latest_step()
+    kept = (f'The last complete checkpoint (step {latest}) is kept.' if latest is not None
+            else f'No complete checkpoint is left in {self._directory}.')
+    return CheckpointSaveError(f'Saving {what} to {self._directory} failed: '
+                               f'{describe_error(cause)} {kept}')
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are written and committed."""
@@ -251,6 +278,15 @@ class TrainCheckpointer:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def describe_error(error: BaseException, limit: int = 300) -> str:
+  """An orbax / tensorstore error in one short line for the user: its first line, without
+  tensorstore's JSON spec and Python object reprs ('<ParamInfo object at 0x...>')."""
+  text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  text = text.split(" [tensorstore_spec=")[0]
+  text = re.sub(r'<?\b[\w.]+ object at 0x[0-9a-f]+>?', 'an array', text)
+  return textwrap.shorten(text, limit)
 
 
 def _shapes(tree: Any) -> dict:

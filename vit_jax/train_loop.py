@@ -9,7 +9,10 @@ Fault tolerance:
     starts at the restored step) and RNG (part of the state), so it follows the loss curve of an
     uninterrupted run. metrics.jsonl is first cut back to the restored step.
   * SIGTERM / SIGINT: the current step finishes, its checkpoint is saved and TrainingInterrupted
-    is raised (the CLI exits with 128 + the signal number). A second signal acts as usual. With
+    is raised (the CLI exits with 128 + the signal number). A second signal acts as usual.
+    During an evaluation (the final one included) the evaluation stops after its current batch,
+    the step is saved and the same holds: the resumed command evaluates again (and writes the
+    final accuracies and model.npz of a run stopped in its last evaluation). With
     several processes SIGTERM goes through JAX's preemption service (all processes stop at the
     same step) and SIGINT is not intercepted.
   * Non-finite loss or gradients: the train step does not apply the update (on device) and
@@ -204,8 +207,8 @@ class Run:
     try:
       with _StopSignals() as stop:
         state, eval_metrics = self._loop(stop)
-      if not eval_metrics:  # The run had already finished: report its accuracies all the same.
-        eval_metrics = evaluate.accuracies(self.trainer, state['params'], with_test=True)
+        if not eval_metrics:  # Finished already (or stopped in its final evaluation).
+          eval_metrics = self._final_accuracies(state, stop)
       params = self.trainer.released_params(_host_params(state['params']))
       if jax.process_index() == 0:
         checkpoint.save_npz(params, workdir_lib.path(self.workdir, workdir_lib.MODEL))
@@ -254,12 +257,36 @@ class Run:
         raise TrainingInterrupted(stop.signum, step,
                                   workdir_lib.path(self.workdir, workdir_lib.CHECKPOINTS))
       if step % config.eval_every == 0 or step == config.total_steps:
-        eval_metrics = evaluate.accuracies(trainer, state['params'],
-                                           with_test=step == config.total_steps)
+        eval_metrics = self._evaluate(state, step, stop)
         writer.write(step, eval_metrics)
     progress.close()
     profile.close(step, state)
     return state, eval_metrics
+
+
+  def _evaluate(self, state, step: int, stop: _StopSignals) -> dict:
+    """`evaluate.accuracies` after `step` (with the test split after the last step); a signal
+    during it saves `step` (if not yet saved) and raises TrainingInterrupted, as during the
+    steps: the same command then evaluates again."""
+    try:
+      return evaluate.accuracies(
+          self.trainer, state['params'], with_test=step == self.trainer.config.total_steps,
+          source=f'The model of step {step} in {self.workdir}',
+          should_stop=lambda: stop.signum is not None)
+    except evaluate.Stopped:
+      self.ckpt.save(step, state)
+      self.ckpt.wait()
+      raise TrainingInterrupted(stop.signum, step,
+                                workdir_lib.path(self.workdir, workdir_lib.CHECKPOINTS)) from None
+
+  def _final_accuracies(self, state, stop: _StopSignals) -> dict:
+    """The accuracies of a run restored at its last step; written to metrics.jsonl when its
+    final evaluation is not there (a signal stopped it)."""
+    metrics = self._evaluate(state, self.step, stop)
+    if not any(event['step'] == self.step and 'eval_top1' in event
+               for event in workdir_lib.read_metrics(self.workdir)):
+      workdir_lib.MetricsWriter(self.workdir).write(self.step, metrics)
+    return metrics
 
 
 def _batches(config, trainer, step: int) -> Iterator[dict]:
@@ -278,7 +305,20 @@ def _restore_or_init(trainer: trainer_lib.Trainer, ckpt: state_checkpoint.TrainC
   except state_checkpoint.CheckpointMismatchError as e:
     raise workdir_lib.mismatch_error(e, trainer.config, workdir) from e
   logging.info('Resumed from %s at step %d.', workdir, step)
+  _check_device_count(ckpt.saved_device_count(step), trainer.mesh.devices.size, step)
   return state, step
+
+
+def _check_device_count(saved: Optional[int], now: int, step: int) -> bool:
+  """Warns when a run resumes on another number of devices than it saved its state from."""
+  if saved is None or saved == now:
+    return True
+  logging.warning(
+      'Resuming step %d on %d devices; it was saved by a run on %d. The run goes on correctly, '
+      'but its loss curve departs from an uninterrupted run on %d devices: the training data '
+      'is read as one shard per device (another order) and the batch is reduced in another '
+      'order. Resume on %d devices to follow that curve.', step, now, saved, saved, saved)
+  return False
 
 
 # A step whose XLA buffers need more than this fraction of the memory budget gets a warning.
@@ -312,19 +352,21 @@ def check_step_memory(trainer: trainer_lib.Trainer) -> None:
   logging.warning('Close to the memory limit: %s', message)
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
+def prepare(config: ml_collections.ConfigDict, workdir: str, *,
+            take_over_lock: bool = False) -> Run:
   """Checks the config and workdir, holds the workdir, restores WORKDIR/checkpoints or
   initialises the state and builds the input pipeline; only then writes config.json.
 
   Raises ValueError / OSError for what the user must fix: config, data, paths, checkpoints, a
-  workdir in use; a start that fails leaves the workdir as it was.
+  workdir in use (`take_over_lock`: take over the lock of a run gone on another host); a start
+  that fails leaves the workdir as it was.
   """
   input_pipeline.check_and_complete(config)
   workdir_lib.check_config(config, workdir)
   hardware.check_host_allocator()
   hardware.check_remat_layout(config.model)
   hardware.check_accelerator(config.model)
-  lock = workdir_lib.lock(workdir)
+  lock = workdir_lib.lock(workdir, take_over=take_over_lock)
   ckpt = None
   try:
     trainer = trainer_lib.Trainer(config, config.num_classes)

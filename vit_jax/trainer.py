@@ -122,13 +122,16 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
 
 
 def make_eval_step(model: nn.Module) -> Callable:
-  """`eval_step(params, batch) -> {'correct', 'count'}`, padded examples (mask False) ignored."""
+  """`eval_step(params, batch) -> {'correct', 'count', 'nonfinite'}` (examples whose logits
+  hold an Inf or NaN), padded examples (mask False) ignored."""
 
   def eval_step(params, batch):
     logits = model.apply({'params': params}, batch['image'], train=False)
     mask = batch['mask'].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
-    return {'correct': jnp.sum(correct * mask), 'count': jnp.sum(mask)}
+    nonfinite = 1.0 - jnp.all(jnp.isfinite(logits), axis=-1).astype(jnp.float32)
+    return {'correct': jnp.sum(correct * mask), 'count': jnp.sum(mask),
+            'nonfinite': jnp.sum(nonfinite * mask)}
 
   return eval_step
 

@@ -25,7 +25,7 @@ import datetime
 import json
 import os
 import socket
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, NamedTuple, Optional
 
 from absl import logging
 import jax
@@ -122,40 +122,106 @@ def read_model_files(workdir: str) -> tuple[ml_collections.ConfigDict, str]:
 # metrics.jsonl
 
 
-@dataclasses.dataclass(frozen=True)
-class _Line:
+# A metrics line is ~200 bytes; a longer one is not an event and only its start is kept.
+_MAX_LINE_BYTES = 1 << 16
+_CHUNK_BYTES = 1 << 18
+_LINES_NAMED = 5  # Line numbers named in a warning about lines that are not events.
+
+
+class _Line(NamedTuple):
   number: int  # 1-based, for messages.
-  text: str
+  start: int  # Byte offsets of the line in the file (end: after its newline).
+  end: int
   event: Optional[dict]  # None when the line is not a JSON event with a step.
+  binary: bool  # Not UTF-8 text (or holding NUL bytes).
+  complete: bool  # Ends with a newline.
 
 
-def _parse(text: str) -> Optional[dict]:
+def _parse(data: bytes) -> tuple[Optional[dict], bool]:
+  """(the event of a line, or None; whether the line is binary)."""
+  try:
+    text = data.decode('utf-8')
+  except UnicodeDecodeError:
+    return None, True
+  if '\0' in text:
+    return None, True
+  if not text.lstrip().startswith('{'):
+    return None, False
   try:
     event = json.loads(text)
   except ValueError:
-    return None
-  return event if isinstance(event, dict) and isinstance(event.get('step'), int) else None
+    return None, False
+  ok = isinstance(event, dict) and isinstance(event.get('step'), int)
+  return (event if ok else None), False
 
 
-def _read_lines(metrics_path: str) -> list[_Line]:
-  with tf.io.gfile.GFile(metrics_path) as f:
-    texts = f.read().splitlines(keepends=True)
-  return [_Line(i + 1, text, _parse(text)) for i, text in enumerate(texts)]
+def _read_lines(metrics_path: str) -> Iterator[_Line]:
+  """The lines of a metrics file, read in chunks: memory holds one chunk and the first
+  _MAX_LINE_BYTES of one line, whatever the size of the file or of its lines."""
+  number = offset = length = 0
+  head = b''
+  with tf.io.gfile.GFile(metrics_path, 'rb') as f:
+    while chunk := f.read(_CHUNK_BYTES):
+      parts = chunk.split(b'\n')
+      for i, part in enumerate(parts):
+        head += part[:_MAX_LINE_BYTES + 1 - len(head)]
+        length += len(part)
+        if i == len(parts) - 1:
+          break  # The line goes on in the next chunk.
+        number, length = number + 1, length + 1
+        yield _line(number, offset, length, head, complete=True)
+        offset, head, length = offset + length, b'', 0
+  if length:
+    yield _line(number + 1, offset, length, head, complete=False)
+
+
+def _line(number: int, start: int, length: int, head: bytes, complete: bool) -> _Line:
+  event, binary = _parse(head) if len(head) <= _MAX_LINE_BYTES else (None, False)
+  return _Line(number, start, start + length, event, binary, complete)
+
+
+class _NonEvents:
+  """The lines of a metrics file that are not events, reported once: their count and first
+  line numbers (not one warning each: a file of garbage can hold millions)."""
+
+  def __init__(self, metrics_path: str):
+    self._path, self.count, self.binary, self._numbers = metrics_path, 0, 0, []
+
+  def add(self, line: _Line) -> None:
+    if line.end - line.start <= 1 and not line.binary:  # An empty line.
+      return
+    self.count += 1
+    self.binary += line.binary
+    if len(self._numbers) < _LINES_NAMED:
+      self._numbers.append(line.number)
+
+  def warn(self, action: str) -> None:
+    if not self.count:
+      return
+    more = ', ...' if self.count > len(self._numbers) else ''
+    binary = f' ({self.binary} of them not UTF-8 text)' if self.binary else ''
+    logging.warning('%s: %d line(s)%s are not JSON events with a step; %s: line %s%s.',
+                    self._path, self.count, binary, action,
+                    ', '.join(map(str, self._numbers)), more)
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """All events of WORKDIR/metrics.jsonl, in order; a line that is not one is skipped with a
-  warning naming the file and line."""
+  """All events of WORKDIR/metrics.jsonl, in order; the lines that are not events are skipped
+  with one warning (their count and first line numbers). ValueError naming the file when it is
+  binary (no event, some lines not UTF-8 text)."""
   metrics_path = path(workdir, METRICS)
   if not tf.io.gfile.exists(metrics_path):
     return []
-  events = []
+  events, others = [], _NonEvents(metrics_path)
   for line in _read_lines(metrics_path):
     if line.event is not None:
       events.append(line.event)
-    elif line.text.strip():
-      logging.warning('%s line %d is not a JSON event with a step; skipped: %.80r',
-                      metrics_path, line.number, line.text)
+    else:
+      others.add(line)
+  if others.binary and not events:
+    raise ValueError(f'{metrics_path} is not a metrics file: it holds no JSON event and '
+                     f'{others.binary} of its lines are not UTF-8 text (a binary file?).')
+  others.warn('skipped')
   return events
 
 
@@ -203,25 +269,39 @@ class MetricsWriter:
 def rewind_metrics(workdir: str, step: int) -> None:
   """Drops the events after `step` from WORKDIR/metrics.jsonl (the resumed run writes them
   again): everything from the first event after `step` on, and a last line cut short (no
-  newline: a write interrupted by a kill). Other lines that are not events are kept, with a
-  warning naming them. Process 0 only."""
+  newline: a write interrupted by a kill). Other lines that are not events are kept, with one
+  warning naming them. Process 0 only; reads and copies in chunks."""
   metrics_path = path(workdir, METRICS)
   if jax.process_index() != 0 or not tf.io.gfile.exists(metrics_path):
     return
-  lines = _read_lines(metrics_path)
-  end = next((i for i, line in enumerate(lines) if line.event and line.event['step'] > step),
-             len(lines))
-  if end == len(lines) and lines and not lines[-1].text.endswith('\n'):
-    end -= 1
-  for line in lines[:end]:
-    if line.event is None and line.text.strip():
-      logging.warning('%s line %d is not a JSON event with a step; kept as it is: %.80r',
-                      metrics_path, line.number, line.text)
-  if end == len(lines):
+  others, keep, size, dropped_from = _NonEvents(metrics_path), 0, 0, None
+  for line in _read_lines(metrics_path):
+    size = line.end
+    if dropped_from is None and ((line.event and line.event['step'] > step)
+                                 or not line.complete):
+      dropped_from = line
+    if dropped_from is None:
+      keep = line.end
+      if line.event is None:
+        others.add(line)
+  others.warn('kept as they are')
+  if keep == size:
     return
-  logging.info('Dropping %d line(s) after step %d from %s (from line %d).', len(lines) - end,
-               step, metrics_path, lines[end].number)
-  checkpoint.write_atomically(metrics_path, ''.join(line.text for line in lines[:end]))
+  logging.info('Dropping the lines after step %d from %s (from line %d).', step, metrics_path,
+               dropped_from.number)
+  _copy_start(metrics_path, keep)
+
+
+def _copy_start(target: str, size: int) -> None:
+  """Cuts `target` to its first `size` bytes (replacing it in one rename), in chunks."""
+  with tf.io.gfile.GFile(target, 'rb') as source, tf.io.gfile.GFile(target + '.tmp', 'wb') as out:
+    while size > 0:
+      chunk = source.read(min(_CHUNK_BYTES, size))
+      if not chunk:
+        break
+      out.write(chunk)
+      size -= len(chunk)
+  tf.io.gfile.rename(target + '.tmp', target, overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,14 +331,20 @@ class Lock:
       tf.io.gfile.rmtree(self.workdir)
 
 
-def lock(workdir: str) -> Lock:
+# The flag of `python -m vit_jax.main` that passes `take_over=True` (named in the error).
+TAKE_OVER_FLAG = '--take_over_lock'
+
+
+def lock(workdir: str, *, take_over: bool = False) -> Lock:
   """Holds `workdir` for this run: process 0 takes the lock (the others hold an empty Lock),
   all processes fail together when it is taken. Raises WorkdirInUse (or FileExistsError for a
-  workdir that is a file)."""
+  workdir that is a file). A lock naming a process of this host that is gone is taken over;
+  one naming another host (a shared workdir on NFS or gs://, its run killed there) only with
+  `take_over`: this host cannot tell whether that run still goes on."""
   held, error = Lock(workdir, None), None
   if jax.process_index() == 0:
     try:
-      held = _acquire(workdir)
+      held = _acquire(workdir, take_over)
     except Exception as e:  # pylint: disable=broad-except  (raised below, once all know)
       error = e
   if jax.process_count() > 1:
@@ -270,9 +356,32 @@ def lock(workdir: str) -> Lock:
   return held
 
 
-def _acquire(workdir: str) -> Lock:
-  if tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):
-    raise FileExistsError(f'--workdir={workdir} is a file, not a directory.')
+def check_writable(workdir: str) -> None:
+  """Raises OSError naming the path when a run could not write its files: --workdir or
+  WORKDIR/checkpoints is a file, or the deepest of them that exists does not take a new file
+  (read-only, no permission). Called before a start changes anything: a run that went on would
+  find no checkpoints, rewind metrics.jsonl and rewrite config.json, then fail at its first save."""
+  checkpoints = path(workdir, CHECKPOINTS)
+  for location, name in ((workdir, f'--workdir={workdir}'),
+                         (checkpoints, f'The checkpoints folder {checkpoints}')):
+    if tf.io.gfile.exists(location) and not tf.io.gfile.isdir(location):
+      raise FileExistsError(f'{name} is a file, not a directory; move it away.')
+  target = next((p for p in (checkpoints, workdir) if tf.io.gfile.exists(p)), None)
+  if target is None:
+    return
+  probe = path(target, f'.write-test-{socket.gethostname()}-{os.getpid()}')
+  try:
+    with tf.io.gfile.GFile(probe, 'w') as f:
+      f.write('')
+    tf.io.gfile.remove(probe)
+  except (OSError, tf.errors.OpError) as e:
+    reason = getattr(e, 'message', None) or getattr(e, 'strerror', None) or e
+    raise PermissionError(f'Cannot write into {target} ({reason}): the run saves its '
+                          'checkpoints there. Make it writable, or use another --workdir.') from e
+
+
+def _acquire(workdir: str, take_over: bool) -> Lock:
+  check_writable(workdir)
   created = not tf.io.gfile.exists(workdir)
   tf.io.gfile.makedirs(workdir)
   lock_path = path(workdir, LOCK)
@@ -281,10 +390,12 @@ def _acquire(workdir: str) -> Lock:
   if not _create(lock_path, holder):
     other = _read_holder(lock_path)
     if other is not None:  # None: released in the meantime.
-      if not _is_stale(other):
+      stale = _is_stale(other)
+      if not (stale or take_over):
         raise WorkdirInUse(_in_use_message(workdir, other, lock_path))
-      logging.warning('Taking over %s: it names host %s pid %s since %s, a process that is '
-                      'gone.', lock_path, other['host'], other['pid'], other.get('since'))
+      logging.warning('Taking over %s: it names host %s pid %s since %s, %s.', lock_path,
+                      other.get('host'), other.get('pid'), other.get('since'),
+                      'a process that is gone' if stale else f'as {TAKE_OVER_FLAG} asks')
       tf.io.gfile.remove(lock_path)
     if not _create(lock_path, holder):
       raise WorkdirInUse(_in_use_message(workdir, _read_holder(lock_path), lock_path))
@@ -345,7 +456,8 @@ def _in_use_message(workdir: str, holder: Optional[dict], lock_path: str) -> str
     return (f'{workdir} is in use: its lock file {lock_path} is being written or unreadable; '
             'delete it if no run uses this workdir.')
   return (f'{workdir} is in use by host {holder.get("host")} pid {holder.get("pid")} since '
-          f'{holder.get("since")} (delete {lock_path} if that run is gone).')
+          f'{holder.get("since")} (if that run is gone, e.g. killed on its host, rerun with '
+          f'{TAKE_OVER_FLAG} to take the workdir over).')
 
 
 def mismatch_error(error: ValueError, config: ml_collections.ConfigDict,

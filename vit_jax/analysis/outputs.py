@@ -20,6 +20,7 @@ from vit_jax import inference
 from vit_jax import input_pipeline
 from vit_jax import model_configs
 from vit_jax import models
+from vit_jax import output_check
 from vit_jax.analysis import attention
 from vit_jax.analysis import data
 from vit_jax.analysis import embeddings
@@ -66,6 +67,7 @@ def attention_maps(loaded: inference.LoadedModel, inputs: Inputs) -> dict:
 
   maps = inference.map_batches(functools.partial(rollout_maps, loaded.params), images,
                                inputs.batch_size, desc='attention rollout')
+  _check_finite(maps, loaded, images, 'attention maps')
   pngs = []
   for i, (name, image, heat) in enumerate(zip(names, images, maps)):
     stem = os.path.splitext(os.path.basename(name))[0]
@@ -75,6 +77,12 @@ def attention_maps(loaded: inference.LoadedModel, inputs: Inputs) -> dict:
                      'maps': {name: heat.tolist() for name, heat in zip(names, maps)}},
                     os.path.join(out_dir, 'attention_maps.json'))
   return {'png': pngs, 'json': path, 'names': names}
+
+
+def _check_finite(values: np.ndarray, loaded: inference.LoadedModel, images: np.ndarray,
+                  what: str) -> None:
+  output_check.check_finite(values, f'Checkpoint {loaded.source}', what=what,
+                            model=loaded.model, params=loaded.params, images=images)
 
 
 def posemb_similarity(loaded: inference.LoadedModel, inputs: Inputs) -> dict:
@@ -121,6 +129,7 @@ def attention_distance(loaded: inference.LoadedModel, inputs: Inputs) -> dict:
 
   per_image = inference.map_batches(functools.partial(distances, loaded.params), images,
                                     inputs.batch_size, desc='attention distance')
+  _check_finite(per_image, loaded, images, 'attention distances')
   mean = per_image.mean(axis=0)
   return {
       'png': plots.attention_distance(mean, os.path.join(out_dir, 'attention_distance.png'),
@@ -150,6 +159,9 @@ def fewshot(loaded: inference.LoadedModel, inputs: Inputs) -> dict:
     feats, labels = [], []
     for batch in tqdm.tqdm(data.batches(config, split, limit), desc=f'features {split}'):
       feats.append(np.asarray(embed(backbone, batch['image']))[batch['mask']])
+      output_check.check_finite(feats[-1], f'Checkpoint {loaded.source}',
+                                what=f'pre-logit features on {split}', model=representation,
+                                params=backbone, images=batch['image'][batch['mask']])
       labels.append(batch['label'][batch['mask']])
     return np.concatenate(feats), np.concatenate(labels)
 
