@@ -94,6 +94,13 @@ def test_rewind_keeps_broken_lines_before_the_step_and_drops_the_rest(root, capl
   assert _read(path) == ''.join(METRICS[:4])
 
 
+def test_rewind_to_step_0_empties_the_file(root):
+  path = f'{root}/metrics.jsonl'
+  _write(path, ''.join(METRICS[2:4]))
+  workdir_lib.rewind_metrics(root, 0)
+  assert _read(path) == ''
+
+
 def test_rewind_drops_a_last_line_cut_short(root):
   path = f'{root}/metrics.jsonl'
   _write(path, METRICS[0] + METRICS[-1])

@@ -295,6 +295,7 @@ def rewind_metrics(workdir: str, step: int) -> None:
 def _copy_start(target: str, size: int) -> None:
   """Cuts `target` to its first `size` bytes (replacing it in one rename), in chunks."""
   with tf.io.gfile.GFile(target, 'rb') as source, tf.io.gfile.GFile(target + '.tmp', 'wb') as out:
+    out.write(b'')  # GFile creates the file at its first write: also when nothing is kept.
     while size > 0:
       chunk = source.read(min(_CHUNK_BYTES, size))
       if not chunk:
