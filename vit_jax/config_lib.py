@@ -168,6 +168,7 @@ CHOICES = {
     'optimizer': optim.OPTIMIZERS, 'decay_type': optim.DECAYS, 'loss': steps.LOSSES,
     'sharding': sharding.STRATEGIES, 'dtype': models.DTYPES, 'nonfinite': ('stop', 'skip'),
     'model.attention_impl': models.ATTENTION_IMPLS, 'model.remat_policy': models.REMAT_POLICIES,
+    'model.layout': models.LAYOUTS,
 }
 # Numeric fields -> the bounds their values must satisfy, ', '-separated (a field may be None
 # where base_config defaults to None). warmup_steps is checked against total_steps.

@@ -30,6 +30,9 @@ the model config; the defaults are the plain model above, and docs/PERFORMANCE.m
     whose leaves carry a leading layer axis (and sown attention weights likewise). The released
     layout stays the contract at load and save time: convert with `stack_encoder_blocks` /
     `unstack_encoder_blocks` (below).
+  * `layout`: 'auto' (default) | 'flat' | 'tokens': how the matmuls lay out their operands
+    (`LAYOUTS`, below); 'auto' is the backend's best (`BACKEND_LAYOUTS`: 'flat' on XLA:CPU,
+    'tokens' on TPU). The training program resolves it for its mesh's devices.
 
 Layout: the patch embeddings and every encoder block's input carry the logical axis names
 (`BATCH`, None, None) (`nn.with_logical_constraint`). Outside `nn.logical_axis_rules` this is a
@@ -62,6 +65,17 @@ __all__ = ['MODEL_CONFIGS', 'VisionTransformer', 'Encoder', 'Encoder1DBlock', 'r
            'stack_encoder_blocks', 'unstack_encoder_blocks']
 
 ATTENTION_IMPLS = ('xla', 'fused')
+# How the model lays out its matmuls' operands; both compute the same function with the same
+# parameters (docs/PERFORMANCE.md, "TPU, by the compiler"):
+#   'flat'   the dense layers as 2-D matmuls over flattened tokens, attention heads-first, the
+#            patch embedding as crop + reshape + matmul: fastest on XLA:CPU;
+#   'tokens' [batch, tokens, ...] operands into dot_generals, attention on [b, n, h, d] as it
+#            comes, the patch embedding as a strided convolution, attention probabilities kept
+#            in the compute dtype for the backward pass: on XLA:TPU the flattening and
+#            transposes are relayout copies (197 tokens are not a multiple of its 8-row tiles).
+# 'auto' picks the backend's entry of BACKEND_LAYOUTS ('tokens' for backends not listed).
+LAYOUTS = ('auto', 'flat', 'tokens')
+BACKEND_LAYOUTS = {'cpu': 'flat', 'tpu': 'tokens'}
 # Compute dtypes (`dtype=jnp.dtype(name)`); parameters stay float32.
 DTYPES = ('float32', 'bfloat16')
 # The logical name of the batch axis of activations (see the module docstring).
@@ -75,6 +89,17 @@ REMAT_POLICIES = {
     'dots_saveable': jax.checkpoint_policies.dots_saveable,
     'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def resolve_layout(layout: str, platform: Optional[str] = None) -> str:
+  """`layout` ('auto', 'flat' or 'tokens') -> 'flat' or 'tokens'. 'auto' is the entry of
+  `platform` (default: `jax.default_backend()`) in BACKEND_LAYOUTS. Programs compiled for other
+  devices than the default backend's (ahead of time) pass their devices' platform."""
+  if layout not in LAYOUTS:
+    raise ValueError(f'layout={layout!r}; expected one of {LAYOUTS}.')
+  if layout != 'auto':
+    return layout
+  return BACKEND_LAYOUTS.get(platform or jax.default_backend(), 'tokens')
 
 
 def _constrain_batch(x):
@@ -161,25 +186,37 @@ def resnet_stem(x, *, num_layers: Sequence[int], width_factor: int, dtype, param
   return x
 
 
-def token_matmul(module: nn.Module, x, features: Tuple[int, ...], in_axes: int,
+def token_params(module: nn.Module, in_shape: Tuple[int, ...], features: Tuple[int, ...],
                  kernel_init: Callable, bias_init: Callable):
-  """x's last `in_axes` axes times `module`'s `kernel` [*in, *features], plus its `bias`
-  [*features], computed as one 2-D matmul over all leading axes flattened into one.
-
-  The parameters are created on `module` (in its scope, under its name), with its `dtype` and
-  `param_dtype`; the initialisers see the flat [in, out] and [out] shapes, so a fresh init is
-  the same bit for bit as `nn.DenseGeneral`'s (and `nn.Conv`'s for the patch embedding). So
-  flattened, XLA:CPU computes the weight gradient x^T dy straight from x and dy, where with
-  [batch, tokens, ...] operands it first transposes dy into a copy (docs/PERFORMANCE.md, "Dense
-  layers as 2-D matmuls").
-  """
-  lead, in_shape = x.shape[:x.ndim - in_axes], x.shape[x.ndim - in_axes:]
+  """`module`'s `kernel` [*in, *features] and `bias` [*features] (in its scope, with its
+  `param_dtype`). The initialisers see the flat [in, out] and [out] shapes, so a fresh init is
+  the same bit for bit as `nn.DenseGeneral`'s (and `nn.Conv`'s for the patch embedding)."""
   n_in, n_out = math.prod(in_shape), math.prod(features)
   flat = lambda init, shape: lambda rng, full, dtype: init(rng, shape, dtype).reshape(full)
   kernel = module.param('kernel', flat(kernel_init, (n_in, n_out)), (*in_shape, *features),
                         module.param_dtype)
   bias = module.param('bias', flat(bias_init, (n_out,)), tuple(features), module.param_dtype)
+  return kernel, bias
+
+
+def token_matmul(module: nn.Module, x, features: Tuple[int, ...], in_axes: int,
+                 kernel_init: Callable, bias_init: Callable, layout: str = 'flat'):
+  """x's last `in_axes` axes times `module`'s `kernel` [*in, *features], plus its `bias`
+  [*features] (`token_params`), in the module's `dtype`.
+
+  layout 'flat': one 2-D matmul over all leading axes flattened into one. So flattened, XLA:CPU
+  computes the weight gradient x^T dy straight from x and dy, where with [batch, tokens, ...]
+  operands it first transposes dy into a copy (docs/PERFORMANCE.md, "Dense layers as 2-D
+  matmuls"). layout 'tokens': one dot_general on x as it is, which XLA:TPU tiles without the
+  relayout copies that flattening costs it.
+  """
+  lead, in_shape = x.shape[:x.ndim - in_axes], x.shape[x.ndim - in_axes:]
+  kernel, bias = token_params(module, in_shape, features, kernel_init, bias_init)
   x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
+  if layout == 'tokens':
+    contract = (tuple(range(len(lead), x.ndim)), tuple(range(in_axes)))
+    return jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
+  n_in, n_out = math.prod(in_shape), math.prod(features)
   y = x.reshape(-1, n_in) @ kernel.reshape(n_in, n_out) + bias.reshape(n_out)
   return y.reshape(*lead, *features)
 
@@ -193,11 +230,12 @@ class TokenDense(nn.Module):
   bias_init: Callable = nn.initializers.zeros
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  layout: str = 'flat'  # 'flat' or 'tokens' (LAYOUTS, resolved).
 
   @nn.compact
   def __call__(self, x):
     return token_matmul(self, x, tuple(self.features), self.in_axes, self.kernel_init,
-                        self.bias_init)
+                        self.bias_init, self.layout)
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -207,6 +245,7 @@ class MultiHeadDotProductAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = 'xla'
+  layout: str = 'flat'  # 'flat' or 'tokens' (LAYOUTS, resolved).
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
@@ -218,7 +257,8 @@ class MultiHeadDotProductAttention(nn.Module):
       raise ValueError(f'hidden_size {features} is not divisible by num_heads {self.num_heads}.')
     head_dim = features // self.num_heads
     dense = lambda name, features, in_axes=1: TokenDense(
-        features, in_axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        features, in_axes, dtype=self.dtype, param_dtype=self.param_dtype, layout=self.layout,
+        name=name)
     query, key, value = (dense(name, (self.num_heads, head_dim))(x)
                          for name in ('query', 'key', 'value'))
     if self.attention_impl == 'fused':
@@ -226,6 +266,8 @@ class MultiHeadDotProductAttention(nn.Module):
         raise ValueError("attention_impl='fused' has no attention dropout; use 'xla' to train "
                          f'with attention_dropout_rate={self.dropout_rate}.')
       out = fused_attention(query, key, value)
+    elif self.layout == 'tokens':
+      out = tokens_attention(self, query, key, value, deterministic=deterministic)
     else:
       out = einsum_attention(self, query, key, value, deterministic=deterministic)
     return dense('out', (features,), in_axes=2)(out)
@@ -252,6 +294,37 @@ def einsum_attention(module: nn.Module, query, key, value, *, deterministic: boo
   return (out / total.astype(out.dtype)).transpose(0, 2, 1, 3)
 
 
+@jax.custom_vjp
+def softmax_keep_dtype(logits):
+  """softmax over the last axis, computed in float32 and returned in `logits`' dtype; its backward
+  pass keeps only that output (jax.nn.softmax of an upcast would keep a float32 copy)."""
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
+
+
+def _softmax_keep_dtype_fwd(logits):
+  probs = softmax_keep_dtype(logits)
+  return probs, probs
+
+
+def _softmax_keep_dtype_bwd(probs, grad):
+  p, g = probs.astype(jnp.float32), grad.astype(jnp.float32)
+  return ((p * (g - jnp.sum(g * p, axis=-1, keepdims=True))).astype(probs.dtype),)
+
+
+softmax_keep_dtype.defvjp(_softmax_keep_dtype_fwd, _softmax_keep_dtype_bwd)
+
+
+def tokens_attention(module: nn.Module, query, key, value, *, deterministic: bool):
+  """softmax(q k^T / sqrt(d)) v on [batch, tokens, heads, d] operands as they come (layout
+  'tokens'): no transposes; the logits and probabilities [b, h, q, k] in the compute dtype (the
+  softmax itself in float32, `softmax_keep_dtype`), the probabilities sown for analysis."""
+  query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
+  weights = softmax_keep_dtype(jnp.einsum('bqhd,bkhd->bhqk', query, key))
+  module.sow('intermediates', 'attention_weights', weights)
+  weights = nn.Dropout(module.dropout_rate)(weights, deterministic=deterministic)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+
+
 def fused_attention(query, key, value):
   """softmax(q k^T / sqrt(d)) v with `jax.nn.dot_product_attention`; [batch, tokens, heads, d].
 
@@ -273,11 +346,13 @@ class MlpBlock(nn.Module):
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  layout: str = 'flat'  # 'flat' or 'tokens' (LAYOUTS, resolved).
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
     dense = lambda f, name: TokenDense((f,), bias_init=_MLP_BIAS, dtype=self.dtype,
-                                       param_dtype=self.param_dtype, name=name)
+                                       param_dtype=self.param_dtype, layout=self.layout,
+                                       name=name)
     features = x.shape[-1]
     x = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x), approximate=True)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -294,18 +369,19 @@ class Encoder1DBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = 'xla'
+  layout: str = 'flat'  # 'flat' or 'tokens' (LAYOUTS, resolved).
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     # `deterministic` may be passed positionally: `nn.remat` needs it as a static positional.
     x = _constrain_batch(x)
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = nn.LayerNorm(name='LayerNorm_0', **kw)(x)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, layout=self.layout)
+    y = nn.LayerNorm(name='LayerNorm_0', dtype=self.dtype, param_dtype=self.param_dtype)(x)
     y = MultiHeadDotProductAttention(
         self.num_heads, self.attention_dropout_rate, name='MultiHeadDotProductAttention_1',
         attention_impl=self.attention_impl, **kw)(y, deterministic=deterministic)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    y = nn.LayerNorm(name='LayerNorm_2', **kw)(x)
+    y = nn.LayerNorm(name='LayerNorm_2', dtype=self.dtype, param_dtype=self.param_dtype)(x)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, name='MlpBlock_3', **kw)(
         y, deterministic=deterministic)
     return x + y
@@ -398,6 +474,7 @@ class Encoder(nn.Module):
   scan_layers: bool = False
   posemb: str = 'learn'
   grid: Tuple[int, int] = (0, 0)  # Patches per side; needed by the 2-D position embeddings.
+  layout: str = 'flat'  # 'flat' or 'tokens' (LAYOUTS, resolved).
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -410,7 +487,8 @@ class Encoder(nn.Module):
     block_kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                     dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-                    param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+                    param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+                    layout=self.layout)
     block = _ScannedEncoder1DBlock if self.scan_layers else Encoder1DBlock
     if self.remat_policy != 'none':
       # static_argnums counts `self`: 2 is `deterministic`. Inside a scan, CSE cannot undo the
@@ -441,11 +519,19 @@ class PatchEmbedding(nn.Module):
   patch_size: Tuple[int, int]
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
+  layout: str = 'flat'  # 'flat' or 'tokens' (LAYOUTS, resolved): 'tokens' convolves.
 
   @nn.compact
   def __call__(self, x):
     batch, height, width, channels = x.shape
     ph, pw = self.patch_size
+    if self.layout == 'tokens':
+      kernel, bias = token_params(self, (ph, pw, channels), (self.features,),
+                                  nn.initializers.lecun_normal(), nn.initializers.zeros)
+      x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+      return jax.lax.conv_general_dilated(
+          x, kernel, self.patch_size, 'VALID',
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
     rows, cols = height // ph, width // pw
     patches = x[:, :rows * ph, :cols * pw].reshape(batch, rows, ph, cols, pw, channels)
     return token_matmul(self, patches.transpose(0, 1, 3, 2, 4, 5), (self.features,), 3,
@@ -475,6 +561,7 @@ class VisionTransformer(nn.Module):
   attention_impl: str = 'xla'
   remat_policy: str = 'none'
   scan_layers: bool = False
+  layout: str = 'auto'  # One of LAYOUTS; 'auto' resolves by the default backend.
 
   @nn.compact
   def __call__(self, images, *, train: bool):
@@ -490,7 +577,8 @@ class VisionTransformer(nn.Module):
       x = resnet_stem(x, num_layers=tuple(self.resnet['num_layers']),
                       width_factor=self.resnet['width_factor'], **kw)
     if self.hidden_size is not None:
-      x = PatchEmbedding(self.hidden_size, tuple(self.patches['size']), name='embedding', **kw)(x)
+      x = PatchEmbedding(self.hidden_size, tuple(self.patches['size']), name='embedding',
+                         layout=resolve_layout(self.layout), **kw)(x)
     if self.transformer is not None:
       x = self._encode(x, train=train)
     if self.classifier == 'token':
@@ -514,7 +602,7 @@ class VisionTransformer(nn.Module):
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
     return Encoder(name='Transformer', attention_impl=self.attention_impl,
                    remat_policy=self.remat_policy, scan_layers=self.scan_layers,
-                   posemb=self.posemb,
+                   posemb=self.posemb, layout=resolve_layout(self.layout),
                    grid=(height, width), dtype=self.dtype, param_dtype=self.param_dtype,
                    **_transformer_kwargs(self.transformer))(x, train=train)
 

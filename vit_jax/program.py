@@ -13,10 +13,12 @@ from vit_jax import sharding
 from vit_jax import steps
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
-  """The run's model (its activations' layout is set where the steps are jitted)."""
+def build_model(config: ml_collections.ConfigDict, num_classes: int, platform=None):
+  """The run's model (its activations' layout is set where the steps are jitted), its matmuls
+  laid out for `platform` (the mesh's devices': they may be compiled for ahead of time)."""
+  layout = models.resolve_layout(config.model.get('layout', 'auto'), platform)
   return models.build_model(config.model, num_classes, dtype=jnp.dtype(config.dtype),
-                            head_bias_init=config.head_bias_init)
+                            head_bias_init=config.head_bias_init, layout=layout)
 
 
 def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
@@ -34,7 +36,7 @@ class Program:
     self.config = config
     self.num_classes = num_classes
     self.mesh = mesh or sharding.make_mesh()
-    self.model = build_model(config, num_classes)
+    self.model = build_model(config, num_classes, self.mesh.devices.flat[0].platform)
     self.optimizer = optim.make_optimizer(config)
     image_shape = (config.pp.resolution, config.pp.resolution, 3)
     self._init = lambda rng: steps.init_state(self.model, self.optimizer, rng, image_shape)
