@@ -414,3 +414,22 @@ def test_softmax_keep_dtype_matches_numpy_forward_and_backward():
   assert out16.dtype == grad16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out16, np.float32), p, rtol=0.02, atol=0.01)
   np.testing.assert_allclose(np.asarray(grad16, np.float32), dlogits, rtol=0.05, atol=0.02)
+
+
+def test_pallas_attention_in_interpret_mode_matches_einsum_attention():
+  """Pallas' TPU flash attention, run by its interpreter on the CPU: 5 tokens padded to a block of
+  128 (the padding masked as a segment of its own); logits, loss and gradients as 'xla'."""
+  from jax.experimental.pallas import tpu as pltpu
+  cfg = _config(num_layers=1)
+  x = _images()
+  params = _params(cfg)
+  plain = models.build_model(cfg, NUM_CLASSES)
+  pallas = models.build_model(cfg, NUM_CLASSES, attention_impl='pallas')
+  with pltpu.force_tpu_interpret_mode():
+    logits = _logits(pallas, params, x)
+    loss, grads = _loss_and_grads(pallas, params, x)
+  tol = dict(rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits, _logits(plain, params, x), **tol)
+  loss_plain, grads_plain = _loss_and_grads(plain, params, x)
+  np.testing.assert_allclose(loss, loss_plain, **tol)
+  _assert_trees_close(grads, grads_plain, **tol)

@@ -64,7 +64,7 @@ __all__ = ['MODEL_CONFIGS', 'VisionTransformer', 'Encoder', 'Encoder1DBlock', 'r
            'POSEMB_TYPES', 'sincos2d', 'PatchEmbedding',
            'stack_encoder_blocks', 'unstack_encoder_blocks']
 
-ATTENTION_IMPLS = ('xla', 'fused')
+ATTENTION_IMPLS = ('xla', 'fused', 'pallas')
 # How the model lays out its matmuls' operands; both compute the same function with the same
 # parameters (docs/PERFORMANCE.md, "TPU, by the compiler"):
 #   'flat'   the dense layers as 2-D matmuls over flattened tokens, attention heads-first, the
@@ -261,11 +261,12 @@ class MultiHeadDotProductAttention(nn.Module):
         name=name)
     query, key, value = (dense(name, (self.num_heads, head_dim))(x)
                          for name in ('query', 'key', 'value'))
-    if self.attention_impl == 'fused':
+    if self.attention_impl in ('fused', 'pallas'):
       if self.dropout_rate and not deterministic:
-        raise ValueError("attention_impl='fused' has no attention dropout; use 'xla' to train "
-                         f'with attention_dropout_rate={self.dropout_rate}.')
-      out = fused_attention(query, key, value)
+        raise ValueError(f'attention_impl={self.attention_impl!r} has no attention dropout; use '
+                         f"'xla' to train with attention_dropout_rate={self.dropout_rate}.")
+      impl = fused_attention if self.attention_impl == 'fused' else pallas_attention
+      out = impl(query, key, value)
     elif self.layout == 'tokens':
       out = tokens_attention(self, query, key, value, deterministic=deterministic)
     else:
@@ -338,6 +339,42 @@ def fused_attention(query, key, value):
     except (NotImplementedError, RuntimeError, ValueError, TypeError):
       pass
   return jax.nn.dot_product_attention(query, key, value, implementation=None)
+
+
+# Pallas' TPU flash attention tiles the tokens in blocks of this many (its minimum block size).
+PALLAS_BLOCK = 128
+
+
+def pallas_attention(query, key, value):
+  """softmax(q k^T / sqrt(d)) v with Pallas' TPU flash attention; [batch, tokens, heads, d].
+
+  The kernel never writes the [b, h, q, k] logits or probabilities to memory, forward or
+  backward. It takes [b, h, n, d] operands and a token count that its blocks divide: the tokens
+  are padded up to a multiple of PALLAS_BLOCK, the padding in a segment of its own so that no
+  real token attends to it. Compiles for TPU only (elsewhere: under
+  `jax.experimental.pallas.tpu.force_tpu_interpret_mode()`, which runs the kernel on the CPU).
+  XLA cannot partition the kernel: inside a step laid out over a mesh (`BATCH` mapped by the
+  logical axis rules) it runs per device on that device's images (`shard_map`).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  spec = nn.logical_to_mesh_axes((BATCH, None, None, None))
+  if mesh.empty or spec is None:
+    return _pallas_attention(query, key, value)
+  return jax.shard_map(_pallas_attention, mesh=mesh, in_specs=spec, out_specs=spec,
+                       check_vma=False)(query, key, value)
+
+
+def _pallas_attention(query, key, value):
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # TPU-only.
+  batch, tokens, _, head_dim = query.shape
+  padded = -(-tokens // PALLAS_BLOCK) * PALLAS_BLOCK
+  q, k, v = (jnp.pad(t, ((0, 0), (0, padded - tokens), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+             for t in (query, key, value))
+  segment = jnp.broadcast_to((jnp.arange(padded) >= tokens).astype(jnp.int32), (batch, padded))
+  out = pallas_flash.flash_attention(
+      q, k, v, segment_ids=pallas_flash.SegmentIds(segment, segment),
+      sm_scale=1.0 / math.sqrt(head_dim))
+  return out.transpose(0, 2, 1, 3)[:, :tokens]
 
 
 class MlpBlock(nn.Module):
