@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_jax import config_lib
 from vit_jax import model_configs
 from vit_jax import models
+from vit_jax import program
 from vit_jax import steps
 
 NUM_CLASSES = 10
@@ -332,6 +334,14 @@ def test_layout_resolves_per_backend_and_refuses_unknown_names():
   assert models.resolve_layout('tokens', 'cpu') == 'tokens'
   with pytest.raises(ValueError, match="layout='rows'"):
     models.resolve_layout('rows')
+  # The training program lays the model out for its mesh's devices (compiled ahead of time for a
+  # TPU on this CPU, say), unless the config names a layout.
+  config = config_lib.base_config()
+  config_lib.set_model(config, 'testing')
+  assert program.build_model(config, NUM_CLASSES, 'tpu').layout == 'tokens'
+  assert program.build_model(config, NUM_CLASSES, 'cpu').layout == 'flat'
+  config.model.layout = 'tokens'
+  assert program.build_model(config, NUM_CLASSES, 'cpu').layout == 'tokens'
 
 
 def test_tokens_layout_gives_the_same_params_logits_loss_and_grads():
@@ -364,7 +374,8 @@ def test_tokens_layout_attention_drops_the_same_weights_as_flat():
   (loss_flat, grads_flat), (loss_tokens, grads_tokens) = map(loss_and_grads, attention.values())
   np.testing.assert_allclose(loss_tokens, loss_flat, rtol=1e-5)
   _assert_trees_close(grads_tokens, grads_flat, rtol=1e-5, atol=1e-6)
-  no_dropout = attention['tokens'].apply(variables, x, deterministic=True).sum()
+  no_dropout = jax.jit(lambda v: attention['tokens'].apply(v, x, deterministic=True).sum())(
+      variables)
   assert abs(float(no_dropout) - float(loss_tokens)) > 1e-3  # Dropout did drop.
 
 

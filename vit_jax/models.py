@@ -60,19 +60,19 @@ _XAVIER = nn.initializers.xavier_uniform()
 _MLP_BIAS = nn.initializers.normal(stddev=1e-6)
 
 __all__ = ['MODEL_CONFIGS', 'VisionTransformer', 'Encoder', 'Encoder1DBlock', 'resnet_stem',
-           'ATTENTION_IMPLS', 'REMAT_POLICIES', 'DTYPES', 'BATCH', 'abstract_params',
+           'ATTENTION_IMPLS', 'LAYOUTS', 'REMAT_POLICIES', 'DTYPES', 'BATCH', 'abstract_params',
            'POSEMB_TYPES', 'sincos2d', 'PatchEmbedding',
            'stack_encoder_blocks', 'unstack_encoder_blocks']
 
 ATTENTION_IMPLS = ('xla', 'fused', 'pallas')
 # How the model lays out its matmuls' operands; both compute the same function with the same
 # parameters (docs/PERFORMANCE.md, "TPU, by the compiler"):
-#   'flat'   the dense layers as 2-D matmuls over flattened tokens, attention heads-first, the
-#            patch embedding as crop + reshape + matmul: fastest on XLA:CPU;
+#   'flat'   the dense layers (and the patch embedding's matmul) as 2-D matmuls over flattened
+#            tokens, attention heads-first: fastest on XLA:CPU;
 #   'tokens' [batch, tokens, ...] operands into dot_generals, attention on [b, n, h, d] as it
-#            comes, the patch embedding as a strided convolution, attention probabilities kept
-#            in the compute dtype for the backward pass: on XLA:TPU the flattening and
-#            transposes are relayout copies (197 tokens are not a multiple of its 8-row tiles).
+#            comes, attention probabilities kept in the compute dtype for the backward pass: on
+#            XLA:TPU the flattening and transposes are relayout copies (197 tokens are not a
+#            multiple of its 8-row tiles).
 # 'auto' picks the backend's entry of BACKEND_LAYOUTS ('tokens' for backends not listed).
 LAYOUTS = ('auto', 'flat', 'tokens')
 BACKEND_LAYOUTS = {'cpu': 'flat', 'tpu': 'tokens'}
@@ -186,37 +186,30 @@ def resnet_stem(x, *, num_layers: Sequence[int], width_factor: int, dtype, param
   return x
 
 
-def token_params(module: nn.Module, in_shape: Tuple[int, ...], features: Tuple[int, ...],
-                 kernel_init: Callable, bias_init: Callable):
-  """`module`'s `kernel` [*in, *features] and `bias` [*features] (in its scope, with its
-  `param_dtype`). The initialisers see the flat [in, out] and [out] shapes, so a fresh init is
-  the same bit for bit as `nn.DenseGeneral`'s (and `nn.Conv`'s for the patch embedding)."""
+def token_matmul(module: nn.Module, x, features: Tuple[int, ...], in_axes: int,
+                 kernel_init: Callable, bias_init: Callable, layout: str = 'flat'):
+  """x's last `in_axes` axes times `module`'s `kernel` [*in, *features], plus its `bias`
+  [*features].
+
+  The parameters are created on `module` (in its scope, under its name), with its `dtype` and
+  `param_dtype`; the initialisers see the flat [in, out] and [out] shapes, so a fresh init is
+  the same bit for bit as `nn.DenseGeneral`'s (and `nn.Conv`'s for the patch embedding).
+  layout 'flat': one 2-D matmul over all leading axes flattened into one. So flattened, XLA:CPU
+  computes the weight gradient x^T dy straight from x and dy, where with [batch, tokens, ...]
+  operands it first transposes dy into a copy (docs/PERFORMANCE.md, "Dense layers as 2-D
+  matmuls"). layout 'tokens': one dot_general on x as it is, which XLA:TPU tiles without the
+  relayout copies that flattening costs it ("TPU, by the compiler").
+  """
+  lead, in_shape = x.shape[:x.ndim - in_axes], x.shape[x.ndim - in_axes:]
   n_in, n_out = math.prod(in_shape), math.prod(features)
   flat = lambda init, shape: lambda rng, full, dtype: init(rng, shape, dtype).reshape(full)
   kernel = module.param('kernel', flat(kernel_init, (n_in, n_out)), (*in_shape, *features),
                         module.param_dtype)
   bias = module.param('bias', flat(bias_init, (n_out,)), tuple(features), module.param_dtype)
-  return kernel, bias
-
-
-def token_matmul(module: nn.Module, x, features: Tuple[int, ...], in_axes: int,
-                 kernel_init: Callable, bias_init: Callable, layout: str = 'flat'):
-  """x's last `in_axes` axes times `module`'s `kernel` [*in, *features], plus its `bias`
-  [*features] (`token_params`), in the module's `dtype`.
-
-  layout 'flat': one 2-D matmul over all leading axes flattened into one. So flattened, XLA:CPU
-  computes the weight gradient x^T dy straight from x and dy, where with [batch, tokens, ...]
-  operands it first transposes dy into a copy (docs/PERFORMANCE.md, "Dense layers as 2-D
-  matmuls"). layout 'tokens': one dot_general on x as it is, which XLA:TPU tiles without the
-  relayout copies that flattening costs it.
-  """
-  lead, in_shape = x.shape[:x.ndim - in_axes], x.shape[x.ndim - in_axes:]
-  kernel, bias = token_params(module, in_shape, features, kernel_init, bias_init)
   x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
   if layout == 'tokens':
     contract = (tuple(range(len(lead), x.ndim)), tuple(range(in_axes)))
     return jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
-  n_in, n_out = math.prod(in_shape), math.prod(features)
   y = x.reshape(-1, n_in) @ kernel.reshape(n_in, n_out) + bias.reshape(n_out)
   return y.reshape(*lead, *features)
 
@@ -550,29 +543,23 @@ class PatchEmbedding(nn.Module):
 
   Rows and columns beyond the last whole patch are dropped, as the convolution drops them. On
   XLA:CPU the matmul is faster than the strided convolution forward and backward
-  (docs/PERFORMANCE.md, "Patch embedding as a matmul").
+  (docs/PERFORMANCE.md, "Patch embedding as a matmul"); on XLA:TPU the patches' dot_general
+  (layout 'tokens') moves fewer bytes than the convolution too ("TPU, by the compiler").
   """
   features: int
   patch_size: Tuple[int, int]
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
-  layout: str = 'flat'  # 'flat' or 'tokens' (LAYOUTS, resolved): 'tokens' convolves.
+  layout: str = 'flat'  # 'flat' or 'tokens' (LAYOUTS, resolved).
 
   @nn.compact
   def __call__(self, x):
     batch, height, width, channels = x.shape
     ph, pw = self.patch_size
-    if self.layout == 'tokens':
-      kernel, bias = token_params(self, (ph, pw, channels), (self.features,),
-                                  nn.initializers.lecun_normal(), nn.initializers.zeros)
-      x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-      return jax.lax.conv_general_dilated(
-          x, kernel, self.patch_size, 'VALID',
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
     rows, cols = height // ph, width // pw
     patches = x[:, :rows * ph, :cols * pw].reshape(batch, rows, ph, cols, pw, channels)
     return token_matmul(self, patches.transpose(0, 1, 3, 2, 4, 5), (self.features,), 3,
-                        nn.initializers.lecun_normal(), nn.initializers.zeros)
+                        nn.initializers.lecun_normal(), nn.initializers.zeros, self.layout)
 
 
 class VisionTransformer(nn.Module):
