@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_jax import config_lib
 from vit_jax import model_configs
 from vit_jax import models
 from vit_jax import trainer as trainer_lib
@@ -318,3 +319,127 @@ def test_conversion_refuses_mixed_or_gapped_trees():
   del gapped['Transformer']['encoderblock_0']
   with pytest.raises(ValueError, match='not numbered'):
     models.stack_encoder_blocks(gapped)
+
+
+# ---------------------------------------------------------------------------------------------
+# layout
+
+
+def test_layout_resolves_per_backend_and_refuses_unknown_names():
+  assert models.resolve_layout('auto', 'cpu') == 'flat'
+  assert models.resolve_layout('auto', 'tpu') == 'tokens'
+  assert models.resolve_layout('auto', 'gpu') == 'tokens'  # Not listed: the plain layout.
+  assert models.resolve_layout('auto') == 'flat'  # The tests' backend is the CPU.
+  assert models.resolve_layout('tokens', 'cpu') == 'tokens'
+  with pytest.raises(ValueError, match="layout='rows'"):
+    models.resolve_layout('rows')
+  # The trainer lays the model out for its mesh's devices (vit_jax.plan compiles it for a TPU on
+  # this CPU), unless the config names a layout.
+  config = config_lib.base_config()
+  config_lib.set_model(config, 'micro')
+  config.pp.resolution, config.batch = 32, 8
+  assert trainer_lib.Trainer(config, NUM_CLASSES).model.layout == 'flat'
+  config.model.layout = 'tokens'
+  assert trainer_lib.Trainer(config, NUM_CLASSES).model.layout == 'tokens'
+
+
+def test_tokens_layout_gives_the_same_params_logits_loss_and_grads():
+  cfg, x = _config(), _images()
+  params, logits, loss, grads = _reference()  # The default on CPU: 'flat'.
+  flat = models.build_model(cfg, NUM_CLASSES, layout='flat')
+  tokens = models.build_model(cfg, NUM_CLASSES, layout='tokens')
+  init = lambda m: jax.jit(lambda x: m.init(jax.random.PRNGKey(0), x, train=False))(x)
+  _assert_trees_close(init(tokens), init(flat), rtol=0, atol=0)  # Bit for bit.
+  tol = dict(rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_logits(tokens, params, x), logits, **tol)
+  _assert_trees_close(_sown(tokens, params, x), _sown(flat, params, x), **tol)
+  loss_tokens, grads_tokens = _loss_and_grads(tokens, params, x)
+  np.testing.assert_allclose(loss_tokens, loss, **tol)
+  _assert_trees_close(grads_tokens, grads, **tol)
+
+
+def test_tokens_layout_attention_drops_the_same_weights_as_flat():
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 8))
+  attention = {layout: models.MultiHeadDotProductAttention(2, 0.5, layout=layout)
+               for layout in ('flat', 'tokens')}
+  variables = jax.jit(lambda x: attention['flat'].init(
+      jax.random.PRNGKey(0), x, deterministic=True))(x)
+
+  def loss_and_grads(module):
+    loss = lambda v: module.apply(v, x, deterministic=False,
+                                  rngs={'dropout': jax.random.PRNGKey(4)}).sum()
+    return jax.jit(jax.value_and_grad(loss))(variables)
+
+  (loss_flat, grads_flat), (loss_tokens, grads_tokens) = map(loss_and_grads, attention.values())
+  np.testing.assert_allclose(loss_tokens, loss_flat, rtol=1e-5)
+  _assert_trees_close(grads_tokens, grads_flat, rtol=1e-5, atol=1e-6)
+  no_dropout = jax.jit(lambda v: attention['tokens'].apply(v, x, deterministic=True).sum())(
+      variables)
+  assert abs(float(no_dropout) - float(loss_tokens)) > 1e-3  # Dropout did drop.
+
+
+def test_tokens_layout_patch_embedding_drops_partial_patches_like_flat():
+  x = jax.random.uniform(jax.random.PRNGKey(2), (2, 37, 45, 3))  # 2x2 patches of 16 + rest.
+  embed = {layout: models.PatchEmbedding(8, (16, 16), layout=layout) for layout in
+           ('flat', 'tokens')}
+  variables = jax.jit(lambda x: embed['flat'].init(jax.random.PRNGKey(0), x))(x)
+  out = {k: jax.jit(m.apply)(variables, x) for k, m in embed.items()}
+  assert out['tokens'].shape == (2, 2, 2, 8)
+  np.testing.assert_allclose(out['tokens'], out['flat'], rtol=1e-5, atol=1e-5)
+  # Independent check of one patch: the kernel [16, 16, 3, 8] applied to rows 16:32, cols 0:16.
+  kernel, bias = (np.asarray(variables['params'][k]) for k in ('kernel', 'bias'))
+  patch = np.einsum('hwc,hwcd->d', np.asarray(x[1, 16:32, :16]), kernel) + bias
+  np.testing.assert_allclose(out['tokens'][1, 1, 0], patch, rtol=1e-5, atol=1e-5)
+
+
+def test_tokens_layout_in_bfloat16_keeps_attention_probabilities_in_bfloat16():
+  cfg, x = _config(), _images()
+  params, logits32, _, _ = _reference()
+  flat, tokens = (models.build_model(cfg, NUM_CLASSES, dtype=jnp.bfloat16, layout=layout)
+                  for layout in ('flat', 'tokens'))
+  np.testing.assert_allclose(_logits(tokens, params, x), logits32, rtol=0.05, atol=0.1)
+  loss_flat, grads_flat = _loss_and_grads(flat, params, x)
+  loss_tokens, grads_tokens = _loss_and_grads(tokens, params, x)
+  np.testing.assert_allclose(loss_tokens, loss_flat, rtol=0.02)
+  _assert_trees_close(grads_tokens, grads_flat, rtol=0.1, atol=0.05)
+  # What the backward pass keeps: flat keeps float32 exponentials [b, h, q, k] per block, tokens
+  # the bfloat16 probabilities, 2 bytes less per element.
+  shapes = jax.eval_shape(lambda: flat.init(jax.random.PRNGKey(0), _images(1), train=False))
+  probs = cfg.transformer.num_heads * 5 * 5 * cfg.transformer.num_layers  # 2x2 patches + cls.
+  saved = {m.layout: _residual_bytes(m, shapes['params'], 4) for m in (flat, tokens)}
+  assert saved['flat'] - saved['tokens'] >= 4 * probs * 2
+
+
+def test_softmax_keep_dtype_matches_numpy_forward_and_backward():
+  logits = np.random.default_rng(0).normal(0, 2, (3, 4, 7)).astype(np.float32)
+  cotangent = np.random.default_rng(1).normal(0, 1, logits.shape).astype(np.float32)
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  p = e / e.sum(-1, keepdims=True)
+  dlogits = p * (cotangent - (cotangent * p).sum(-1, keepdims=True))
+  out, vjp = jax.vjp(models.softmax_keep_dtype, logits)
+  np.testing.assert_allclose(out, p, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(vjp(cotangent)[0], dlogits, rtol=1e-5, atol=1e-6)
+  out16, vjp16 = jax.vjp(models.softmax_keep_dtype, logits.astype(jnp.bfloat16))
+  grad16 = vjp16(cotangent.astype(jnp.bfloat16))[0]
+  assert out16.dtype == grad16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out16, np.float32), p, rtol=0.02, atol=0.01)
+  np.testing.assert_allclose(np.asarray(grad16, np.float32), dlogits, rtol=0.05, atol=0.02)
+
+
+def test_pallas_attention_in_interpret_mode_matches_einsum_attention():
+  """Pallas' TPU flash attention, run by its interpreter on the CPU: 5 tokens padded to a block of
+  128 (the padding masked as a segment of its own); logits, loss and gradients as 'xla'."""
+  from jax.experimental.pallas import tpu as pltpu
+  cfg = _config(num_layers=1)
+  x = _images()
+  params = _params(cfg)
+  plain = models.build_model(cfg, NUM_CLASSES)
+  pallas = models.build_model(cfg, NUM_CLASSES, attention_impl='pallas')
+  with pltpu.force_tpu_interpret_mode():
+    logits = _logits(pallas, params, x)
+    loss, grads = _loss_and_grads(pallas, params, x)
+  tol = dict(rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits, _logits(plain, params, x), **tol)
+  loss_plain, grads_plain = _loss_and_grads(plain, params, x)
+  np.testing.assert_allclose(loss, loss_plain, **tol)
+  _assert_trees_close(grads, grads_plain, **tol)

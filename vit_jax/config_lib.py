@@ -181,7 +181,7 @@ CHOICES = {
     'sharding': sharding.STRATEGIES, 'dtype': models.DTYPES, 'nonfinite': ('stop', 'skip'),
     'model.attention_impl': models.ATTENTION_IMPLS, 'model.remat_policy': models.REMAT_POLICIES,
     'model.posemb': models.POSEMB_TYPES, 'model.classifier': model_configs.CLASSIFIERS,
-    'pp.train': PP_TRAIN, 'pp.eval': PP_EVAL,
+    'pp.train': PP_TRAIN, 'pp.eval': PP_EVAL, 'model.layout': models.LAYOUTS,
 }
 # Numeric fields -> the bounds their values must satisfy, ', '-separated (a field may be None
 # where base_config defaults to None). warmup_steps >= total_steps is allowed, with a warning.

@@ -21,7 +21,8 @@ _SIZES = {
 # Module fields that change speed and memory, never the function computed (see vit_jax.models):
 # their plain-model defaults, carried by every config from `get_model_config` so that a run can
 # set them (`--config.model.scan_layers=True`).
-SPEED_SWITCHES = {'attention_impl': 'xla', 'remat_policy': 'none', 'scan_layers': False}
+SPEED_SWITCHES = {'attention_impl': 'xla', 'remat_policy': 'none', 'scan_layers': False,
+                  'layout': 'auto'}
 
 
 def _vit(name: str, size: str, patch: int, *, dropout: float = 0.0,

@@ -30,6 +30,9 @@ the model config; the defaults are the plain model above, and docs/PERFORMANCE.m
     whose leaves carry a leading layer axis (and sown attention weights likewise). The released
     layout stays the contract at load and save time: convert with `stack_encoder_blocks` /
     `unstack_encoder_blocks` (below).
+  * `layout`: 'auto' (default) | 'flat' | 'tokens': how the matmuls lay out their operands
+    (`LAYOUTS`, below); 'auto' is the backend's best (`BACKEND_LAYOUTS`: 'flat' on XLA:CPU,
+    'tokens' on TPU). The training program resolves it for its mesh's devices.
 
 Layout: the patch embeddings and every encoder block's input carry the logical axis names
 (`BATCH`, None, None) (`nn.with_logical_constraint`). Outside `nn.logical_axis_rules` this is a
@@ -57,11 +60,22 @@ _XAVIER = nn.initializers.xavier_uniform()
 _MLP_BIAS = nn.initializers.normal(stddev=1e-6)
 
 __all__ = ['MODEL_CONFIGS', 'VisionTransformer', 'Encoder', 'Encoder1DBlock', 'resnet_stem',
-           'ATTENTION_IMPLS', 'REMAT_POLICIES', 'DTYPES', 'BATCH', 'abstract_params',
+           'ATTENTION_IMPLS', 'LAYOUTS', 'REMAT_POLICIES', 'DTYPES', 'BATCH', 'abstract_params',
            'POSEMB_TYPES', 'sincos2d', 'PatchEmbedding',
            'stack_encoder_blocks', 'unstack_encoder_blocks']
 
-ATTENTION_IMPLS = ('xla', 'fused')
+ATTENTION_IMPLS = ('xla', 'fused', 'pallas')
+# How the model lays out its matmuls' operands; both compute the same function with the same
+# parameters (docs/PERFORMANCE.md, "TPU, by the compiler"):
+#   'flat'   the dense layers (and the patch embedding's matmul) as 2-D matmuls over flattened
+#            tokens, attention heads-first: fastest on XLA:CPU;
+#   'tokens' [batch, tokens, ...] operands into dot_generals, attention on [b, n, h, d] as it
+#            comes, attention probabilities kept in the compute dtype for the backward pass: on
+#            XLA:TPU the flattening and transposes are relayout copies (197 tokens are not a
+#            multiple of its 8-row tiles).
+# 'auto' picks the backend's entry of BACKEND_LAYOUTS ('tokens' for backends not listed).
+LAYOUTS = ('auto', 'flat', 'tokens')
+BACKEND_LAYOUTS = {'cpu': 'flat', 'tpu': 'tokens'}
 # Compute dtypes (`dtype=jnp.dtype(name)`); parameters stay float32.
 DTYPES = ('float32', 'bfloat16')
 # The logical name of the batch axis of activations (see the module docstring).
@@ -75,6 +89,17 @@ REMAT_POLICIES = {
     'dots_saveable': jax.checkpoint_policies.dots_saveable,
     'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def resolve_layout(layout: str, platform: Optional[str] = None) -> str:
+  """`layout` ('auto', 'flat' or 'tokens') -> 'flat' or 'tokens'. 'auto' is the entry of
+  `platform` (default: `jax.default_backend()`) in BACKEND_LAYOUTS. Programs compiled for other
+  devices than the default backend's (ahead of time) pass their devices' platform."""
+  if layout not in LAYOUTS:
+    raise ValueError(f'layout={layout!r}; expected one of {LAYOUTS}.')
+  if layout != 'auto':
+    return layout
+  return BACKEND_LAYOUTS.get(platform or jax.default_backend(), 'tokens')
 
 
 def _constrain_batch(x):
@@ -162,16 +187,18 @@ def resnet_stem(x, *, num_layers: Sequence[int], width_factor: int, dtype, param
 
 
 def token_matmul(module: nn.Module, x, features: Tuple[int, ...], in_axes: int,
-                 kernel_init: Callable, bias_init: Callable):
+                 kernel_init: Callable, bias_init: Callable, layout: str = 'flat'):
   """x's last `in_axes` axes times `module`'s `kernel` [*in, *features], plus its `bias`
-  [*features], computed as one 2-D matmul over all leading axes flattened into one.
+  [*features].
 
   The parameters are created on `module` (in its scope, under its name), with its `dtype` and
   `param_dtype`; the initialisers see the flat [in, out] and [out] shapes, so a fresh init is
-  the same bit for bit as `nn.DenseGeneral`'s (and `nn.Conv`'s for the patch embedding). So
-  flattened, XLA:CPU computes the weight gradient x^T dy straight from x and dy, where with
-  [batch, tokens, ...] operands it first transposes dy into a copy (docs/PERFORMANCE.md, "Dense
-  layers as 2-D matmuls").
+  the same bit for bit as `nn.DenseGeneral`'s (and `nn.Conv`'s for the patch embedding).
+  layout 'flat': one 2-D matmul over all leading axes flattened into one. So flattened, XLA:CPU
+  computes the weight gradient x^T dy straight from x and dy, where with [batch, tokens, ...]
+  operands it first transposes dy into a copy (docs/PERFORMANCE.md, "Dense layers as 2-D
+  matmuls"). layout 'tokens': one dot_general on x as it is, which XLA:TPU tiles without the
+  relayout copies that flattening costs it ("TPU, by the compiler").
   """
   lead, in_shape = x.shape[:x.ndim - in_axes], x.shape[x.ndim - in_axes:]
   n_in, n_out = math.prod(in_shape), math.prod(features)
@@ -180,6 +207,9 @@ def token_matmul(module: nn.Module, x, features: Tuple[int, ...], in_axes: int,
                         module.param_dtype)
   bias = module.param('bias', flat(bias_init, (n_out,)), tuple(features), module.param_dtype)
   x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
+  if layout == 'tokens':
+    contract = (tuple(range(len(lead), x.ndim)), tuple(range(in_axes)))
+    return jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
   y = x.reshape(-1, n_in) @ kernel.reshape(n_in, n_out) + bias.reshape(n_out)
   return y.reshape(*lead, *features)
 
@@ -193,11 +223,12 @@ class TokenDense(nn.Module):
   bias_init: Callable = nn.initializers.zeros
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  layout: str = 'flat'  # 'flat' or 'tokens' (LAYOUTS, resolved).
 
   @nn.compact
   def __call__(self, x):
     return token_matmul(self, x, tuple(self.features), self.in_axes, self.kernel_init,
-                        self.bias_init)
+                        self.bias_init, self.layout)
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -207,6 +238,7 @@ class MultiHeadDotProductAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = 'xla'
+  layout: str = 'flat'  # 'flat' or 'tokens' (LAYOUTS, resolved).
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
@@ -218,14 +250,18 @@ class MultiHeadDotProductAttention(nn.Module):
       raise ValueError(f'hidden_size {features} is not divisible by num_heads {self.num_heads}.')
     head_dim = features // self.num_heads
     dense = lambda name, features, in_axes=1: TokenDense(
-        features, in_axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        features, in_axes, dtype=self.dtype, param_dtype=self.param_dtype, layout=self.layout,
+        name=name)
     query, key, value = (dense(name, (self.num_heads, head_dim))(x)
                          for name in ('query', 'key', 'value'))
-    if self.attention_impl == 'fused':
+    if self.attention_impl in ('fused', 'pallas'):
       if self.dropout_rate and not deterministic:
-        raise ValueError("attention_impl='fused' has no attention dropout; use 'xla' to train "
-                         f'with attention_dropout_rate={self.dropout_rate}.')
-      out = fused_attention(query, key, value)
+        raise ValueError(f'attention_impl={self.attention_impl!r} has no attention dropout; use '
+                         f"'xla' to train with attention_dropout_rate={self.dropout_rate}.")
+      impl = fused_attention if self.attention_impl == 'fused' else pallas_attention
+      out = impl(query, key, value)
+    elif self.layout == 'tokens':
+      out = tokens_attention(self, query, key, value, deterministic=deterministic)
     else:
       out = einsum_attention(self, query, key, value, deterministic=deterministic)
     return dense('out', (features,), in_axes=2)(out)
@@ -252,6 +288,37 @@ def einsum_attention(module: nn.Module, query, key, value, *, deterministic: boo
   return (out / total.astype(out.dtype)).transpose(0, 2, 1, 3)
 
 
+@jax.custom_vjp
+def softmax_keep_dtype(logits):
+  """softmax over the last axis, computed in float32 and returned in `logits`' dtype; its backward
+  pass keeps only that output (jax.nn.softmax of an upcast would keep a float32 copy)."""
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
+
+
+def _softmax_keep_dtype_fwd(logits):
+  probs = softmax_keep_dtype(logits)
+  return probs, probs
+
+
+def _softmax_keep_dtype_bwd(probs, grad):
+  p, g = probs.astype(jnp.float32), grad.astype(jnp.float32)
+  return ((p * (g - jnp.sum(g * p, axis=-1, keepdims=True))).astype(probs.dtype),)
+
+
+softmax_keep_dtype.defvjp(_softmax_keep_dtype_fwd, _softmax_keep_dtype_bwd)
+
+
+def tokens_attention(module: nn.Module, query, key, value, *, deterministic: bool):
+  """softmax(q k^T / sqrt(d)) v on [batch, tokens, heads, d] operands as they come (layout
+  'tokens'): no transposes; the logits and probabilities [b, h, q, k] in the compute dtype (the
+  softmax itself in float32, `softmax_keep_dtype`), the probabilities sown for analysis."""
+  query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
+  weights = softmax_keep_dtype(jnp.einsum('bqhd,bkhd->bhqk', query, key))
+  module.sow('intermediates', 'attention_weights', weights)
+  weights = nn.Dropout(module.dropout_rate)(weights, deterministic=deterministic)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+
+
 def fused_attention(query, key, value):
   """softmax(q k^T / sqrt(d)) v with `jax.nn.dot_product_attention`; [batch, tokens, heads, d].
 
@@ -267,17 +334,55 @@ def fused_attention(query, key, value):
   return jax.nn.dot_product_attention(query, key, value, implementation=None)
 
 
+# Pallas' TPU flash attention tiles the tokens in blocks of this many (its minimum block size).
+PALLAS_BLOCK = 128
+
+
+def pallas_attention(query, key, value):
+  """softmax(q k^T / sqrt(d)) v with Pallas' TPU flash attention; [batch, tokens, heads, d].
+
+  The kernel never writes the [b, h, q, k] logits or probabilities to memory, forward or
+  backward. It takes [b, h, n, d] operands and a token count that its blocks divide: the tokens
+  are padded up to a multiple of PALLAS_BLOCK, the padding in a segment of its own so that no
+  real token attends to it. Compiles for TPU only (elsewhere: under
+  `jax.experimental.pallas.tpu.force_tpu_interpret_mode()`, which runs the kernel on the CPU).
+  XLA cannot partition the kernel: inside a step laid out over a mesh (`BATCH` mapped by the
+  logical axis rules) it runs per device on that device's images (`shard_map`).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  spec = nn.logical_to_mesh_axes((BATCH, None, None, None))
+  if mesh.empty or spec is None:
+    return _pallas_attention(query, key, value)
+  return jax.shard_map(_pallas_attention, mesh=mesh, in_specs=spec, out_specs=spec,
+                       check_vma=False)(query, key, value)
+
+
+def _pallas_attention(query, key, value):
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # TPU-only.
+  batch, tokens, _, head_dim = query.shape
+  padded = -(-tokens // PALLAS_BLOCK) * PALLAS_BLOCK
+  q, k, v = (jnp.pad(t, ((0, 0), (0, padded - tokens), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+             for t in (query, key, value))
+  segment = jnp.broadcast_to((jnp.arange(padded) >= tokens).astype(jnp.int32), (batch, padded))
+  out = pallas_flash.flash_attention(
+      q, k, v, segment_ids=pallas_flash.SegmentIds(segment, segment),
+      sm_scale=1.0 / math.sqrt(head_dim))
+  return out.transpose(0, 2, 1, 3)[:, :tokens]
+
+
 class MlpBlock(nn.Module):
   """Dense -> GELU -> Dense. GELU is the tanh approximation, as in the released models."""
   mlp_dim: int
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  layout: str = 'flat'  # 'flat' or 'tokens' (LAYOUTS, resolved).
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
     dense = lambda f, name: TokenDense((f,), bias_init=_MLP_BIAS, dtype=self.dtype,
-                                       param_dtype=self.param_dtype, name=name)
+                                       param_dtype=self.param_dtype, layout=self.layout,
+                                       name=name)
     features = x.shape[-1]
     x = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x), approximate=True)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -294,18 +399,19 @@ class Encoder1DBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = 'xla'
+  layout: str = 'flat'  # 'flat' or 'tokens' (LAYOUTS, resolved).
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     # `deterministic` may be passed positionally: `nn.remat` needs it as a static positional.
     x = _constrain_batch(x)
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = nn.LayerNorm(name='LayerNorm_0', **kw)(x)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, layout=self.layout)
+    y = nn.LayerNorm(name='LayerNorm_0', dtype=self.dtype, param_dtype=self.param_dtype)(x)
     y = MultiHeadDotProductAttention(
         self.num_heads, self.attention_dropout_rate, name='MultiHeadDotProductAttention_1',
         attention_impl=self.attention_impl, **kw)(y, deterministic=deterministic)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    y = nn.LayerNorm(name='LayerNorm_2', **kw)(x)
+    y = nn.LayerNorm(name='LayerNorm_2', dtype=self.dtype, param_dtype=self.param_dtype)(x)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, name='MlpBlock_3', **kw)(
         y, deterministic=deterministic)
     return x + y
@@ -398,6 +504,7 @@ class Encoder(nn.Module):
   scan_layers: bool = False
   posemb: str = 'learn'
   grid: Tuple[int, int] = (0, 0)  # Patches per side; needed by the 2-D position embeddings.
+  layout: str = 'flat'  # 'flat' or 'tokens' (LAYOUTS, resolved).
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -410,7 +517,8 @@ class Encoder(nn.Module):
     block_kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                     dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-                    param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+                    param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+                    layout=self.layout)
     block = _ScannedEncoder1DBlock if self.scan_layers else Encoder1DBlock
     if self.remat_policy != 'none':
       # static_argnums counts `self`: 2 is `deterministic`. Inside a scan, CSE cannot undo the
@@ -435,12 +543,14 @@ class PatchEmbedding(nn.Module):
 
   Rows and columns beyond the last whole patch are dropped, as the convolution drops them. On
   XLA:CPU the matmul is faster than the strided convolution forward and backward
-  (docs/PERFORMANCE.md, "Patch embedding as a matmul").
+  (docs/PERFORMANCE.md, "Patch embedding as a matmul"); on XLA:TPU the patches' dot_general
+  (layout 'tokens') moves fewer bytes than the convolution too ("TPU, by the compiler").
   """
   features: int
   patch_size: Tuple[int, int]
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
+  layout: str = 'flat'  # 'flat' or 'tokens' (LAYOUTS, resolved).
 
   @nn.compact
   def __call__(self, x):
@@ -449,7 +559,7 @@ class PatchEmbedding(nn.Module):
     rows, cols = height // ph, width // pw
     patches = x[:, :rows * ph, :cols * pw].reshape(batch, rows, ph, cols, pw, channels)
     return token_matmul(self, patches.transpose(0, 1, 3, 2, 4, 5), (self.features,), 3,
-                        nn.initializers.lecun_normal(), nn.initializers.zeros)
+                        nn.initializers.lecun_normal(), nn.initializers.zeros, self.layout)
 
 
 class VisionTransformer(nn.Module):
@@ -475,6 +585,7 @@ class VisionTransformer(nn.Module):
   attention_impl: str = 'xla'
   remat_policy: str = 'none'
   scan_layers: bool = False
+  layout: str = 'auto'  # One of LAYOUTS; 'auto' resolves by the default backend.
 
   @nn.compact
   def __call__(self, images, *, train: bool):
@@ -490,7 +601,8 @@ class VisionTransformer(nn.Module):
       x = resnet_stem(x, num_layers=tuple(self.resnet['num_layers']),
                       width_factor=self.resnet['width_factor'], **kw)
     if self.hidden_size is not None:
-      x = PatchEmbedding(self.hidden_size, tuple(self.patches['size']), name='embedding', **kw)(x)
+      x = PatchEmbedding(self.hidden_size, tuple(self.patches['size']), name='embedding',
+                         layout=resolve_layout(self.layout), **kw)(x)
     if self.transformer is not None:
       x = self._encode(x, train=train)
     if self.classifier == 'token':
@@ -514,7 +626,7 @@ class VisionTransformer(nn.Module):
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
     return Encoder(name='Transformer', attention_impl=self.attention_impl,
                    remat_policy=self.remat_policy, scan_layers=self.scan_layers,
-                   posemb=self.posemb,
+                   posemb=self.posemb, layout=resolve_layout(self.layout),
                    grid=(height, width), dtype=self.dtype, param_dtype=self.param_dtype,
                    **_transformer_kwargs(self.transformer))(x, train=train)
 

@@ -108,11 +108,16 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
       grads, loss, acc = accumulated_grads(state['params'], batch, step_rng)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient leaves params and optimizer state as they were (no host sync:
-    # the loop reads `is_finite` with the other metrics and applies config.nonfinite).
+    # the loop reads `is_finite` with the other metrics and applies config.nonfinite). A select
+    # fuses into the update's one pass over the state, where a lax.cond would stop the gradients'
+    # conversion from fusing into it and copy the state in its other branch (docs/PERFORMANCE.md,
+    # "TPU, by the compiler").
     is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, opt_state = jax.lax.cond(
-        is_finite, apply_update, lambda _, opt_state, params: (params, opt_state),
-        grads, state['opt_state'], state['params'])
+    keep_if_finite = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(is_finite, n, o), new, old)
+    params, opt_state = keep_if_finite(
+        apply_update(grads, state['opt_state'], state['params']),
+        (state['params'], state['opt_state']))
     metrics = {'loss': loss, 'accuracy': acc, 'grad_norm': grad_norm, 'is_finite': is_finite}
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
                  'rng': rng}
@@ -165,9 +170,12 @@ class Trainer:
     self.config = config
     self.num_classes = num_classes
     self.mesh = mesh or sharding.make_mesh()
-    # The run's model; its activations' layout is set where the steps are jitted.
+    # The run's model, its matmuls laid out for the mesh's platform (which may be compiled for
+    # ahead of time); its activations' layout is set where the steps are jitted.
+    layout = models.resolve_layout(config.model.get('layout', 'auto'),
+                                   self.mesh.devices.flat[0].platform)
     self.model = models.build_model(config.model, num_classes, dtype=jnp.dtype(config.dtype),
-                                    head_bias_init=config.head_bias_init)
+                                    head_bias_init=config.head_bias_init, layout=layout)
     self.optimizer = optim.make_optimizer(config)
     image_shape = (config.pp.resolution, config.pp.resolution, 3)
     self._init = lambda rng: init_state(self.model, self.optimizer, rng, image_shape)
