@@ -61,7 +61,7 @@ RESUMABLE_FIELDS = frozenset({
     'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints', 'progress', 'prefetch',
     'eval_split', 'test_split', 'batch_eval', 'peak_flops', 'data_dir', 'cache', 'pretrained_dir',
     'pretrained_path', 'accum_steps', 'sharding', 'nonfinite', 'allow_config_change',
-    'tfds_manual_dir', 'profile_steps',
+    'tfds_manual_dir', 'profile_steps', 'compilation_cache_dir',
 })
 
 # Fields of older config.json files that base_config no longer has (the model's name is
@@ -138,6 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
   # A step with a non-finite loss or gradient is never applied; 'stop' then ends the run with an
   # error naming the step (its checkpoints stay as they were), 'skip' goes on and logs it.
   c.nonfinite = 'stop'
+  # JAX's persistent compilation cache (vit_jax.compilation_cache): None = WORKDIR/
+  # compilation_cache, '' = off, else a directory (local or gs://).
+  c.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)
   # Resuming a workdir with a config that differs from its config.json beyond RESUMABLE_FIELDS.
   c.allow_config_change = False
   return c

@@ -43,6 +43,7 @@ import tqdm
 
 from vit_jax import checkpoint
 from vit_jax import cli
+from vit_jax import compilation_cache
 from vit_jax import evaluate
 from vit_jax import flops
 from vit_jax import hardware
@@ -313,6 +314,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
   lock = workdir_lib.lock(workdir)
   ckpt = None
   try:
+    compilation_cache.enable(config, workdir)
     trainer = program_lib.Program(config, config.num_classes)
     check_step_memory(trainer)
     ckpt = state_checkpoint.TrainCheckpointer(
