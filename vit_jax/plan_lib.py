@@ -85,7 +85,7 @@ def suggest(config, tpu: hardware.TpuSlice, devices, failed: tpu_compile.StepRep
 
 
 def plan(config, accelerator_type: str, *, utilization: float, with_eval: bool = True,
-         with_suggestion: bool = True) -> dict:
+         with_suggestion: bool = True, max_candidates: int = MAX_CANDIDATES) -> dict:
   """One slice's plan: the `--json_out` object of `python -m vit_jax.plan`."""
   tpu = hardware.tpu_slice(accelerator_type)
   devices = tpu_compile.compile_only_devices(tpu)
@@ -93,7 +93,7 @@ def plan(config, accelerator_type: str, *, utilization: float, with_eval: bool =
   train = reports['train']
   found = None
   if with_suggestion and not train.fits:
-    found = suggest(config, tpu, devices, train)
+    found = suggest(config, tpu, devices, train, max_candidates)
   counted = train if train.fits else found and found['train']
   generation = tpu.generation
   out = {
