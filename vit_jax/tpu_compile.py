@@ -200,7 +200,11 @@ def counted_cost(config, classes: int, tpu: hardware.TpuSlice, devices, with_eva
   for step in ('train', 'eval') if with_eval else ('train',):
     out[step] = {}
     for field in COST_FIELDS:
-      values = np.array([getattr(p[step], field) for p in points.values()], np.float64)
+      values = [getattr(p[step], field) for p in points.values()]
+      if None in values:
+        raise ValueError(f'{config.model.model_name}: the {step} step does not fit even at 1 image '
+                         'per device (to count its FLOPs); try --config.sharding=fsdp.')
+      values = np.array(values, np.float64)
       coef = np.linalg.lstsq(rows, values, rcond=None)[0]
       out[step][field] = float(np.dot(coef, design(blocks, target[step])))
   return out
@@ -215,7 +219,7 @@ def compile_train_and_eval(config: ml_collections.ConfigDict, tpu: hardware.TpuS
   config_lib.validate(config, num_devices=len(devices), process_count=tpu.hosts)
   classes = num_classes(config)
   reports = _compile_program(config, classes, tpu, devices, with_eval)
-  if has_loops(config) and reports['train'].fits:
+  if has_loops(config):  # Also for a train step that does not fit: its FLOPs are the same.
     for step, cost in counted_cost(config, classes, tpu, devices, with_eval).items():
       for field, value in cost.items():
         setattr(reports[step], field, value)
