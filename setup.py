@@ -25,10 +25,13 @@ INSTALL_REQUIRES = [
 # and cuDNN wheels). TensorFlow stays the CPU build: it only feeds the input pipeline.
 ACCELERATOR_EXTRAS = {name: [f'jax[{name}]=={JAX_VERSION}'] for name in ('tpu', 'cuda12', 'cuda13')}
 
+# The tests compile for Cloud TPU slices with libtpu's compiler (tests/test_plan.py): the `tpu`
+# extra's libtpu comes with them (no TPU needed; every other test runs on the CPU backend).
 TESTS_REQUIRE = [
     'pytest>=8',
     'pytest-xdist>=3.5',
     'scipy>=1.11',
+    *ACCELERATOR_EXTRAS['tpu'],
 ]
 
 # `python -m vit_jax.benchmark --compare_timm` only (vit_jax.compare_timm); nothing else needs them.

@@ -39,7 +39,8 @@ class _Device:
 def test_peak_flops_by_longest_prefix_or_override():
   assert hardware.peak_flops(_Device('NVIDIA H100 80GB HBM3')) == 989e12
   assert hardware.peak_flops(_Device('TPU v5 lite')) == 197e12
-  assert hardware.peak_flops(_Device('TPU v5p')) == 459e12
+  assert hardware.peak_flops(_Device('TPU v5')) == 459e12  # v5p: one megacore device per chip.
+  assert hardware.peak_flops(_Device('TPU v3')) == 123e12 / 2  # One device per core.
   assert hardware.peak_flops(_Device('cpu')) is None
   assert hardware.peak_flops(_Device('cpu'), override=2e11) == 2e11
 

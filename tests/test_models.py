@@ -89,7 +89,8 @@ def test_every_variant_has_the_released_layout(name):
   resolution, num_classes = 224, 21843
   expected, channels, stride = {}, 3, 1
   if cfg.resnet is not None:
-    expected, channels = _expected_resnet_shapes(cfg.resnet.num_layers)
+    expected, channels = _expected_resnet_shapes(cfg.resnet.num_layers,
+                                                 int(64 * cfg.resnet.width_factor))
     stride = 4 * 2**max(len(cfg.resnet.num_layers) - 1, 0)
   if cfg.transformer is None:  # The ResNet alone: stages, then the head on the pooled features.
     expected.update({'head/kernel': (channels, num_classes), 'head/bias': (num_classes,)})

@@ -21,36 +21,38 @@ from vit_jax import trainer as trainer_lib
 # the model trains on, `eval_split` the held-out minival of the training data (periodic eval,
 # learning-rate selection: 2% of train, ImageNet 1%, as the official configs), `test_split` the
 # split reported at the end (`test_top1`). VTAB-1k tasks: 800 training and 200 minival examples.
-def _minival(steps: int, test: str = 'test', held_out: int = 2,
+def _minival(steps: int, classes: int, test: str = 'test', held_out: int = 2,
              train: tuple[str, ...] = ('train',)) -> dict:
   kept = 100 - held_out
   return dict(train_split='+'.join(f'{name}[:{kept}%]' for name in train),
               eval_split='+'.join(f'{name}[{kept}%:]' for name in train),
-              test_split=test, total_steps=steps)
+              test_split=test, total_steps=steps, num_classes=classes)
 
 
-def _vtab(test: str = 'test') -> dict:
+def _vtab(classes: int, test: str = 'test') -> dict:
   return dict(train_split='train[:800]', eval_split='train[800:1000]', test_split=test,
-              total_steps=2_500)
+              total_steps=2_500, num_classes=classes)
 
 
+# `num_classes` is the dataset's (TFDS), for what must not open it (`vit_jax.plan`); a run reads
+# it from the dataset itself.
 DATASETS = {
-    'cifar10': _minival(10_000),
-    'cifar100': _minival(10_000),
-    'imagenet2012': _minival(20_000, test='validation', held_out=1),
+    'cifar10': _minival(10_000, 10),
+    'cifar100': _minival(10_000, 100),
+    'imagenet2012': _minival(20_000, 1000, test='validation', held_out=1),
     # ImageNet-v2 has only a test split: it is an evaluation set (`--mode=eval`).
     'imagenet_v2': dict(train_split='test', eval_split='test', test_split='test',
-                        total_steps=20_000),
-    'oxford_iiit_pet': _minival(500),
-    'oxford_flowers102': _minival(500, train=('train', 'validation')),
-    'fashion_mnist': _minival(2_000),
-    'caltech101': _vtab(),
-    'dtd': _vtab(),
-    'svhn_cropped': _vtab(),
-    'patch_camelyon': _vtab(),
+                        total_steps=20_000, num_classes=1000),
+    'oxford_iiit_pet': _minival(500, 37),
+    'oxford_flowers102': _minival(500, 102, train=('train', 'validation')),
+    'fashion_mnist': _minival(2_000, 10),
+    'caltech101': _vtab(102),
+    'dtd': _vtab(47),
+    'svhn_cropped': _vtab(10),
+    'patch_camelyon': _vtab(2),
 }
 # Any other TFDS dataset and every `folder:` dataset.
-DEFAULT_DATASET = _minival(10_000)
+DEFAULT_DATASET = _minival(10_000, None)
 
 # Fields a resumed run may change without changing what it computes (besides accumulation's
 # rounding): logging, evaluation, checkpointing, input plumbing, sharding and where the initial
@@ -61,7 +63,7 @@ RESUMABLE_FIELDS = frozenset({
     'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints', 'progress', 'prefetch',
     'eval_split', 'test_split', 'batch_eval', 'peak_flops', 'data_dir', 'cache', 'pretrained_dir',
     'pretrained_path', 'accum_steps', 'sharding', 'nonfinite', 'allow_config_change',
-    'tfds_manual_dir', 'profile_steps',
+    'tfds_manual_dir', 'profile_steps', 'compilation_cache_dir',
 })
 
 # Fields of older config.json files that base_config no longer has (the model's name is
@@ -149,6 +151,9 @@ def _add_training_fields(c: ml_collections.ConfigDict) -> None:
   # A step with a non-finite loss or gradient is never applied; 'stop' then ends the run with an
   # error naming the step (its checkpoints stay as they were), 'skip' goes on and logs it.
   c.nonfinite = 'stop'
+  # JAX's persistent compilation cache (vit_jax.compilation_cache): None = WORKDIR/
+  # compilation_cache, '' = off, else a directory (local or gs://).
+  c.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)
   # Resuming a workdir with a config that differs from its config.json beyond RESUMABLE_FIELDS.
   c.allow_config_change = False
 

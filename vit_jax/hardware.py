@@ -1,5 +1,8 @@
-"""Facts about the backend: peak matmul throughput per device kind (for MFU), the host
-allocator's setting, the XLA:CPU flags the project sets, and where remat saves no memory."""
+"""Facts about the backend: the Cloud TPU generations and slices (cores, hosts, HBM, peak), peak
+matmul throughput per device kind (for MFU), the memory a train step may use and the check against
+it, the host allocator's setting, and where remat saves no memory."""
+import dataclasses
+import math
 import os
 import sys
 from typing import Dict, Optional
@@ -15,15 +18,55 @@ HUGEPAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
 # Overrides the memory a train step may use, in GiB per device (see `memory_budget`).
 MEMORY_LIMIT_ENV = 'VIT_JAX_MEMORY_LIMIT_GB'
 
-# Vendor figures, FLOP/s per device (one chip / GPU), dense (no sparsity), bf16 inputs.
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+  """One Cloud TPU generation: the one home of its facts (Cloud TPU docs, tpu/docs/v2 ... v6e).
+
+  `name` starts its accelerator types (`v3-8`, `v5litepod-16`): the number after the dash counts
+  TensorCores (`counts='cores'`) or chips (`counts='chips'`). With megacore (v4, v5p) JAX sees one
+  device per chip, otherwise one per TensorCore. `hbm_gib_per_chip` and `peak_bf16_per_chip` are
+  the documented HBM capacity and dense bf16 peak of one chip."""
+  name: str
+  topology: str  # libtpu's topology prefix (`jax.experimental.topologies`): 'v5e:2x4'
+  device_kind: str  # jax.Device.device_kind
+  cores_per_chip: int
+  megacore: bool
+  host_bounds: tuple  # chips per host (x, y, z) in a slice of at least that many chips
+  hbm_gib_per_chip: int
+  peak_bf16_per_chip: float
+  counts: str  # 'cores' | 'chips'
+  torus_dims: int  # 2 (AxB) or 3 (AxBxC)
+
+  @property
+  def devices_per_chip(self) -> int:
+    return 1 if self.megacore else self.cores_per_chip
+
+  @property
+  def chips_per_host(self) -> int:
+    return math.prod(self.host_bounds)
+
+  @property
+  def hbm_bytes_per_device(self) -> int:
+    return self.hbm_gib_per_chip * 2**30 // self.devices_per_chip
+
+  @property
+  def peak_bf16_per_device(self) -> float:
+    return self.peak_bf16_per_chip / self.devices_per_chip
+
+
+TPU_GENERATIONS = (
+    TpuGeneration('v2', 'v2', 'TPU v2', 2, False, (2, 2, 1), 16, 45e12, 'cores', 2),
+    TpuGeneration('v3', 'v3', 'TPU v3', 2, False, (2, 2, 1), 32, 123e12, 'cores', 2),
+    TpuGeneration('v4', 'v4', 'TPU v4', 2, True, (2, 2, 1), 32, 275e12, 'cores', 3),
+    TpuGeneration('v5litepod', 'v5e', 'TPU v5 lite', 1, False, (2, 4, 1), 16, 197e12, 'chips', 2),
+    TpuGeneration('v5p', 'v5p', 'TPU v5', 2, True, (2, 2, 1), 95, 459e12, 'cores', 3),
+    TpuGeneration('v6e', 'v6e', 'TPU v6 lite', 1, False, (2, 4, 1), 32, 918e12, 'chips', 2),
+)
+TPU_GENERATIONS_BY_NAME = {g.name: g for g in TPU_GENERATIONS}
+
+# Vendor figures, dense bf16 FLOP/s per JAX device (a TPU core, or a chip with megacore; a GPU).
 PEAK_BF16_FLOPS = {
-    'TPU v2': 45e12,
-    'TPU v3': 123e12,
-    'TPU v4': 275e12,
-    'TPU v5 lite': 197e12,
-    'TPU v5e': 197e12,
-    'TPU v5p': 459e12,
-    'TPU v6 lite': 918e12,
+    **{g.device_kind: g.peak_bf16_per_device for g in TPU_GENERATIONS},
     'NVIDIA A100': 312e12,
     'NVIDIA H100': 989e12,
     'NVIDIA H200': 989e12,
@@ -34,8 +77,9 @@ PEAK_BF16_FLOPS = {
 def peak_flops(device=None, override: Optional[float] = None) -> Optional[float]:
   """Peak FLOP/s of one device: `override` if given, else looked up by device kind.
 
-  Kinds are matched by prefix ('NVIDIA H100 80GB HBM3' -> 'NVIDIA H100'); unknown kinds (CPUs
-  among them) give None, and MFU is then not reported unless `override` is set.
+  Kinds are matched by prefix ('NVIDIA H100 80GB HBM3' -> 'NVIDIA H100', the longest match:
+  'TPU v5 lite' is not 'TPU v5'); unknown kinds (CPUs among them) give None, and MFU is then not
+  reported unless `override` is set.
   """
   if override:
     return float(override)
@@ -44,6 +88,73 @@ def peak_flops(device=None, override: Optional[float] = None) -> Optional[float]
     if kind.startswith(name):
       return PEAK_BF16_FLOPS[name]
   return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+  """A Cloud TPU slice named by its accelerator type, as libtpu's compiler sees it."""
+  accelerator_type: str
+  generation: TpuGeneration
+  chips: int
+  shape: tuple  # chips along each torus axis
+
+  @property
+  def devices(self) -> int:
+    return self.chips * self.generation.devices_per_chip
+
+  @property
+  def cores(self) -> int:
+    return self.chips * self.generation.cores_per_chip
+
+  @property
+  def hosts(self) -> int:
+    return max(1, self.chips // self.generation.chips_per_host)
+
+  @property
+  def topology_name(self) -> str:
+    return f'{self.generation.topology}:{"x".join(map(str, self.shape))}'
+
+  def topology_kwargs(self) -> dict:
+    """Keyword arguments of `jax.experimental.topologies.get_topology_desc`."""
+    bounds = self.generation.host_bounds
+    if self.chips < self.generation.chips_per_host:  # A slice smaller than one host.
+      bounds = tuple(self.shape) + (1,) * (3 - len(self.shape))
+    kwargs = {'chips_per_host_bounds': bounds}
+    if self.generation.megacore:
+      kwargs['chip_config_name'] = 'megacore'
+    return kwargs
+
+
+def _torus_shape(chips: int, dims: int) -> tuple:
+  """The slice shape Cloud TPU gives `chips` chips: 2-D 2x2, 2x4, 4x4, 4x8, ...; 3-D 2x2x1,
+  2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8, ... (the smallest axis doubles, the last of equals first)."""
+  shape = [2, 2, 1] if dims == 3 else [1, 1]
+  while math.prod(shape) < chips:
+    smallest = min(shape)
+    axis = max(i for i, n in enumerate(shape) if n == smallest)
+    shape[axis] *= 2
+  return tuple(shape)
+
+
+def tpu_slice(accelerator_type: str) -> TpuSlice:
+  """'v3-8' -> the slice; ValueError naming the known generations for anything else."""
+  name, _, count = accelerator_type.strip().lower().rpartition('-')
+  generation = TPU_GENERATIONS_BY_NAME.get(name)
+  known = ', '.join(f'{g.name}-N' for g in TPU_GENERATIONS)
+  if generation is None or not count.isdigit() or int(count) < 1:
+    raise ValueError(f'Unknown TPU accelerator type {accelerator_type!r}; expected one of {known} '
+                     '(e.g. v3-8, v4-32, v5litepod-16).')
+  units = int(count)
+  per_chip = generation.cores_per_chip if generation.counts == 'cores' else 1
+  chips = units // per_chip
+  if units % per_chip or chips & (chips - 1) or chips in (0, 2) or (
+      generation.counts == 'cores' and chips < 4):
+    raise ValueError(
+        f'TPU accelerator type {accelerator_type!r}: a {generation.name} slice has '
+        f'{"4" if generation.counts == "cores" else "1, 4"}, 8, 16, ... chips (the name counts '
+        f'{generation.counts}, {per_chip} per chip).')
+  return TpuSlice(accelerator_type.strip().lower(), generation, chips,
+                  _torus_shape(chips, generation.torus_dims))
 
 
 def check_host_allocator() -> bool:
@@ -161,6 +272,34 @@ def memory_budget(device=None) -> tuple:
     available, where = cgroup, 'the memory its cgroup (container) limit leaves'
   return available // jax.local_device_count(), (
       f'{where} / {jax.local_device_count()} CPU devices')
+
+
+# A step whose XLA buffers need more than this fraction of the memory budget gets a warning.
+MEMORY_WARNING_FRACTION = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryCheck:
+  fits: bool
+  close: bool  # Fits, but above MEMORY_WARNING_FRACTION of the budget.
+  message: str  # The numbers and what to change ('' when comfortably within the budget).
+
+
+def check_step_memory(memory: Dict[str, int], budget: int, source: str, config) -> MemoryCheck:
+  """A train step's XLA memory analysis (`xla_memory`) against `budget` bytes per device: the
+  one check of `vit_jax.train_loop` (before the first step) and of `vit_jax.plan` (TPU HBM)."""
+  fits, close = memory['total'] <= budget, memory['total'] > MEMORY_WARNING_FRACTION * budget
+  if not close:
+    return MemoryCheck(True, False, '')
+  message = (
+      f'The train step needs {gib(memory["total"])} per device (XLA\'s memory analysis: '
+      f'arguments {gib(memory["argument"])}, temporaries {gib(memory["temp"])}) of '
+      f'{gib(budget)} ({source}). To need less: raise config.accum_steps (now '
+      f'{config.accum_steps}; the batch is split into that many micro-batches), set '
+      "config.model.remat_policy='full' (with config.model.scan_layers=True on CPU; now "
+      f"{config.model.remat_policy!r}), or config.sharding='fsdp' (now {config.sharding!r}) to "
+      'split the train state over the devices.')
+  return MemoryCheck(fits, fits, message)
 
 
 def backend_summary() -> str:

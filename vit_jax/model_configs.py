@@ -106,6 +106,7 @@ def _all_configs():
       bit('BiT-R26x1', (2, 2, 2, 2)),
       bit('BiT-R50x1', (3, 4, 6, 3)),
       bit('BiT-R101x1', (3, 4, 23, 3)),
+      bit('BiT-R152x4', (3, 8, 36, 3), width_factor=4),  # BiT-L (Table 2).
       _small('testing', **_TESTING),
       _small('testing-unpooled', **_TESTING, classifier='unpooled'),
       # The tests' and the demo's model: small, but with even widths (2-D position embeddings).
@@ -124,7 +125,7 @@ ALIASES = {
     's32gap': 'ViT-S_32-gap-norep', 'b32gap': 'ViT-B_32-gap-norep',
     'rti16': 'R+ViT-Ti_16', 'r26s32': 'R26+ViT-S_32', 'r26b32': 'R26+ViT-B_32',
     'r50b16': 'R50+ViT-B_16', 'r50l32': 'R50+ViT-L_32',
-    'r26x1': 'BiT-R26x1', 'r50x1': 'BiT-R50x1', 'r101x1': 'BiT-R101x1',
+    'r26x1': 'BiT-R26x1', 'r50x1': 'BiT-R50x1', 'r101x1': 'BiT-R101x1', 'r152x4': 'BiT-R152x4',
 }
 
 

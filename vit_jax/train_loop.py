@@ -46,6 +46,7 @@ import tqdm
 
 from vit_jax import checkpoint
 from vit_jax import cli
+from vit_jax import compilation_cache
 from vit_jax import evaluate
 from vit_jax import flops
 from vit_jax import hardware
@@ -321,35 +322,20 @@ def _check_device_count(saved: Optional[int], now: int, step: int) -> bool:
   return False
 
 
-# A step whose XLA buffers need more than this fraction of the memory budget gets a warning.
-MEMORY_WARNING_FRACTION = 0.9
-
-
 def check_step_memory(trainer: trainer_lib.Trainer) -> None:
-  """Compiles the train step (the loop reuses the executable) and compares XLA's memory analysis
-  with hardware.memory_budget: ValueError when it does not fit, a warning when it nearly does,
-  both with the numbers and what to change. A step that does not fit would otherwise be killed
-  by the kernel (exit 137) or the device allocator without a word."""
+  """Compiles the train step (the loop reuses the executable) and checks XLA's memory analysis
+  against hardware.memory_budget (hardware.check_step_memory): ValueError when it does not fit, a
+  warning when it nearly does. A step that does not fit would otherwise be killed by the kernel
+  (exit 137) or the device allocator without a word."""
   compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch).compile()
   memory = hardware.xla_memory(compiled)
   if memory is None:
     return
-  budget, source = hardware.memory_budget()
-  if memory['total'] <= MEMORY_WARNING_FRACTION * budget:
-    return
-  config = trainer.config
-  message = (
-      f'The train step needs {hardware.gib(memory["total"])} per device (XLA\'s memory '
-      f'analysis: arguments {hardware.gib(memory["argument"])}, temporaries '
-      f'{hardware.gib(memory["temp"])}) of {hardware.gib(budget)} ({source}). To need '
-      f'less: raise config.accum_steps (now {config.accum_steps}; the batch is split into that '
-      'many micro-batches), set config.model.remat_policy=\'full\' (with '
-      f'config.model.scan_layers=True on CPU; now {config.model.remat_policy!r}), '
-      f'or config.sharding=\'fsdp\' (now {config.sharding!r}) to split the train state over '
-      'the devices.')
-  if memory['total'] > budget:
-    raise ValueError(f'Out of memory: {message}')
-  logging.warning('Close to the memory limit: %s', message)
+  check = hardware.check_step_memory(memory, *hardware.memory_budget(), trainer.config)
+  if not check.fits:
+    raise ValueError(f'Out of memory: {check.message}')
+  if check.close:
+    logging.warning('Close to the memory limit: %s', check.message)
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str, *,
@@ -369,6 +355,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
   lock = workdir_lib.lock(workdir, take_over=take_over_lock)
   ckpt = None
   try:
+    compilation_cache.enable(config, workdir)
     trainer = trainer_lib.Trainer(config, config.num_classes)
     check_step_memory(trainer)
     ckpt = state_checkpoint.TrainCheckpointer(

@@ -44,6 +44,7 @@ MODEL = 'model.npz'
 CHECKPOINTS = 'checkpoints'
 TENSORBOARD = 'tensorboard'
 LOCK = 'lock'
+COMPILATION_CACHE = 'compilation_cache'  # vit_jax.compilation_cache
 
 
 def path(workdir: str, name: str) -> str:

@@ -1,0 +1,35 @@
+"""JAX's persistent compilation cache for training runs: a restart (after preemption, a crash, a
+config change that keeps the shapes) loads the compiled train and eval steps instead of compiling
+them again (minutes for large models on TPU pods; measured in docs/PERFORMANCE.md).
+
+The default home is the workdir (WORKDIR/compilation_cache, vit_jax.workdir): on Cloud TPU a
+preempted slice comes back as new VMs, whose local disks are empty, while the workdir (gs://) is
+what every restart reads; and it goes away with the run. `config.compilation_cache_dir` names
+another directory (e.g. one shared by a sweep), or '' to turn it off. JAX keys each entry by the
+program, the compiler and its flags, so a stale entry is never used.
+"""
+from typing import Optional
+
+from absl import logging
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
+from vit_jax import workdir as workdir_lib
+
+
+def directory(config, workdir: str) -> Optional[str]:
+  """Where the run's compiled programs are cached, or None (off)."""
+  if config.compilation_cache_dir is None:
+    return workdir_lib.path(workdir, workdir_lib.COMPILATION_CACHE)
+  return config.compilation_cache_dir or None
+
+
+def enable(config, workdir: str) -> Optional[str]:
+  """Points JAX's persistent cache at `directory(config, workdir)` (or turns it off) before the
+  run compiles anything; returns the directory."""
+  path = directory(config, workdir)
+  compilation_cache.reset_cache()  # JAX reads the setting once per process, at first use.
+  jax.config.update('jax_compilation_cache_dir', path)
+  if path:
+    logging.info('Compiled programs are cached in %s.', path)
+  return path

@@ -1,0 +1,227 @@
+"""The training program compiled ahead of time for a Cloud TPU slice, on any machine.
+
+libtpu's compiler (`pip install -e '.[tpu]'`) gives compile-only devices of a real slice
+(`jax.experimental.topologies`); `vit_jax.program.Program` over a mesh of them jits the very train
+and eval steps `python -m vit_jax.main` runs (shardings, dtype, accumulation, remat, scan), and
+`.lower(...).compile()` runs XLA:TPU. What comes back per device: XLA's buffer sizes, FLOPs, HBM
+bytes accessed and the compiler's cost-model estimate (`optimal_seconds`, a model, not a
+measurement: kept only where positive; it is negative on v4 with libtpu 0.0.42.1). A program that
+does not fit fails in the compiler with RESOURCE_EXHAUSTED, whose numbers `out_of_memory` reads.
+
+XLA's cost analysis counts the body of a loop once, not once per iteration, so with
+`scan_layers` or `accum_steps > 1` the compiled step's own FLOPs and bytes are too low (ViT-B/16
+scanned: one block of twelve). There `counted_cost` compiles the same step unrolled and
+unaccumulated at 1 and 2 encoder blocks and 1 and 2 images per device (cheap: small programs) and
+extrapolates, exactly, what is linear in both: the blocks are identical and the work per image is
+the same for every image; the optimizer update is the constant term.
+"""
+import dataclasses
+import itertools
+import importlib.util
+import math
+import os
+import re
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vit_jax import cli
+from vit_jax import config_lib
+from vit_jax import hardware
+from vit_jax import trainer as trainer_lib
+from vit_jax import sharding
+
+INSTALL_HINT = "pip install -e '.[tpu]'"
+
+
+def _on_tpu_vm() -> bool:
+  return os.path.exists('/dev/accel0') or os.path.exists('/dev/vfio/0')
+
+
+def compile_only_devices(tpu: hardware.TpuSlice) -> list:
+  """The slice's devices for compilation only (nothing runs on them)."""
+  if importlib.util.find_spec('libtpu') is None:
+    raise cli.UserError(f'Compiling for {tpu.accelerator_type} needs the TPU compiler (libtpu), '
+                        f'which is not installed: {INSTALL_HINT}')
+  if not _on_tpu_vm():
+    # libtpu otherwise asks the (absent) TPU VM metadata server, and warns; and it takes a
+    # machine-wide lock that would fail a second compiling process (tests, parallel plans).
+    for key, value in (('TPU_SKIP_MDS_QUERY', '1'), ('TPU_WORKER_HOSTNAMES', 'localhost'),
+                       ('TPU_ACCELERATOR_TYPE', tpu.accelerator_type),
+                       ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):
+      os.environ.setdefault(key, value)
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  return list(topologies.get_topology_desc(
+      platform='tpu', topology_name=tpu.topology_name, **tpu.topology_kwargs()).devices)
+
+
+# RESOURCE_EXHAUSTED: ... required for HLO temporaries (138.11G) exceeds available HBM (15.48G)
+_OOM = re.compile(r'\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)')
+_UNITS = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+
+
+def out_of_memory(error: Exception) -> Optional[dict]:
+  """{'required_bytes', 'available_bytes', 'message'} of XLA:TPU's out-of-HBM error, else None."""
+  text = str(error)
+  if 'RESOURCE_EXHAUSTED' not in text:
+    return None
+  match = _OOM.search(text)
+  first_line = next(line for line in text.splitlines() if 'RESOURCE_EXHAUSTED' in line)
+  if match is None:
+    return {'required_bytes': None, 'available_bytes': None, 'message': first_line.strip()}
+  required, unit, available, available_unit = match.groups()
+  return {'required_bytes': int(float(required) * _UNITS[unit]),
+          'available_bytes': int(float(available) * _UNITS[available_unit]),
+          'message': first_line.strip()}
+
+
+def per_device_bytes(abstract_tree) -> int:
+  """Bytes one device holds of a tree of sharded jax.ShapeDtypeStructs."""
+  return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+             for leaf in jax.tree.leaves(abstract_tree))
+
+
+@dataclasses.dataclass
+class StepReport:
+  """One compiled step, per device (the `--json_out` fields of `python -m vit_jax.plan`)."""
+  arguments_bytes: int
+  temporaries_bytes: Optional[int]
+  total_bytes: Optional[int]
+  fits: bool
+  flops_per_device: Optional[float]
+  bytes_accessed_per_device: Optional[float]
+  compiler_estimate_s: Optional[float]
+  compile_s: float
+  out_of_memory: Optional[dict] = None  # The compiler's RESOURCE_EXHAUSTED numbers.
+
+  def to_json(self) -> dict:
+    out = dataclasses.asdict(self)
+    if out['out_of_memory'] is None:
+      del out['out_of_memory']
+    return out
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+
+
+def compile_step(jitted, args, hbm_bytes: int, config, source: str) -> StepReport:
+  """Compiles `jitted` for `args` (sharded ShapeDtypeStructs) and checks it against `hbm_bytes`
+  per device (hardware.check_step_memory, as a training run does before its first step)."""
+  arguments = per_device_bytes(args)
+  start = time.perf_counter()
+  try:
+    compiled = jitted.lower(*args).compile()
+  except jax.errors.JaxRuntimeError as e:
+    oom = out_of_memory(e)
+    if oom is None:
+      raise
+    temporaries = oom['required_bytes']
+    return StepReport(arguments, temporaries, temporaries and arguments + temporaries, False,
+                      None, None, None, time.perf_counter() - start, oom)
+  compile_s = time.perf_counter() - start
+  memory, cost = hardware.xla_memory(compiled), _cost(compiled)
+  estimate = cost.get('optimal_seconds')
+  valid = estimate is not None and math.isfinite(estimate) and estimate > 0
+  check = hardware.check_step_memory(memory, hbm_bytes, source, config)
+  return StepReport(memory['argument'], memory['temp'], memory['total'], check.fits,
+                    cost.get('flops'), cost.get('bytes accessed'), estimate if valid else None,
+                    compile_s)
+
+
+def eval_batch(config, mesh) -> dict:
+  """One global eval batch, laid out as the eval step takes it."""
+  spec = sharding.batch_sharding(mesh)
+  size, resolution = config.batch_eval, config.pp.resolution
+  return {'image': jax.ShapeDtypeStruct((size, resolution, resolution, 3), jnp.float32,
+                                        sharding=spec),
+          'label': jax.ShapeDtypeStruct((size,), jnp.int32, sharding=spec),
+          'mask': jax.ShapeDtypeStruct((size,), jnp.bool_, sharding=spec)}
+
+
+def num_classes(config: ml_collections.ConfigDict) -> int:
+  """config.num_classes, else the dataset's from config_lib.DATASETS (no dataset is opened)."""
+  if config.num_classes:
+    return config.num_classes
+  known = config_lib.DATASETS.get(config.dataset, {}).get('num_classes')
+  if known is None:
+    raise cli.UserError(f'The number of classes of dataset {config.dataset!r} is not in '
+                        'vit_jax.config_lib.DATASETS: set --config.num_classes.')
+  return known
+
+
+def _compile_program(config, classes: int, tpu: hardware.TpuSlice, devices, with_eval: bool):
+  mesh = sharding.make_mesh(devices)
+  trainer = trainer_lib.Trainer(config, classes, mesh=mesh)
+  hbm = tpu.generation.hbm_bytes_per_device
+  source = f'{tpu.generation.device_kind} HBM per device'
+  train = compile_step(trainer.train_step, (trainer.abstract_state, trainer.abstract_batch), hbm,
+                       config, source)
+  evaluation = None
+  if with_eval:
+    evaluation = compile_step(trainer.eval_step,
+                              (trainer.abstract_state['params'], eval_batch(config, mesh)), hbm,
+                              config, source)
+  return {'train': train, 'eval': evaluation}
+
+
+def has_loops(config) -> bool:
+  """Whether the compiled steps hold loops whose cost XLA counts once (module docstring)."""
+  return config.accum_steps > 1 or bool(config.model.get('scan_layers'))
+
+
+COST_FIELDS = ('flops_per_device', 'bytes_accessed_per_device')
+
+
+def counted_cost(config, classes: int, tpu: hardware.TpuSlice, devices, with_eval: bool) -> dict:
+  """{'train'/'eval': {COST_FIELDS: per device per step}} of `config`'s steps without loops, from
+  compiles of 1 and 2 unrolled encoder blocks (a ResNet alone: just the batches) at 1 and 2 images
+  per device, extrapolated linearly in blocks and in images (module docstring)."""
+  n = len(devices)
+  blocks = config.model.transformer.num_layers if config.model.transformer else None
+  points = {}
+  for layers, per_device in itertools.product((1, 2) if blocks else (None,), (1, 2)):
+    small = config.copy_and_resolve_references()
+    small.model.scan_layers, small.accum_steps = False, 1
+    small.batch = small.batch_eval = n * per_device
+    if blocks:
+      small.model.transformer.num_layers = layers
+    points[layers, per_device] = _compile_program(small, classes, tpu, devices, with_eval)
+  # Least squares on [1, L, b, L*b] (exact through the 4 points; [1, b] for a ResNet alone).
+  design = lambda layers, b: [1.0, b] + ([layers, layers * b] if blocks else [])
+  rows = np.array([design(*key) for key in points])
+  target = {'train': config.batch // n, 'eval': config.batch_eval // n}
+  out = {}
+  for step in ('train', 'eval') if with_eval else ('train',):
+    out[step] = {}
+    for field in COST_FIELDS:
+      values = [getattr(p[step], field) for p in points.values()]
+      if None in values:
+        raise ValueError(f'{config.model.model_name}: the {step} step does not fit even at 1 image '
+                         'per device (to count its FLOPs); try --config.sharding=fsdp.')
+      values = np.array(values, np.float64)
+      coef = np.linalg.lstsq(rows, values, rcond=None)[0]
+      out[step][field] = float(np.dot(coef, design(blocks, target[step])))
+  return out
+
+
+def compile_train_and_eval(config: ml_collections.ConfigDict, tpu: hardware.TpuSlice,
+                           devices=None, *, with_eval: bool = True) -> dict:
+  """{'train': StepReport, 'eval': StepReport or None} for `config` on `tpu` (ValueError for a
+  config the slice cannot run, e.g. a batch its devices do not divide). With loops in the steps
+  their FLOPs and bytes come from `counted_cost`, and the compiler's estimate is left out.""" 
+  devices = devices or compile_only_devices(tpu)
+  config_lib.validate(config, num_devices=len(devices), process_count=tpu.hosts)
+  classes = num_classes(config)
+  reports = _compile_program(config, classes, tpu, devices, with_eval)
+  if has_loops(config):  # Also for a train step that does not fit: its FLOPs are the same.
+    for step, cost in counted_cost(config, classes, tpu, devices, with_eval).items():
+      for field, value in cost.items():
+        setattr(reports[step], field, value)
+      reports[step].compiler_estimate_s = None  # It, too, counted each loop body once.
+  return reports
