@@ -1,7 +1,7 @@
 """The training program compiled ahead of time for a Cloud TPU slice, on any machine.
 
 libtpu's compiler (`pip install -e '.[tpu]'`) gives compile-only devices of a real slice
-(`jax.experimental.topologies`); `vit_jax.program.Program` over a mesh of them jits the very train
+(`jax.experimental.topologies`); `vit_jax.trainer.Trainer` over a mesh of them jits the very train
 and eval steps `python -m vit_jax.main` runs (shardings, dtype, accumulation, remat, scan), and
 `.lower(...).compile()` runs XLA:TPU. What comes back per device: XLA's buffer sizes, FLOPs, HBM
 bytes accessed and the compiler's cost-model estimate (`optimal_seconds`, a model, not a
