@@ -177,3 +177,11 @@ def test_a_step_that_does_not_fit_gets_the_smallest_change_that_does():
       result['suggested_train']['flops_per_device'] * 8 * config.total_steps)
   assert result['whole_run']['flops_per_image'] > 3 * flops.forward_flops(
       config.model, 16, config.num_classes)  # Matmuls, and softmax over 2M classes on top.
+
+
+def test_compiling_for_a_tpu_leaves_the_environment_as_it_was():
+  """libtpu's off-VM variables are set only while it loads: a TPU_WORKER_HOSTNAMES left behind
+  would make a later `vit_jax.main` in the same process join a TPU pod."""
+  before = dict(os.environ)
+  tpu_compile.compile_only_devices(hardware.tpu_slice('v3-8'))
+  assert dict(os.environ) == before

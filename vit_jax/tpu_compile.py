@@ -17,6 +17,7 @@ the same for every image; the optimizer update is the constant term.
 """
 import dataclasses
 import itertools
+import contextlib
 import importlib.util
 import math
 import os
@@ -47,16 +48,32 @@ def compile_only_devices(tpu: hardware.TpuSlice) -> list:
   if importlib.util.find_spec('libtpu') is None:
     raise cli.UserError(f'Compiling for {tpu.accelerator_type} needs the TPU compiler (libtpu), '
                         f'which is not installed: {INSTALL_HINT}')
-  if not _on_tpu_vm():
-    # libtpu otherwise asks the (absent) TPU VM metadata server, and warns; and it takes a
-    # machine-wide lock that would fail a second compiling process (tests, parallel plans).
-    for key, value in (('TPU_SKIP_MDS_QUERY', '1'), ('TPU_WORKER_HOSTNAMES', 'localhost'),
-                       ('TPU_ACCELERATOR_TYPE', tpu.accelerator_type),
-                       ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):
-      os.environ.setdefault(key, value)
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  return list(topologies.get_topology_desc(
-      platform='tpu', topology_name=tpu.topology_name, **tpu.topology_kwargs()).devices)
+  with _off_tpu_vm_environment(tpu):
+    return list(topologies.get_topology_desc(
+        platform='tpu', topology_name=tpu.topology_name, **tpu.topology_kwargs()).devices)
+
+
+@contextlib.contextmanager
+def _off_tpu_vm_environment(tpu: hardware.TpuSlice):
+  """Off a TPU VM, libtpu would ask the (absent) TPU VM metadata server, and warn; and it takes a
+  machine-wide lock that would fail a second compiling process (tests, parallel plans). These
+  variables say so while libtpu loads, and are removed again after: left set,
+  TPU_WORKER_HOSTNAMES would make a later `vit_jax.main` in the same process join a TPU pod
+  (main.initialize_distributed)."""
+  if _on_tpu_vm():
+    yield
+    return
+  added = {key: value for key, value in (
+      ('TPU_SKIP_MDS_QUERY', '1'), ('TPU_WORKER_HOSTNAMES', 'localhost'),
+      ('TPU_ACCELERATOR_TYPE', tpu.accelerator_type), ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1'))
+           if key not in os.environ}
+  os.environ.update(added)
+  try:
+    yield
+  finally:
+    for key in added:
+      os.environ.pop(key, None)
 
 
 # RESOURCE_EXHAUSTED: ... required for HLO temporaries (138.11G) exceeds available HBM (15.48G)
