@@ -8,9 +8,10 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The files that take longest on 2 cores (a full run's --durations=0, summed per file), longest
 # first: with `-n 2 --dist loadfile` a long file collected last runs alone while the other
 # worker idles.
-_SLOW_FILES_FIRST = ('test_train.py', 'test_commands.py', 'test_reliability.py',
-                     'test_models.py', 'test_device_check.py', 'test_multihost.py',
-                     'test_workdir_runs.py', 'test_fault_tolerance.py', 'test_main.py')
+_SLOW_FILES_FIRST = ('test_train.py', 'test_bad_input.py', 'test_commands.py',
+                     'test_reliability.py', 'test_multihost.py', 'test_plan.py', 'test_models.py',
+                     'test_device_check.py', 'test_workdir_runs.py', 'test_fault_tolerance.py',
+                     'test_main.py')
 
 
 def pytest_collection_modifyitems(items):
