@@ -283,14 +283,17 @@ def _reset_flags():
     ([f'--config={CONFIG}', '--config.model.posemb=learned'],
      re.escape("config.model.posemb='learned'; expected one of ('learn', 'none', 'learn2d', "
                "'sincos2d').")),
+    ([f'--config={CONFIG}', '--config.model.attention_impl=pallas'],
+     re.escape("config.model.attention_impl='pallas' (Pallas' TPU flash attention) runs on TPUs "
+               "only, not on the cpu backend")),
     ([f'--config={CONFIG}', '--config.batchh=16'],
      re.escape("""Unknown config field 'batchh'. Did you mean "batch" instead of "batchh"?""")),
     ([f'--config={CONFIG}', '--config.dataset=folder:/no/such/folder'],
      re.escape('Image folder /no/such/folder does not exist.')),
     ([f'--config={CONFIG}', '--mode=eval', '--checkpoint=/no/such/model.npz'],
      re.escape('Checkpoint /no/such/model.npz does not exist.')),
-], ids=['model', 'dataset', 'resolution', 'batch', 'pp_eval', 'posemb', 'field', 'folder',
-        'checkpoint'])
+], ids=['model', 'dataset', 'resolution', 'batch', 'pp_eval', 'posemb', 'pallas', 'field',
+        'folder', 'checkpoint'])
 def test_bad_input_gets_error_message_and_exit_code_2(run_main, tmp_path, args, message):
   start = time.monotonic()
   code, _, stderr = run_main(f'--workdir={tmp_path / "workdir"}', *args)

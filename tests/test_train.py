@@ -172,7 +172,7 @@ CHOICE_ERRORS = [
     ('loss', 'hinge'), ('sharding', 'tp'), ('optimizer', 'lamb'), ('decay_type', 'step'),
     ('dtype', 'float16'), ('nonfinite', 'ignore'), ('model.attention_impl', 'flash'),
     ('model.remat_policy', 'most'), ('model.posemb', 'learned'), ('model.classifier', 'cls'),
-    ('pp.train', 'random'), ('pp.eval', 'squash'),
+    ('pp.train', 'random'), ('pp.eval', 'squash'), ('model.layout', 'rows'),
 ]
 
 

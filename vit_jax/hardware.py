@@ -327,6 +327,14 @@ def check_accelerator(model_config) -> bool:
   return False
 
 
+def check_attention_impl(model_config, platform: str) -> None:
+  """ValueError unless the run's attention implementation compiles for `platform`: Pallas' flash
+  attention is a TPU kernel (Mosaic), which the CPU and GPU backends cannot compile."""
+  if model_config.get('attention_impl') == 'pallas' and platform != 'tpu':
+    raise ValueError(f"config.model.attention_impl='pallas' (Pallas' TPU flash attention) runs on "
+                     f"TPUs only, not on the {platform} backend: use 'xla' or 'fused' here.")
+
+
 def xla_memory(compiled) -> Optional[Dict[str, int]]:
   """Per-device buffer sizes of a compiled program (XLA's buffer assignment), or None."""
   try:

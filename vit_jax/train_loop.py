@@ -352,6 +352,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
   hardware.check_host_allocator()
   hardware.check_remat_layout(config.model)
   hardware.check_accelerator(config.model)
+  hardware.check_attention_impl(config.model, jax.default_backend())
   lock = workdir_lib.lock(workdir, take_over=take_over_lock)
   ckpt = None
   try:
