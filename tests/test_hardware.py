@@ -162,3 +162,45 @@ def test_cpu_xla_flags_compute_the_same_function(tmp_path):
     assert np.abs(reference).max() > 0, key
     error = np.linalg.norm(project - reference) / np.linalg.norm(reference)
     assert error < 1e-5, (key, error)
+
+
+_CGROUP_LIMIT = 3 * 2**30  # Above what the command holds when it checks (~0.5 GiB), below the step.
+
+
+def _memory_cgroup(tmp_name: str) -> tuple:
+  """(directory, file to write a pid to) of a new memory cgroup limited to _CGROUP_LIMIT (v1
+  memory controller, else v2), or skips where this machine does not let the test make one."""
+  candidates = [(pathlib.Path('/sys/fs/cgroup/memory'), 'memory.limit_in_bytes'),
+                (pathlib.Path('/sys/fs/cgroup'), 'memory.max')]
+  for root, limit_file in candidates:
+    if not (root / limit_file).exists() and not (root / 'cgroup.controllers').exists():
+      continue
+    group = root / tmp_name
+    try:
+      group.mkdir(exist_ok=True)
+      (group / limit_file).write_text(str(_CGROUP_LIMIT))
+      return group, group / 'cgroup.procs'
+    except OSError:
+      if group.exists():
+        group.rmdir()
+  pytest.skip('no memory cgroup can be made here (needs root and a memory controller)')
+
+
+def test_main_in_a_memory_limited_cgroup_refuses_a_step_the_limit_cannot_hold(tmp_path):
+  """The container case: the host has far more free memory than the step needs (~5.5 GiB), the
+  cgroup does not (3 GiB); the command says so before anything is written, instead of being
+  OOM-killed with exit 137 and no message."""
+  group, procs = _memory_cgroup(f'vit_jax_test_{os.getpid()}')
+  workdir = tmp_path / 'run'
+  command = [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}',
+             f"--config={_REPO}/tests/fault_tolerance_config.py", '--config.batch=32768',
+             '--config.pp.resolution=32']
+  try:
+    done = subprocess.run(['sh', '-c', f'echo $$ > {procs} && exec "$@"', 'sh', *command],
+                          cwd=_REPO, capture_output=True, text=True, timeout=300)
+  finally:
+    group.rmdir()
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert "of memory: The train step needs" in done.stderr
+  assert 'the memory its cgroup (container) limit leaves' in done.stderr
+  assert not workdir.exists()
