@@ -391,7 +391,7 @@ def test_memory_budget_uses_a_cgroup_v1_limit_and_ignores_unlimited_ones(monkeyp
 # A lock left by a run killed on another host.
 
 
-def test_a_lock_of_another_host_names_the_flag_that_takes_it_over(tmp_path, caplog):
+def test_a_lock_of_another_host_names_the_flag_that_takes_it_over(tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
   holder = {'host': 'other-host', 'pid': 12345, 'since': '2026-01-02T03:04:05+00:00'}
@@ -400,13 +400,15 @@ def test_a_lock_of_another_host_names_the_flag_that_takes_it_over(tmp_path, capl
   _assert_user_error(result, r'.*run is in use by host other-host pid 12345 since .* rerun with '
                      r'--take_over_lock to take the workdir over')
   assert json.loads((workdir / 'lock').read_text()) == holder
-  # The flag's effect (main passes it to train_loop.prepare as take_over_lock=True):
-  held = workdir_lib.lock(str(workdir), take_over=True)
-  assert json.loads((workdir / 'lock').read_text()) == held.holder != holder
+  result = _command('main', f'--workdir={workdir}', f'--config={CONFIG}', '--take_over_lock',
+                    '--config.total_steps=2', '--config.checkpoint_every=2',
+                    env=fault_tolerance_env(tmp_path / 'cache'))
+  assert result.returncode == 0, result.stderr[-3000:]
   assert re.search(r'Taking over .*run/lock: it names host other-host pid 12345 since .*, as '
-                   '--take_over_lock asks', caplog.text)
-  held.release()
-  assert os.listdir(workdir) == []
+                   '--take_over_lock asks', result.stderr), result.stderr[-3000:]
+  assert [e['step'] for e in workdir_lib.read_metrics(str(workdir)) if 'loss' in e] == [1, 2]
+  assert os.listdir(workdir / 'checkpoints') == ['2']
+  assert not (workdir / 'lock').exists()  # Released at the end, not left naming this run.
 
 
 # ---------------------------------------------------------------------------------------------
