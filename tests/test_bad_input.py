@@ -197,19 +197,46 @@ def test_read_only_checkpoints_are_refused_before_anything_changes(tmp_path):
   assert elapsed < 60
 
 
+def _saved_steps(checkpoints: pathlib.Path) -> list:
+  try:
+    return [name for name in os.listdir(checkpoints) if name.isdigit()]
+  except FileNotFoundError:
+    return []
+
+
 def test_checkpoints_deleted_during_the_run_fail_the_next_save_naming_the_folder(tmp_path):
-  state = {'w': jax.device_put(np.ones(4, np.float32))}
-  directory = tmp_path / 'checkpoints'
-  ckpt = state_checkpoint.TrainCheckpointer(str(directory), save_every=1, keep=2)
-  ckpt.save(1, state)
-  ckpt.wait()
-  shutil.rmtree(directory)
-  with pytest.raises(state_checkpoint.CheckpointSaveError,
-                     match=f'^Cannot save the training checkpoint for step 2: {directory} was '
-                     'deleted'):
-    ckpt.save(2, state)
-  ckpt.close()
-  assert not directory.exists()
+  workdir = tmp_path / 'run'
+  checkpoints = workdir / 'checkpoints'
+  command = [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', f'--config={CONFIG}',
+             '--config.total_steps=100000', '--config.checkpoint_every=1']
+  with open(tmp_path / 'err', 'w') as err:
+    process = subprocess.Popen(command, cwd=ROOT, env=fault_tolerance_env(tmp_path / 'cache'),
+                               stdout=subprocess.DEVNULL, stderr=err)
+    try:
+      deadline = time.monotonic() + 240
+      while not _saved_steps(checkpoints):
+        assert process.poll() is None, (tmp_path / 'err').read_text()[-3000:]
+        assert time.monotonic() < deadline, 'no checkpoint saved in 240 s'
+        time.sleep(0.05)
+      # A save may be renaming a step into the folder meanwhile: delete until it is gone.
+      while checkpoints.exists():
+        shutil.rmtree(checkpoints, ignore_errors=True)
+      deleted = time.monotonic()
+      returncode = process.wait(120)
+      elapsed = time.monotonic() - deleted
+    finally:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  stderr = (tmp_path / 'err').read_text()
+  _assert_user_error(subprocess.CompletedProcess(command, returncode, '', stderr),
+                     r'(Cannot save|Saving) the training checkpoint for step \d+')
+  [error] = re.findall('^Error: .*', stderr, re.MULTILINE)
+  # Deleted between two saves, or during one (orbax then recreates the folder for its save).
+  assert f'{checkpoints} was deleted' in error, error
+  assert '0x' not in error and ' at 0x' not in stderr, stderr[-3000:]
+  assert elapsed < 60
+  assert (workdir / 'metrics.jsonl').stat().st_size > 0 and (workdir / 'config.json').exists()
 
 
 def test_orbax_errors_are_described_without_internal_objects():
@@ -391,7 +418,7 @@ def test_memory_budget_uses_a_cgroup_v1_limit_and_ignores_unlimited_ones(monkeyp
 # A lock left by a run killed on another host.
 
 
-def test_a_lock_of_another_host_names_the_flag_that_takes_it_over(tmp_path, caplog):
+def test_a_lock_of_another_host_names_the_flag_that_takes_it_over(tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
   holder = {'host': 'other-host', 'pid': 12345, 'since': '2026-01-02T03:04:05+00:00'}
@@ -400,13 +427,15 @@ def test_a_lock_of_another_host_names_the_flag_that_takes_it_over(tmp_path, capl
   _assert_user_error(result, r'.*run is in use by host other-host pid 12345 since .* rerun with '
                      r'--take_over_lock to take the workdir over')
   assert json.loads((workdir / 'lock').read_text()) == holder
-  # The flag's effect (main passes it to train_loop.prepare as take_over_lock=True):
-  held = workdir_lib.lock(str(workdir), take_over=True)
-  assert json.loads((workdir / 'lock').read_text()) == held.holder != holder
+  result = _command('main', f'--workdir={workdir}', f'--config={CONFIG}', '--take_over_lock',
+                    '--config.total_steps=2', '--config.checkpoint_every=2',
+                    env=fault_tolerance_env(tmp_path / 'cache'))
+  assert result.returncode == 0, result.stderr[-3000:]
   assert re.search(r'Taking over .*run/lock: it names host other-host pid 12345 since .*, as '
-                   '--take_over_lock asks', caplog.text)
-  held.release()
-  assert os.listdir(workdir) == []
+                   '--take_over_lock asks', result.stderr), result.stderr[-3000:]
+  assert [e['step'] for e in workdir_lib.read_metrics(str(workdir)) if 'loss' in e] == [1, 2]
+  assert os.listdir(workdir / 'checkpoints') == ['2']
+  assert not (workdir / 'lock').exists()  # Released at the end, not left naming this run.
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ class TrainCheckpointer:
     if step in self._manager.all_steps():
       return False
     self._finish_pending_save()
-    if not epath.Path(self._directory).is_dir():  # Created by __init__: deleted since.
+    if not self._steps_on_disk():
       self._save_failed = True
       raise CheckpointSaveError(
           f'Cannot save the training checkpoint for step {step}: {self._directory} was deleted '
@@ -245,10 +245,16 @@ class TrainCheckpointer:
     except _IO_ERRORS as e:
       raise self._save_error(step, e) from e
 
+  def _steps_on_disk(self) -> bool:
+    """Whether the folder (created by __init__) and the steps saved into it are still there:
+    deleted during an asynchronous save, the folder is recreated by it, without those steps."""
+    return epath.Path(self._directory).is_dir() and all(
+        epath.Path(self._directory, str(s)).is_dir() for s in self._manager.all_steps())
+
   def _save_error(self, step: Optional[int], cause: Exception) -> CheckpointSaveError:
     self._save_failed = True
     what = f'the training checkpoint for step {step}' if step is not None else 'a checkpoint'
-    if not epath.Path(self._directory).is_dir():
+    if not self._steps_on_disk():
       return CheckpointSaveError(
           f'Saving {what} failed: {self._directory} was deleted (or replaced by a file) during '
           'the run, and with it the checkpoints of earlier steps.')
