@@ -12,6 +12,7 @@ from vit_jax import checkpoint
 from vit_jax import config_lib
 from vit_jax import evaluate
 from vit_jax import optim
+from vit_jax import plan_lib
 from vit_jax import preprocessing
 from vit_jax import sharding
 from vit_jax import trainer as trainer_lib
@@ -197,13 +198,7 @@ def test_every_numeric_field_is_range_checked_and_the_defaults_pass():
   + [({field: value}, f'config.{field}={value!r} must be {bound}')
      for field, value, bound in NUMERIC_ERRORS])
 def test_config_errors_name_the_field(overrides, message):
-  config = train_fixtures.tiny_config()
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split('.')
-    for part in path:
-      node = node[part]
-    node[last] = value
+  config = plan_lib.with_changes(train_fixtures.tiny_config(), overrides)
   with pytest.raises(ValueError, match=message.replace('(', r'\(').replace('+', r'\+')):
     config_lib.validate(config, num_devices=8, process_count=1)
 
