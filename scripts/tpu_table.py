@@ -17,6 +17,7 @@ import sys
 
 import jax
 
+from vit_jax import checkpoint
 from vit_jax import hardware
 from vit_jax import plan_lib
 from vit_jax import tpu_compile
@@ -56,8 +57,9 @@ def _load() -> dict:
 
 
 def _save(results: dict) -> None:
-  with open(JSON, 'w') as f:
-    json.dump(results, f, indent=1)
+  # Atomic: the file holds every cell compiled so far (hours of compiles), and is rewritten after
+  # each one; an interrupted write must leave the previous version.
+  checkpoint.write_atomically(JSON, json.dumps(results, indent=1))
 
 
 def compile_cells(results: dict) -> None:
