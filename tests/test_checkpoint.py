@@ -5,6 +5,8 @@ import io
 import math
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -103,6 +105,29 @@ def test_save_overwrites_an_existing_file(tmp_path):
   checkpoint.save_npz({'a': np.ones(2)}, path)
   checkpoint.save_npz({'b': {'c': np.zeros(3)}}, path)
   assert _flat(checkpoint.load(path)).keys() == {'b/c'}
+
+
+def test_write_atomically_keeps_the_old_file_when_a_write_fails(tmp_path):
+  path = str(tmp_path / 'sub' / 'plan.json')
+  checkpoint.write_atomically(path, 'old')
+
+  class Unwritable:  # Its write fails, as one does on a full disk.
+    pass
+  with pytest.raises(TypeError):
+    checkpoint.write_atomically(path, Unwritable())
+  with open(path) as f:
+    assert f.read() == 'old'
+  assert os.listdir(tmp_path / 'sub') == ['plan.json']  # No temporary file left behind.
+  checkpoint.write_atomically(path, b'new')
+  with open(path) as f:
+    assert f.read() == 'new'
+
+
+def test_write_atomically_to_a_local_path_does_not_import_tensorflow(tmp_path):
+  code = ('import sys; from vit_jax import checkpoint; '
+          f'checkpoint.write_atomically({str(tmp_path / "a.json")!r}, "{{}}"); '
+          "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'")
+  subprocess.run([sys.executable, '-c', code], check=True)
 
 
 _TO_BIG_VISION = {'LayerNorm_0': 'LayerNorm_0', 'MultiHeadDotProductAttention_1':

@@ -12,7 +12,6 @@ and how it is taken: `vit_jax.benchmark_lib`. Rows run in the order given; peak 
 are peaks over the whole process so far.
 """
 import json
-import os
 import sys
 from typing import List, Sequence
 
@@ -21,6 +20,7 @@ from absl import flags
 import jax
 
 from vit_jax import benchmark_lib as lib
+from vit_jax import checkpoint
 from vit_jax import cli
 from vit_jax import hardware
 from vit_jax import models
@@ -218,11 +218,7 @@ def run(fv: flags.FlagValues, command_line: Sequence[str] = ()) -> dict:
     if fv.with_pipeline:  # After all rows, so that the host peak RSS above excludes it.
       _time_pipelines(specs, out['results'], fv)
   if fv.json_out:
-    directory = os.path.dirname(fv.json_out)
-    if directory:
-      os.makedirs(directory, exist_ok=True)
-    with open(fv.json_out, 'w') as f:
-      json.dump(out, f, indent=2)
+    checkpoint.write_atomically(fv.json_out, json.dumps(out, indent=2))
     print(f'Wrote {fv.json_out}')
   return out
 

@@ -17,6 +17,7 @@ import io
 import math
 import os
 import re
+import types
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import urllib.error
 import urllib.parse
@@ -207,21 +208,30 @@ def save_npz(params: Mapping[str, Any], path: str) -> str:
 
 
 def write_atomically(path: str, data) -> None:
-  """Writes `data` (bytes or str) to `path` (any tf.io.gfile URL) so that a reader finds the old
-  file or the new one, never a part: written beside it and renamed into place, except on an
-  object store (_OBJECT_STORES), which publishes an object only when its upload completes."""
+  """Writes `data` (bytes or str) to `path` (a local path, without importing TensorFlow, or any
+  tf.io.gfile URL) so that a reader finds the old file or the new one, never a part: written
+  beside it and renamed into place, except on an object store (_OBJECT_STORES), which publishes an
+  object only when its upload completes."""
+  local = '://' not in path
+  fs = _LOCAL_FILES if local else gfile()
   directory = os.path.dirname(path)
   if directory:
-    gfile().makedirs(directory)
+    fs.makedirs(directory)
   target = path if path.startswith(_OBJECT_STORES) else f'{path}.tmp-{os.getpid()}'
   try:
-    with gfile().GFile(target, 'wb' if isinstance(data, bytes) else 'w') as f:
+    with (open if local else fs.GFile)(target, 'wb' if isinstance(data, bytes) else 'w') as f:
       f.write(data)
     if target != path:
-      gfile().rename(target, path, overwrite=True)
+      fs.rename(target, path, overwrite=True)
   finally:
-    if target != path and gfile().exists(target):
-      gfile().remove(target)
+    if target != path and fs.exists(target):
+      fs.remove(target)
+
+
+# The tf.io.gfile calls write_atomically makes, for local paths.
+_LOCAL_FILES = types.SimpleNamespace(
+    makedirs=functools.partial(os.makedirs, exist_ok=True), exists=os.path.exists,
+    remove=os.remove, rename=lambda source, target, overwrite: os.replace(source, target))
 
 
 # ---------------------------------------------------------------------------------------------

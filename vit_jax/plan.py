@@ -22,6 +22,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from vit_jax import checkpoint
 from vit_jax import cli
 from vit_jax import hardware
 from vit_jax import logging_util
@@ -113,8 +114,7 @@ def main(argv):
     print(describe(config, result), flush=True)
     results.append(result)
     if _JSON_OUT.value:  # After every slice: a long plan keeps what it has.
-      with open(_JSON_OUT.value, 'w') as f:
-        json.dump(results, f, indent=1)
+      checkpoint.write_atomically(_JSON_OUT.value, json.dumps(results, indent=1))
 
 
 if __name__ == '__main__':
