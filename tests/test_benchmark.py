@@ -91,6 +91,34 @@ def test_the_switches_reach_the_real_trainer():
   assert 'encoderblock' in trainer.abstract_state['params']['Transformer']
 
 
+def _doubling_and_bisection_probes(size, limit, start):
+  count, good, bad, n = 0, 0, None, start
+  while bad is None or bad - good > 1:
+    count += 1
+    good, bad = (n, bad) if size(n) <= limit else (good, n)
+    n = 2 * good if bad is None else (good + bad) // 2
+  return count
+
+
+@pytest.mark.parametrize('per_image,limit,known_limit', [
+    (0.2, 15.0, True), (0.2, 3.0, True), (0.2, 40.0, False), (0.7, 1.5, True), (3.0, 1.1, True)])
+def test_largest_fitting_finds_the_threshold_in_few_probes(per_image, limit, known_limit):
+  """Bytes = 1 + per_image * n + a wobble (XLA's buffers are not exactly linear); the answer is
+  the brute-force largest fit, the failure one above it, in fewer probes than doubling and
+  bisection need (a limit unknown to the search: told 16, it never learns the real one)."""
+  size = lambda n: 1 + per_image * n + 0.05 * (n % 3)
+  probed = []
+
+  def probe(n):
+    probed.append(n)
+    return size(n) <= limit, size(n), limit if known_limit else 16.0
+  good, bad = benchmark_lib.largest_fitting(probe, start=4, cap=4096)
+  expected = max([n for n in range(0, 4097) if n == 0 or size(n) <= limit])
+  assert (good, bad) == (expected, expected + 1)
+  assert len(probed) == len(set(probed)) <= _doubling_and_bisection_probes(size, limit, 4)
+  assert benchmark_lib.largest_fitting(lambda n: (True, None, None), start=3, cap=100) == (100, None)
+
+
 def test_find_max_batch_doubles_then_bisects_consistently(tmp_path, capsys):
   spec = benchmark_lib.Spec(model='micro', resolution=32, batch=2, num_devices=1)
   capped = benchmark_lib.find_max_batch(spec, memory_limit_bytes=2**40, cap=8)

@@ -15,8 +15,8 @@ A train `Spec` times `vit_jax.trainer.Trainer`'s jitted `train_step` (state dona
 state sharded over the mesh exactly as in training) on a config from `config_lib.base_config`;
 the model switches travel in `config.model` (which `models.build_model` passes to the module).
 
-`find_max_batch(spec)` searches the largest per-device batch that fits: it doubles the batch until
-a probe fails, then bisects. A probe either compiles only and compares XLA's memory analysis with
+`find_max_batch(spec)` searches the largest per-device batch that fits (`largest_fitting`, also
+the search of scripts/tpu_table.py). A probe either compiles only and compares XLA's memory analysis with
 the memory limit ('analysis': no OOM is ever triggered, works on any backend; the limit is
 `hardware.memory_budget`, the one every train run is checked against, or the one given) or
 compiles and runs one step, an out-of-memory error meaning "does not fit" ('run', for
@@ -32,7 +32,7 @@ import platform
 import resource
 import statistics
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Tuple
 
 from absl import logging
 import jax
@@ -395,15 +395,47 @@ def _probe(spec: Spec, method: str, limit: int) -> dict:
   return probe
 
 
+def largest_fitting(probe: Callable[[int], tuple], *, start: int, cap: int,
+                    granularity: int = 1) -> Tuple[int, Optional[int]]:
+  """The largest n in [0, cap] for which probe(n) fits, and the smallest n probed that does not
+  (None if none). probe(n) -> (fits, bytes, limit): the program's bytes and the bytes it must fit
+  in, either None where unknown. Bytes grow about linearly in n, so the line through the largest
+  fit and the smallest failure (before a failure: the two probes nearest the largest fit)
+  predicts where they reach the limit (a secant step); a
+  prediction outside the bracket [largest fit, smallest failure] falls back to doubling (no
+  failure yet) or bisection. Stops when the bracket is `granularity` wide (1: exact)."""
+  points, good, bad, limit = {}, 0, None, None
+  n = max(1, min(start, cap))
+  while True:
+    fits, size, known_limit = probe(n)
+    points[n], limit = size, known_limit or limit
+    good, bad = (n, bad) if fits else (good, n)
+    if good >= cap or (bad is not None and bad - good <= max(1, granularity)):
+      return good, bad
+    n = _next_probe(points, good, bad, limit, cap)
+
+
+def _next_probe(points: dict, good: int, bad: Optional[int], limit, cap: int) -> int:
+  guess = None
+  known = sorted((b for b, size in points.items() if size is not None), key=lambda b: abs(b - good))
+  if points.get(good) is not None and points.get(bad) is not None:
+    known = [good, bad]  # Interpolate across the bracket rather than extrapolate.
+  if limit is not None and len(known) >= 2:
+    (b1, t1), (b2, t2) = sorted((b, points[b]) for b in known[:2])
+    if t2 > t1:
+      guess = int(b1 + (limit - t1) * (b2 - b1) / (t2 - t1))
+  if bad is None:  # No failure yet: just above the guess (to bracket it), else double.
+    return min(cap, guess + max(1, guess // 16) if guess is not None and guess > good
+               else 2 * good)
+  return guess if guess is not None and good < guess < bad else (good + bad) // 2
+
+
 def find_max_batch(spec: Spec, *, method: str = 'analysis',
                    memory_limit_bytes: Optional[int] = None, start: Optional[int] = None,
                    cap: int = 4096, granularity: int = 1) -> dict:
-  """Largest per-device batch (<= cap) that fits: doubling from `start` (default: spec's batch
-  per device), then bisection until the largest fit and the smallest failure are `granularity`
-  apart (1: exact).
-
-  Returns the answer, the limit used and every probe (batch per device, bytes, fits).
-  """
+  """Largest per-device batch (<= cap) that fits (`largest_fitting`, from `start`, default
+  spec's batch per device). Returns the answer, the limit used and every probe (batch per
+  device, bytes, fits)."""
   if method not in ('analysis', 'run'):
     raise ValueError(f"method={method!r}; expected 'analysis' or 'run'.")
   run_config(spec)
@@ -412,35 +444,18 @@ def find_max_batch(spec: Spec, *, method: str = 'analysis',
                          else hardware.memory_budget(spec.devices()[0]))
   probes = {}
 
-  def fits(per_device: int) -> bool:
-    if per_device not in probes:
-      probes[per_device] = _probe(dataclasses.replace(spec, batch=per_device * n), method,
-                                  limit)
-      probe = probes[per_device]
-      logging.info('batch/device %6d: %s (XLA program %s)', per_device,
-                   'fits' if probe['fits'] else 'does not fit', hardware.gib(probe['bytes']))
-    return probes[per_device]['fits']
+  def probe(per_device: int) -> tuple:
+    probes[per_device] = _probe(dataclasses.replace(spec, batch=per_device * n), method, limit)
+    result = probes[per_device]
+    logging.info('batch/device %6d: %s (XLA program %s)', per_device,
+                 'fits' if result['fits'] else 'does not fit', hardware.gib(result['bytes']))
+    return result['fits'], result['bytes'], limit
 
-  good, bad = 0, None
-  b = max(1, start or spec.batch // n)
-  while b <= cap:  # Doubling.
-    if fits(b):
-      good, b = b, b * 2
-    else:
-      bad = b
-      break
-  if bad is None:
-    bad = cap + 1 if good >= cap else min(b, cap + 1)
-  while bad - good > max(1, granularity):  # Bisect between the largest fit and smallest failure.
-    mid = (good + bad) // 2
-    if fits(mid):
-      good = mid
-    else:
-      bad = mid
+  good, bad = largest_fitting(probe, start=start or spec.batch // n, cap=cap,
+                              granularity=granularity)
   return {
       **_described(spec, spec.model), 'method': method, 'memory_limit_bytes': limit,
       'memory_limit_source': limit_source, 'cap': cap, 'granularity': max(1, granularity),
-      'max_batch_per_device': good, 'capped': good >= cap,
-      'smallest_failure_per_device': bad if bad <= cap else None,
+      'max_batch_per_device': good, 'capped': good >= cap, 'smallest_failure_per_device': bad,
       'probes': [dict(probes[k]) for k in sorted(probes)],
   }
