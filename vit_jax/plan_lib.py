@@ -78,9 +78,12 @@ def suggest(config, tpu: hardware.TpuSlice, devices, failed: tpu_compile.StepRep
       break
     tried += 1
     changed = with_changes(config, changes)
-    report = tpu_compile.compile_train_and_eval(changed, tpu, devices, with_eval=False)['train']
-    if report.fits:
-      return {'changes': changes, 'flags': as_flags(changes), 'train': report}
+    # Costs are counted (more compiles) only for the candidate that fits.
+    reports = tpu_compile.compile_train_and_eval(changed, tpu, devices, with_eval=False,
+                                                 count_cost=False)
+    if reports['train'].fits:
+      tpu_compile.count_loops(reports, changed, tpu, devices)
+      return {'changes': changes, 'flags': as_flags(changes), 'train': reports['train']}
   return None
 
 

@@ -198,9 +198,11 @@ COST_FIELDS = ('flops_per_device', 'bytes_accessed_per_device')
 def counted_cost(config, classes: int, tpu: hardware.TpuSlice, devices, with_eval: bool) -> dict:
   """{'train'/'eval': {COST_FIELDS: per device per step}} of `config`'s steps without loops, from
   compiles of 1 and 2 unrolled encoder blocks (a ResNet alone: just the batches) at 1 and 2 images
-  per device, extrapolated linearly in blocks and in images (module docstring)."""
+  per device, extrapolated linearly in blocks and in images (module docstring). A model of at
+  most 2 blocks is compiled whole: 2 compiles instead of 4."""
   n = len(devices)
   blocks = config.model.transformer.num_layers if config.model.transformer else None
+  blocks = blocks if blocks and blocks > 2 else None
   points = {}
   for layers, per_device in itertools.product((1, 2) if blocks else (None,), (1, 2)):
     small = config.copy_and_resolve_references()
@@ -209,7 +211,7 @@ def counted_cost(config, classes: int, tpu: hardware.TpuSlice, devices, with_eva
     if blocks:
       small.model.transformer.num_layers = layers
     points[layers, per_device] = _compile_program(small, classes, tpu, devices, with_eval)
-  # Least squares on [1, L, b, L*b] (exact through the 4 points; [1, b] for a ResNet alone).
+  # Least squares on [1, L, b, L*b] (exact through the 4 points; [1, b] for the whole model).
   design = lambda layers, b: [1.0, b] + ([layers, layers * b] if blocks else [])
   rows = np.array([design(*key) for key in points])
   target = {'train': config.batch // n, 'eval': config.batch_eval // n}
@@ -228,17 +230,27 @@ def counted_cost(config, classes: int, tpu: hardware.TpuSlice, devices, with_eva
 
 
 def compile_train_and_eval(config: ml_collections.ConfigDict, tpu: hardware.TpuSlice,
-                           devices=None, *, with_eval: bool = True) -> dict:
+                           devices=None, *, with_eval: bool = True,
+                           count_cost: bool = True) -> dict:
   """{'train': StepReport, 'eval': StepReport or None} for `config` on `tpu` (ValueError for a
-  config the slice cannot run, e.g. a batch its devices do not divide). With loops in the steps
-  their FLOPs and bytes come from `counted_cost`, and the compiler's estimate is left out.""" 
+  config the slice cannot run, e.g. a batch its devices do not divide). With `count_cost`, see
+  `count_loops`; without, a step with loops keeps the compiler's once-per-loop counts."""
   devices = devices or compile_only_devices(tpu)
   config_lib.validate(config, num_devices=len(devices), process_count=tpu.hosts)
-  classes = num_classes(config)
-  reports = _compile_program(config, classes, tpu, devices, with_eval)
-  if has_loops(config):  # Also for a train step that does not fit: its FLOPs are the same.
-    for step, cost in counted_cost(config, classes, tpu, devices, with_eval).items():
-      for field, value in cost.items():
-        setattr(reports[step], field, value)
-      reports[step].compiler_estimate_s = None  # It, too, counted each loop body once.
+  reports = _compile_program(config, num_classes(config), tpu, devices, with_eval)
+  if count_cost:
+    count_loops(reports, config, tpu, devices)
   return reports
+
+
+def count_loops(reports: dict, config, tpu: hardware.TpuSlice, devices) -> None:
+  """With loops in the steps, sets `reports`' FLOPs and bytes from `counted_cost` and leaves out
+  the compiler's estimate, which also counted each loop body once. Also for a step that does not
+  fit: its FLOPs are the same."""
+  if not has_loops(config):
+    return
+  with_eval = reports.get('eval') is not None
+  for step, cost in counted_cost(config, num_classes(config), tpu, devices, with_eval).items():
+    for field, value in cost.items():
+      setattr(reports[step], field, value)
+    reports[step].compiler_estimate_s = None
