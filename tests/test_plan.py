@@ -114,6 +114,7 @@ def test_plan_command_end_to_end(tmp_path):
   done = subprocess.run(args, cwd=_REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'fits' in done.stdout and 'core-days' in done.stdout
+  assert 'the analytic forward + backward count per image' in done.stdout
   (result,) = json.loads(out.read_text())
   assert {k: result[k] for k in ('topology', 'devices', 'hosts', 'hbm_bytes_per_device',
                                  'suggestion')} == {

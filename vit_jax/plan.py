@@ -41,6 +41,12 @@ _SUGGEST = flags.DEFINE_bool('suggest', True, 'When the train step does not fit,
                              'smallest change that does (compiles each candidate).')
 
 
+# XLA's FLOPs per image over vit_jax.flops' matmul count, above which a step of a real model
+# recomputes: XLA also counts norms, softmax, GELU, the loss and the update (0.9-1.1 without
+# recomputation, tests/test_plan.py; tiny models are higher).
+RECOMPUTE_RATIO = 1.15
+
+
 def _memory_line(step: dict, hbm: int) -> str:
   if step.get('out_of_memory'):
     oom = step['out_of_memory']
@@ -74,7 +80,7 @@ def describe(config, result: dict) -> str:
       f'{config.accum_steps}, remat {model.remat_policy}, scan_layers {model.scan_layers} on '
       f'{result["topology"]}: {devices} x {result["device_kind"]} ({result["hosts"]} host(s), '
       f'{hardware.gib(hbm)} HBM per device)']
-  for name, batch in (('train', config.batch // config.accum_steps), ('eval', config.batch_eval)):
+  for name, batch in (('train', config.batch), ('eval', config.batch_eval)):  # Loops counted.
     step = result[name]
     if step is not None:
       lines.append(f'  {name} step: {_memory_line(step, hbm)}')
@@ -91,6 +97,10 @@ def describe(config, result: dict) -> str:
         f'({run["flops_per_image"]:.3g} per image) = {run["core_days"]:,.4g} {generation} '
         f'core-days at {run["utilization"]:.0%} of the bf16 peak ({run["days_on_this_slice"]:.2f} '
         'days on this slice)')
+    ratio = run['flops_per_image'] / run['analytic_flops_per_image']
+    lines.append(f'    {ratio:.2f}x the analytic forward + backward count per image (above '
+                 f'~{RECOMPUTE_RATIO} for a ViT of Ti size or more: recomputation, by remat or by '
+                 'the compiler to fit the HBM)')
   return '\n'.join(lines)
 
 

@@ -7,6 +7,7 @@ from typing import Iterator, Optional
 
 import ml_collections
 
+from vit_jax import flops
 from vit_jax import hardware
 from vit_jax import tpu_compile
 
@@ -115,6 +116,8 @@ def plan(config, accelerator_type: str, *, utilization: float, with_eval: bool =
     core_peak = generation.peak_bf16_per_chip / generation.cores_per_chip
     out['whole_run'] = {
         'flops_per_image': step_flops / config.batch, 'total_flops': total,
+        'analytic_flops_per_image': flops.train_step_flops(
+            config.model, config.pp.resolution, tpu_compile.num_classes(config)),
         'utilization': utilization,
         'core_days': total / (core_peak * utilization * SECONDS_PER_DAY),
         'days_on_this_slice': total / (len(devices) * generation.peak_bf16_per_device
