@@ -41,12 +41,6 @@ _SUGGEST = flags.DEFINE_bool('suggest', True, 'When the train step does not fit,
                              'smallest change that does (compiles each candidate).')
 
 
-# XLA's FLOPs per image over vit_jax.flops' matmul count, above which a step of a real model
-# recomputes: XLA also counts norms, softmax, GELU, the loss and the update (0.9-1.1 without
-# recomputation, tests/test_plan.py; tiny models are higher).
-RECOMPUTE_RATIO = 1.15
-
-
 def _memory_line(step: dict, hbm: int) -> str:
   if step.get('out_of_memory'):
     oom = step['out_of_memory']
@@ -99,8 +93,8 @@ def describe(config, result: dict) -> str:
         'days on this slice)')
     ratio = run['flops_per_image'] / run['analytic_flops_per_image']
     lines.append(f'    {ratio:.2f}x the analytic forward + backward count per image (above '
-                 f'~{RECOMPUTE_RATIO} for a ViT of Ti size or more: recomputation, by remat or by '
-                 'the compiler to fit the HBM)')
+                 f'~{plan_lib.RECOMPUTE_RATIO} for a ViT of Ti size or more: recomputation, by '
+                 'remat or by the compiler to fit the HBM)')
   return '\n'.join(lines)
 
 
