@@ -15,12 +15,11 @@ A train `Spec` times `vit_jax.trainer.Trainer`'s jitted `train_step` (state dona
 state sharded over the mesh exactly as in training) on a config from `config_lib.base_config`;
 the model switches travel in `config.model` (which `models.build_model` passes to the module).
 
-`find_max_batch(spec)` searches the largest per-device batch that fits (`largest_fitting`, also
-the search of scripts/tpu_table.py). A probe either compiles only and compares XLA's memory analysis with
-the memory limit ('analysis': no OOM is ever triggered, works on any backend; the limit is
-`hardware.memory_budget`, the one every train run is checked against, or the one given) or
-compiles and runs one step, an out-of-memory error meaning "does not fit" ('run', for
-accelerators).
+`find_max_batch(spec)` searches the largest per-device batch that fits (`largest_fitting`, also the
+search of scripts/tpu_table.py). A probe either compiles only and compares XLA's memory analysis
+with the memory limit ('analysis': no OOM is ever triggered, works on any backend; the limit is
+`hardware.memory_budget`, the one every train run is checked against, or the one given) or compiles
+and runs one step, an out-of-memory error meaning "does not fit" ('run', for accelerators).
 
 Peak memory figures are peaks over the whole process so far. Single process only.
 """
