@@ -394,22 +394,24 @@ def _probe(spec: Spec, method: str, limit: int) -> dict:
   return probe
 
 
-def largest_fitting(probe: Callable[[int], tuple], *, start: int, cap: int,
-                    granularity: int = 1) -> Tuple[int, Optional[int]]:
+def largest_fitting(probe: Callable[[int], tuple], *, start: int, cap: int, granularity: int = 1,
+                    relative_granularity: float = 0.0) -> Tuple[int, Optional[int]]:
   """The largest n in [0, cap] for which probe(n) fits, and the smallest n probed that does not
   (None if none). probe(n) -> (fits, bytes, limit): the program's bytes and the bytes it must fit
   in, either None where unknown. Bytes grow about linearly in n, so the line through the largest
   fit and the smallest failure (before a failure: the two probes nearest the largest fit)
   predicts where they reach the limit (a secant step); a
   prediction outside the bracket [largest fit, smallest failure] falls back to doubling (no
-  failure yet) or bisection. Stops when the bracket is `granularity` wide (1: exact)."""
+  failure yet) or bisection. Stops when the bracket is `granularity` wide (1: exact), or
+  `relative_granularity` times the largest fit."""
   points, good, bad, limit = {}, 0, None, None
   n = max(1, min(start, cap))
   while True:
     fits, size, known_limit = probe(n)
     points[n], limit = size, known_limit or limit
     good, bad = (n, bad) if fits else (good, n)
-    if good >= cap or (bad is not None and bad - good <= max(1, granularity)):
+    width = max(1, granularity, int(relative_granularity * good))
+    if good >= cap or (bad is not None and bad - good <= width):
       return good, bad
     n = _next_probe(points, good, bad, limit, cap)
 
