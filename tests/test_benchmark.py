@@ -117,6 +117,8 @@ def test_largest_fitting_finds_the_threshold_in_few_probes(per_image, limit, kno
   assert (good, bad) == (expected, expected + 1)
   assert len(probed) == len(set(probed)) <= _doubling_and_bisection_probes(size, limit, 4)
   assert benchmark_lib.largest_fitting(lambda n: (True, None, None), start=3, cap=100) == (100, None)
+  good, bad = benchmark_lib.largest_fitting(probe, start=4, cap=4096, relative_granularity=0.1)
+  assert good <= expected < bad <= good + max(1, good // 10)
 
 
 def test_find_max_batch_doubles_then_bisects_consistently(tmp_path, capsys):
