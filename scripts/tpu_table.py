@@ -5,10 +5,13 @@ objects as its --json_out), kept in docs/tpu_plan.json.
     python scripts/tpu_table.py --render   # only writes docs/TPU.md from docs/tpu_plan.json
 
 Cells are compiled in the order of CELLS and saved after each one, so an interrupted run goes on
-where it stopped. Every config is compiled with `model.scan_layers=True` (one block compiled
-instead of all: minutes instead of hours on a small machine; the memory is within a few percent of
-the unrolled program's). Largest batch per chip: the largest per-device train batch (a power of
-two, then bisected) whose step the compiler fits, without remat or accumulation.
+where it stopped. Configs are compiled as shipped (unrolled layers), except models deeper than
+SCAN_ABOVE_LAYERS blocks, compiled with `model.scan_layers=True` (one block compiled instead of all:
+minutes instead of hours on a small machine). Without remat a scanned step can need much more memory
+on TPU than the unrolled one (ViT-B/16, 384px, 16 images per v3 core: 15.4 GiB of temporaries
+scanned, 6.4 GiB unrolled), so those cells are marked. Largest batch per chip: the largest
+per-device train batch whose step (unrolled, without remat or accumulation) the compiler fits
+without recomputing work (max_batch).
 """
 import importlib.util
 import json
@@ -17,6 +20,7 @@ import sys
 
 import jax
 
+from vit_jax import benchmark_lib
 from vit_jax import checkpoint
 from vit_jax import hardware
 from vit_jax import plan_lib
@@ -32,11 +36,17 @@ MODELS = ('ViT-Ti_16', 'ViT-S_32', 'ViT-S_16', 'ViT-B_32', 'ViT-B_16', 'R26+ViT-
 RECIPES = {'fine-tune 384px, batch 512': ('configs/vit.py', 'imagenet2012'),
            'pre-train 224px, batch 4096': ('configs/pretrain.py', 'imagenet2012')}
 SLICES = ('v3-8', 'v4-8', 'v5litepod-8', 'v5p-8', 'v6e-8', 'v4-32')
-CELLS = [(m, r, s) for m in MODELS for r in RECIPES for s in SLICES]
+# Fine-tuning first (what most users run), then pre-training; smaller models first.
+CELLS = [(m, r, s) for r in RECIPES for m in MODELS for s in SLICES]
 # Largest batch per chip: (model, resolution) x generation (its 8-chip-or-core slice).
 MAX_BATCH_MODELS = (('ViT-B_16', 224), ('ViT-B_16', 384), ('ViT-L_16', 224), ('ViT-L_16', 384))
 MAX_BATCH_SLICES = ('v3-8', 'v4-8', 'v5litepod-8')
 MAX_CANDIDATES = 3
+SCAN_ABOVE_LAYERS = 12
+# FLOPs per image above the smallest batch's that count as recomputation.
+RECOMPUTE_TOLERANCE = 0.01
+# The search stops when the largest fit and the smallest failure are this close (compiles are slow).
+RELATIVE_GRANULARITY = 0.05
 
 
 def recipe_config(model: str, recipe: str):
@@ -45,7 +55,8 @@ def recipe_config(model: str, recipe: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config(f'{model},{dataset}')
-  config.model.scan_layers = True
+  layers = config.model.transformer and config.model.transformer.num_layers
+  config.model.scan_layers = bool(layers and layers > SCAN_ABOVE_LAYERS)
   return config
 
 
@@ -67,30 +78,55 @@ def compile_cells(results: dict) -> None:
   for model, recipe, topology in CELLS:
     if (model, recipe, topology) in done:
       continue
-    result = plan_lib.plan(recipe_config(model, recipe), topology, utilization=0.5,
-                           with_eval=False, max_candidates=MAX_CANDIDATES)
-    results['cells'].append({'model': model, 'recipe': recipe, **result})
+    config = recipe_config(model, recipe)
+    result = plan_lib.plan(config, topology, utilization=0.5, with_eval=False,
+                           max_candidates=MAX_CANDIDATES)
+    results['cells'].append({'model': model, 'recipe': recipe,
+                             'scan_layers': config.model.scan_layers, **result})
     _save(results)
     print(model, recipe, topology, result['train']['fits'], result['suggestion'], flush=True)
 
 
-def _fits(model: str, resolution: int, topology: str, per_device: int) -> bool:
+def _train_report(model: str, resolution: int, topology: str, per_device: int):
+  """The train step's tpu_compile.StepReport (compiled without its FLOPs counted)."""
   config = recipe_config(model, 'fine-tune 384px, batch 512')
   config.pp.resolution, config.model.remat_policy, config.accum_steps = resolution, 'none', 1
+  config.model.scan_layers = False
   tpu = hardware.tpu_slice(topology)
   config.batch = config.batch_eval = per_device * tpu.devices
-  return tpu_compile.compile_train_and_eval(config, tpu, with_eval=False)['train'].fits
+  return tpu_compile.compile_train_and_eval(config, tpu, with_eval=False,
+                                            count_cost=False)['train']
 
 
-def max_batch(model: str, resolution: int, topology: str) -> int:
-  """The largest per-device batch that fits: doubling from 8, then bisection."""
-  good, bad = 0, 8
-  while _fits(model, resolution, topology, bad):
-    good, bad = bad, bad * 2
-  while bad - good > 1:
-    mid = (good + bad) // 2
-    good, bad = (mid, bad) if _fits(model, resolution, topology, mid) else (good, mid)
-  return good
+def max_batch(model: str, resolution: int, topology: str) -> dict:
+  """The largest per-device batch whose train step the compiler fits without recomputing:
+  XLA:TPU rematerialises on its own to fit a large unrolled step into HBM (ViT-B/16, 224px, v3:
+  330 images per core fit in float32), which the step's FLOPs per image show. A probe fits when
+  it compiles within the HBM and its FLOPs per image are within RECOMPUTE_TOLERANCE of the first
+  probe's (benchmark_lib.largest_fitting on the temporaries: their limit is the compiler's
+  available HBM once an out-of-memory error gave it, else the documented HBM less the state).
+  Also returned: the largest batch probed that fits with recomputation (a lower bound)."""
+  hbm = hardware.tpu_slice(topology).generation.hbm_bytes_per_device
+  available, reports = [], {}
+  per_image = lambda b: reports[b].flops_per_device / b
+
+  def probe(per_device: int) -> tuple:
+    report = reports[per_device] = _train_report(model, resolution, topology, per_device)
+    first = min(reports)
+    fits = report.fits and per_image(per_device) <= (1 + RECOMPUTE_TOLERANCE) * per_image(first)
+    print(f'  {model} {resolution}px {topology}: {per_device} per device: compiles within HBM '
+          f'{report.fits}, without recomputing {fits}', flush=True)
+    if report.out_of_memory and report.out_of_memory['available_bytes']:
+      available.append(report.out_of_memory['available_bytes'])
+    limit = available[-1] if available else hbm - report.arguments_bytes
+    return fits, report.temporaries_bytes, limit
+
+  best, failure = benchmark_lib.largest_fitting(probe, start=4, cap=4096,
+                                                relative_granularity=RELATIVE_GRANULARITY)
+  recomputing = max((b for b, r in reports.items() if r.fits), default=0)
+  return {'max_batch_per_device': best, 'smallest_failure': failure,
+          'largest_fitting_with_recompute': recomputing,
+          'recompute_flops_ratio': recomputing and per_image(recomputing) / per_image(min(reports))}
 
 
 def compile_max_batch(results: dict) -> None:
@@ -98,9 +134,8 @@ def compile_max_batch(results: dict) -> None:
   for (model, resolution), topology in [(m, s) for m in MAX_BATCH_MODELS
                                         for s in MAX_BATCH_SLICES]:
     if (model, resolution, topology) not in done:
-      best = max_batch(model, resolution, topology)
       results['max_batch'].append({'model': model, 'resolution': resolution,
-                                   'topology': topology, 'max_batch_per_device': best})
+                                   'topology': topology, **max_batch(model, resolution, topology)})
       _save(results)
 
 
@@ -116,7 +151,20 @@ def _cell(result: dict) -> str:
         '; no fix among the first candidates')
   run = result.get('whole_run')
   flops = f'{run["flops_per_image"] * result["batch"]:.2e}' if run else 'n/a'
-  return f'{text}; {flops} FLOP/step; {train["compile_s"]:.0f} s'
+  ratio = run and run['flops_per_image'] / run['analytic_flops_per_image']
+  if ratio and ratio > plan_lib.RECOMPUTE_RATIO:
+    flops += f' ({ratio:.2f}x the analytic count)'
+  scanned = ' (scanned)' if result['scan_layers'] else ''
+  return f'{text}{scanned}; {flops} FLOP/step; {train["compile_s"]:.0f} s'
+
+
+def _max_batch_cell(result: dict) -> str:
+  best, more = result['max_batch_per_device'], result['largest_fitting_with_recompute']
+  failure = result.get('smallest_failure')
+  text = f'{best}' if failure in (None, best + 1) else f'{best}-{failure - 1}'
+  if more <= best:
+    return text
+  return f'{text} ({more} at {result["recompute_flops_ratio"]:.2f}x FLOPs)'
 
 
 def render(results: dict) -> str:
@@ -132,7 +180,7 @@ def render(results: dict) -> str:
         if result is None:
           missing.append(f'{model} {recipe} on {topology}')
       lines.append(f'| {model} | {recipe} | ' + ' | '.join(row) + ' |')
-  sizes = {(r['model'], r['resolution'], r['topology']): r['max_batch_per_device']
+  sizes = {(r['model'], r['resolution'], r['topology']): _max_batch_cell(r)
            for r in results['max_batch']}
   batch = ['| model | resolution | ' + ' | '.join(MAX_BATCH_SLICES) + ' |',
            '|---|---|' + '---|' * len(MAX_BATCH_SLICES)]
@@ -145,17 +193,26 @@ def render(results: dict) -> str:
 TEMPLATE = """# Cloud TPU: will it fit?
 
 Generated by `python scripts/tpu_table.py` from `python -m vit_jax.plan`'s results
-(docs/tpu_plan.json); do not edit by hand. Every cell is the shipped config compiled by the TPU
-compiler (libtpu {libtpu}) for that slice on a CPU-only machine, ahead of time, with
-`--config.model.scan_layers=True` (one encoder block compiled instead of all of them: the
-compile time below is the scanned program's). Recipes as shipped: float32 compute, replicated
-state, no remat, no accumulation, ImageNet's 1000 classes. Check your own config and slice with
-`python -m vit_jax.plan --config=... --topology=...` (README, "Will it fit?").
+(docs/tpu_plan.json); do not edit by hand. Every cell is a shipped recipe compiled by the TPU
+compiler (libtpu {libtpu}) for that slice, ahead of time, on a CPU-only machine: float32 compute,
+replicated state, no remat, no accumulation, unrolled layers, ImageNet's 1000 classes. Check your
+own config and slice with `python -m vit_jax.plan --config=... --topology=...` (README, "Will it
+fit?").
 
-Each cell: fits as configured?, the train step's memory per device (XLA's buffers: state,
-temporaries, outputs); when it does not fit, the smallest change found that fits (compiled) and
-its memory; FLOPs per step of the whole slice (the fitting step's; XLA's count, loops counted
-once per pass); compile time of the train step on this machine (2 shared CPU cores, so slow).
+Cells marked "(scanned)" are the exception: models deeper than {scan_above} blocks are compiled
+with `--config.model.scan_layers=True`, one block instead of all of them (minutes instead of
+hours here). Without remat a scanned step can need much more memory on TPU than the unrolled one
+(ViT-B/16, 384px, 16 images per v3 core: 15.4 GiB of temporaries scanned, 6.4 GiB unrolled), so
+a scanned cell that does not fit may fit unrolled.
+
+Each cell gives:
+- fits as configured?, and the train step's memory per device (XLA's buffers: state,
+  temporaries, outputs);
+- when it does not fit, the smallest change found that fits (compiled), and its memory;
+- FLOPs per step of the whole slice (the fitting step's; XLA's count, each loop iteration
+  counted), marked when over {recompute}x vit_jax.flops' forward + backward count: the compiled
+  step then does more work per image, e.g. recomputing to fit the HBM;
+- the train step's compile time on this machine (2 shared CPU cores, so slow).
 
 {table}
 
@@ -164,9 +221,16 @@ from there).
 
 ## Largest batch per device without remat or accumulation
 
-The largest per-device train batch whose step the TPU compiler fits (float32 compute, replicated
-state, SGD: the fine-tuning recipe's step; scanned layers), per device (a v3 core; a v4 or v5e
-chip):
+The largest train batch per device (a v3 core; a v4 or v5e chip) whose step the TPU compiler fits
+without recomputation: the fine-tuning recipe's step (SGD with momentum), float32 compute,
+replicated state, unrolled layers.
+- XLA:TPU rematerialises by itself to fit a larger unrolled step, which shows as more FLOPs per
+  image. So a batch counts only if its FLOPs per image are within 1% of the smallest batch's.
+- In brackets: the largest batch probed that the compiler fits with recomputation, and its FLOPs
+  per image over the smallest batch's (a slower step per image; not searched further, so more
+  may fit).
+- A range: the search stopped within {granularity:.0%} (the lower end fits, one past the upper
+  end does not).
 
 {max_batch}
 
@@ -192,9 +256,10 @@ large model's compile takes minutes (ViT-B/16 for a v3-32: 685 s on this machine
 def write_doc(results: dict) -> None:
   table, batch, missing = render(results)
   text = TEMPLATE.format(table=table, max_batch=batch, libtpu=_libtpu_version(),
-                         missing=len(missing), cells=len(CELLS))
-  with open(DOC, 'w') as f:
-    f.write(text)
+                         missing=len(missing), cells=len(CELLS),
+                         scan_above=SCAN_ABOVE_LAYERS, recompute=plan_lib.RECOMPUTE_RATIO,
+                         granularity=RELATIVE_GRANULARITY)
+  checkpoint.write_atomically(DOC, text)
 
 
 def _libtpu_version() -> str:
