@@ -103,10 +103,6 @@ class TpuSlice:
     return self.chips * self.generation.devices_per_chip
 
   @property
-  def cores(self) -> int:
-    return self.chips * self.generation.cores_per_chip
-
-  @property
   def hosts(self) -> int:
     return max(1, self.chips // self.generation.chips_per_host)
 
