@@ -181,8 +181,19 @@ def test_a_step_that_does_not_fit_gets_the_smallest_change_that_does():
 
 
 def test_compiling_for_a_tpu_leaves_the_environment_as_it_was():
-  """libtpu's off-VM variables are set only while it loads: a TPU_WORKER_HOSTNAMES left behind
-  would make a later `vit_jax.main` in the same process join a TPU pod."""
-  before = dict(os.environ)
-  tpu_compile.compile_only_devices(hardware.tpu_slice('v3-8'))
-  assert dict(os.environ) == before
+  """libtpu's off-VM variables are set only while it loads, and what libtpu sets itself then (in
+  the C environment, invisible to os.environ) is removed: a CLOUD_TPU_TASK_ID left there made a
+  `vit_jax.main` started later by the same process (a test worker) join a TPU pod. In a fresh
+  process, where libtpu loads for the first time."""
+  code = '\n'.join([
+      'import os, subprocess',
+      'from vit_jax import hardware, tpu_compile',
+      "child = lambda: set(subprocess.run(['env'], capture_output=True, text=True).stdout"
+      '.splitlines())',
+      'before, python_before = child(), dict(os.environ)',
+      "tpu_compile.compile_only_devices(hardware.tpu_slice('v3-8'))",
+      'assert dict(os.environ) == python_before',
+      'assert child() == before, sorted(child() ^ before)'])
+  done = subprocess.run([sys.executable, '-c', code], cwd=_REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]

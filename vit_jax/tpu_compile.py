@@ -18,6 +18,7 @@ the same for every image; the optimizer update is the constant term.
 import dataclasses
 import itertools
 import contextlib
+import ctypes
 import importlib.util
 import math
 import os
@@ -58,9 +59,10 @@ def compile_only_devices(tpu: hardware.TpuSlice) -> list:
 def _off_tpu_vm_environment(tpu: hardware.TpuSlice):
   """Off a TPU VM, libtpu would ask the (absent) TPU VM metadata server, and warn; and it takes a
   machine-wide lock that would fail a second compiling process (tests, parallel plans). These
-  variables say so while libtpu loads, and are removed again after: left set,
-  TPU_WORKER_HOSTNAMES would make a later `vit_jax.main` in the same process join a TPU pod
-  (main.initialize_distributed)."""
+  variables say so while libtpu loads, and are removed again after. So is what libtpu itself
+  sets while it loads (CLOUD_TPU_TASK_ID, TPU_WORKER_ID, ...: in the C environment, which
+  os.environ does not show but subprocesses inherit). Left set, they would make a later
+  `vit_jax.main` in this process or a child of it join a TPU pod (main.initialize_distributed)."""
   if _on_tpu_vm():
     yield
     return
@@ -68,12 +70,24 @@ def _off_tpu_vm_environment(tpu: hardware.TpuSlice):
       ('TPU_SKIP_MDS_QUERY', '1'), ('TPU_WORKER_HOSTNAMES', 'localhost'),
       ('TPU_ACCELERATOR_TYPE', tpu.accelerator_type), ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1'))
            if key not in os.environ}
+  before = _c_environment_names()
   os.environ.update(added)
   try:
     yield
   finally:
-    for key in added:
+    for key in (_c_environment_names() - before) | set(added):
       os.environ.pop(key, None)
+      os.unsetenv(key)
+
+
+def _c_environment_names() -> set:
+  """Names in the process's C environment (`environ`), where native code sets variables."""
+  environ = ctypes.POINTER(ctypes.c_char_p).in_dll(ctypes.CDLL(None), 'environ')
+  names = set()
+  for i in itertools.count():
+    if environ[i] is None:
+      return names
+    names.add(environ[i].split(b'=', 1)[0].decode(errors='replace'))
 
 
 # RESOURCE_EXHAUSTED: ... required for HLO temporaries (138.11G) exceeds available HBM (15.48G)
