@@ -400,10 +400,9 @@ def largest_fitting(probe: Callable[[int], tuple], *, start: int, cap: int, gran
   (None if none). probe(n) -> (fits, bytes, limit): the program's bytes and the bytes it must fit
   in, either None where unknown. Bytes grow about linearly in n, so the line through the largest
   fit and the smallest failure (before a failure: the two probes nearest the largest fit)
-  predicts where they reach the limit (a secant step); a
-  prediction outside the bracket [largest fit, smallest failure] falls back to doubling (no
-  failure yet) or bisection. Stops when the bracket is `granularity` wide (1: exact), or
-  `relative_granularity` times the largest fit."""
+  predicts where they reach the limit (a secant step); a prediction outside the bracket [largest
+  fit, smallest failure] falls back to doubling (no failure yet) or bisection. Stops when the
+  bracket is `granularity` wide (1: exact), or `relative_granularity` times the largest fit."""
   points, good, bad, limit = {}, 0, None, None
   n = max(1, min(start, cap))
   while True:
