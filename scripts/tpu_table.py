@@ -98,14 +98,16 @@ def _train_report(model: str, resolution: int, topology: str, per_device: int):
                                             count_cost=False)['train']
 
 
-def max_batch(model: str, resolution: int, topology: str) -> dict:
+def max_batch(model: str, resolution: int, topology: str, start: int = 4) -> dict:
   """The largest per-device batch whose train step the compiler fits without recomputing:
   XLA:TPU rematerialises on its own to fit a large unrolled step into HBM (ViT-B/16, 224px, v3:
   330 images per core fit in float32), which the step's FLOPs per image show. A probe fits when
   it compiles within the HBM and its FLOPs per image are within RECOMPUTE_TOLERANCE of the first
   probe's (benchmark_lib.largest_fitting on the temporaries: their limit is the compiler's
   available HBM once an out-of-memory error gave it, else the documented HBM less the state).
-  Also returned: the largest batch probed that fits with recomputation (a lower bound)."""
+  Also returned: the largest batch probed that fits with recomputation (a lower bound). A
+  `start` above 4 (a guess, which saves probes of slow compiles) still probes 4 first: the
+  FLOPs per image that count as not recomputing."""
   hbm = hardware.tpu_slice(topology).generation.hbm_bytes_per_device
   available, reports = [], {}
   per_image = lambda b: reports[b].flops_per_device / b
@@ -121,7 +123,9 @@ def max_batch(model: str, resolution: int, topology: str) -> dict:
     limit = available[-1] if available else hbm - report.arguments_bytes
     return fits, report.temporaries_bytes, limit
 
-  best, failure = benchmark_lib.largest_fitting(probe, start=4, cap=4096,
+  if start > 4:
+    probe(4)
+  best, failure = benchmark_lib.largest_fitting(probe, start=start, cap=4096,
                                                 relative_granularity=RELATIVE_GRANULARITY)
   recomputing = max((b for b, r in reports.items() if r.fits), default=0)
   return {'max_batch_per_device': best, 'smallest_failure': failure,
