@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from vit_jax import hardware
-from vit_jax import xla_flags
 from vit_jax import model_configs
+from vit_jax import models
+from vit_jax import xla_flags
 
 _THP = pathlib.Path('/sys/kernel/mm/transparent_hugepage/enabled')
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -47,27 +48,27 @@ def test_peak_flops_by_longest_prefix_or_override():
 
 def test_check_host_allocator_reads_the_tunable(monkeypatch):
   monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
-  assert hardware.check_host_allocator() is (not sys.platform.startswith('linux'))
+  assert xla_flags.check_host_allocator() is (not sys.platform.startswith('linux'))
   monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1')
-  assert hardware.check_host_allocator()
+  assert xla_flags.check_host_allocator()
   monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=0')
-  assert hardware.check_host_allocator() is (not sys.platform.startswith('linux'))
+  assert xla_flags.check_host_allocator() is (not sys.platform.startswith('linux'))
 
 
 def test_remat_caveat_only_for_unrolled_remat_on_cpu(monkeypatch):
-  assert 'XLA:CPU' in hardware.remat_caveat('cpu', 'full', False)
+  assert 'XLA:CPU' in models.remat_caveat('cpu', 'full', False)
   for args in (('cpu', 'none', False), ('cpu', 'full', True), ('cpu', 'dots_saveable', True),
                ('gpu', 'full', False), ('tpu', 'full', False)):
-    assert hardware.remat_caveat(*args) is None
+    assert models.remat_caveat(*args) is None
   config = model_configs.get_model_config('micro')
   config.remat_policy = 'full'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
-  assert not hardware.check_remat_layout(config)
+  assert not models.check_remat_layout(config)
   config.scan_layers = True
-  assert hardware.check_remat_layout(config)
+  assert models.check_remat_layout(config)
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   config.scan_layers = False
-  assert hardware.check_remat_layout(config)
+  assert models.check_remat_layout(config)
 
 
 def _faults_per_call(env):
@@ -83,7 +84,7 @@ def test_cpu_env_cuts_the_page_faults_of_xla_temporaries():
   tuned = subprocess.run(['bash', '-c', 'source scripts/cpu_env.sh; echo "$GLIBC_TUNABLES"'],
                          cwd=_REPO, env=env, check=True, capture_output=True,
                          text=True).stdout.strip()
-  assert tuned == hardware.HUGEPAGE_TUNABLE
+  assert tuned == xla_flags.HUGEPAGE_TUNABLE
   plain = _faults_per_call(env)
   huge = _faults_per_call({**env, 'GLIBC_TUNABLES': tuned})
   assert plain > 36 * 2**20 / 4096 / 2, plain  # At least half of the 36 MiB faulted in 4 KiB pages.

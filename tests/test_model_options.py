@@ -205,7 +205,7 @@ def test_full_remat_keeps_only_each_blocks_input(scan_layers):
 def test_scanned_remat_lowers_xla_temp_memory():
   """What XLA allocates, not just what JAX saves: with `scan_layers` the backward loop recomputes
   one block at a time (unrolled, XLA:CPU may schedule the recomputation early; see
-  hardware.remat_caveat)."""
+  models.remat_caveat)."""
   images = jax.ShapeDtypeStruct((256, 32, 32, 3), jnp.float32)
 
   def temp_bytes(remat_policy):

@@ -22,10 +22,10 @@ import jax
 from vit_jax import benchmark_lib as lib
 from vit_jax import checkpoint
 from vit_jax import cli
-from vit_jax import hardware
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import sharding
+from vit_jax.logging_util import gib
 
 # Rows (model, resolution, batch per device) and defaults of each preset.
 PRESETS = {
@@ -141,11 +141,11 @@ def format_row(row: dict) -> str:
         f'({row["flops_per_image"] / 1e9:.3g} GFLOP/image)']
   lines += [
       f'  lower {row["lower_s"]:.2f} s   compile {row["compile_s"]:.2f} s',
-      f'  peak memory {hardware.gib(row["peak_memory_bytes"])} ({row["peak_memory_source"]})   '
-      f'XLA program {hardware.gib(xla and xla["total"])}/device '
-      f'(temp {hardware.gib(xla and xla["temp"])})',
+      f'  peak memory {gib(row["peak_memory_bytes"])} ({row["peak_memory_source"]})   '
+      f'XLA program {gib(xla and xla["total"])}/device '
+      f'(temp {gib(xla and xla["temp"])})',
   ]
-  caveat = hardware.remat_caveat(row['backend'], row['remat_policy'], row['scan_layers'])
+  caveat = models.remat_caveat(row['backend'], row['remat_policy'], row['scan_layers'])
   if caveat:
     lines.append(f'  note: {caveat}; add --scan')
   return '\n'.join(lines)
@@ -159,9 +159,9 @@ def format_max_batch(result: dict) -> str:
           f'sharding={result["sharding"]} x{result["num_devices"]}: max batch/device '
           f'{result["max_batch_per_device"]}{"+ (cap)" if result["capped"] else ""}'
           f'{f" (up to +{slack} more may fit)" if slack else ""} '
-          f'[{result["method"]}, limit {hardware.gib(result["memory_limit_bytes"])} '
+          f'[{result["method"]}, limit {gib(result["memory_limit_bytes"])} '
           f'({result["memory_limit_source"]})]')
-  caveat = hardware.remat_caveat(result['backend'], result['remat_policy'],
+  caveat = models.remat_caveat(result['backend'], result['remat_policy'],
                                  result['scan_layers'])
   return f'{text}\n  note: {caveat}; add --scan' if caveat else text
 

@@ -45,6 +45,7 @@ from vit_jax import model_configs
 from vit_jax import models
 from vit_jax import optim
 from vit_jax import sharding
+from vit_jax.logging_util import gib
 
 MODES = ('inference', 'train')
 DEFAULT_STEPS = 5
@@ -448,7 +449,7 @@ def find_max_batch(spec: Spec, *, method: str = 'analysis',
     probes[per_device] = _probe(dataclasses.replace(spec, batch=per_device * n), method, limit)
     result = probes[per_device]
     logging.info('batch/device %6d: %s (XLA program %s)', per_device,
-                 'fits' if result['fits'] else 'does not fit', hardware.gib(result['bytes']))
+                 'fits' if result['fits'] else 'does not fit', gib(result['bytes']))
     return result['fits'], result['bytes'], limit
 
   good, bad = largest_fitting(probe, start=start or spec.batch // n, cap=cap,

@@ -1,19 +1,14 @@
-"""Facts about the backend: the Cloud TPU generations and slices (cores, hosts, HBM, peak), peak
-matmul throughput per device kind (for MFU), the memory a train step may use and the check against
-it, the host allocator's setting, and where remat saves no memory."""
+"""Facts about the devices: the Cloud TPU generations and slices (cores, hosts, HBM, peak), peak
+FLOP/s per device kind (for MFU), and the memory a train step may use with the check against it."""
 import dataclasses
 import math
 import os
-import sys
 from typing import Dict, Optional
 
 from absl import logging
 import jax
 
-# XLA:CPU mallocs each step's temporaries anew; glibc serves the large ones with fresh mmaps,
-# faulted in 4 KiB at a time (a third of the demo's CPU time). With this tunable glibc asks for
-# transparent huge pages on them (docs/PERFORMANCE.md, "The host allocator").
-HUGEPAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
+from vit_jax import logging_util
 
 # Overrides the memory a train step may use, in GiB per device (see `memory_budget`).
 MEMORY_LIMIT_ENV = 'VIT_JAX_MEMORY_LIMIT_GB'
@@ -153,94 +148,52 @@ def tpu_slice(accelerator_type: str) -> TpuSlice:
                   _torus_shape(chips, generation.torus_dims))
 
 
-def check_host_allocator() -> bool:
-  """On Linux CPU backends, warns unless GLIBC_TUNABLES asks malloc for huge pages."""
-  tunables = os.environ.get('GLIBC_TUNABLES', '')
-  if (jax.default_backend() != 'cpu' or not sys.platform.startswith('linux')
-      or HUGEPAGE_TUNABLE in tunables.split(':')):
-    return True
-  logging.warning('Training on CPU without GLIBC_TUNABLES=%s: steps are 1.2-1.6x slower '
-                  '(page faults on every step\'s temporaries). scripts/*.sh set it; for your own '
-                  'runs: export GLIBC_TUNABLES=%s', HUGEPAGE_TUNABLE, HUGEPAGE_TUNABLE)
-  return False
-
-
-def remat_caveat(backend: str, remat_policy: str, scan_layers: bool) -> Optional[str]:
-  """Why `remat_policy` saves no memory on `backend` with this layout, or None.
-
-  XLA:CPU schedules the recomputation of unrolled remat blocks early (nothing orders it after the
-  forward pass), so their activations are alive together as without remat; only inside the
-  backward loop of `scan_layers` is each block recomputed when it is reached. Measured:
-  docs/PERFORMANCE.md, "Rematerialisation needs scan on XLA:CPU".
-  """
-  if backend == 'cpu' and remat_policy != 'none' and not scan_layers:
-    return 'remat without scan_layers saves no memory on XLA:CPU (it recomputes early)'
-  return None
-
-
-def check_remat_layout(model_config) -> bool:
-  """Warns when a run's remat would save no memory on this backend (see `remat_caveat`)."""
-  caveat = remat_caveat(jax.default_backend(), model_config.get('remat_policy', 'none'),
-                        model_config.get('scan_layers', False))
-  if caveat:
-    logging.warning('%s: set config.model.scan_layers=True too.', caveat)
-  return caveat is None
-
-
 # Where the kernel shows this process's control groups (monkeypatched by tests).
 CGROUP_ROOT = '/sys/fs/cgroup'
 PROC_SELF_CGROUP = '/proc/self/cgroup'
 # A cgroup v1 memory limit at least this large means "no limit" (the kernel shows ~2**63).
 _NO_CGROUP_LIMIT = 2**60
+# memory.max, memory.current of cgroup v2 (no controllers named); the v1 memory controller's.
+_V2_FILES, _V1_FILES = ('memory.max', 'memory.current'), ('memory.limit_in_bytes',
+                                                           'memory.usage_in_bytes')
 
 
-def _read_number(path: str) -> Optional[int]:
+def _read(path: str) -> str:
   try:
     with open(path) as f:
-      text = f.read().strip()
+      return f.read()
   except OSError:
-    return None
-  return int(text) if text.isdigit() else None  # cgroup v2 writes 'max' for no limit.
+    return ''
 
 
-def _inactive_file(stat_path: str) -> int:
+def _reclaimable(level: str) -> int:
   """Page cache the kernel reclaims before killing anything (memory.stat), in bytes."""
-  try:
-    with open(stat_path) as f:
-      return next((int(line.split()[1]) for line in f
-                   if line.split()[0] in ('inactive_file', 'total_inactive_file')), 0)
-  except (OSError, ValueError, IndexError):
-    return 0
+  words = _read(os.path.join(level, 'memory.stat')).split()
+  return next((int(value) for key, value in zip(words[::2], words[1::2])
+               if key in ('inactive_file', 'total_inactive_file') and value.isdigit()), 0)
 
 
 def cgroup_memory_available() -> Optional[int]:
-  """Bytes this process's memory cgroup (v2 memory.max, v1 memory.limit_in_bytes; the tightest
-  of its own and its ancestors' that are visible) lets it still use: limit - usage + reclaimable
-  page cache. None outside a memory-limited cgroup (a container limited to 6 GiB on a 64 GiB host
-  gets OOM-killed at 6)."""
-  try:
-    with open(PROC_SELF_CGROUP) as f:
-      entries = [line.rstrip('\n').split(':', 2) for line in f if line.count(':') >= 2]
-  except OSError:
-    entries = []
-  candidates = []  # (limit file, usage file, stat file) of each visible level.
-  for _, controllers, group in entries:
-    if controllers == '':  # v2, unified hierarchy.
-      base, names = CGROUP_ROOT, ('memory.max', 'memory.current', 'memory.stat')
+  """Bytes this process's memory cgroup still lets it use (limit - usage + reclaimable page
+  cache), the tightest of its own level and the visible ancestors'. None outside a memory-limited
+  cgroup (a container limited to 6 GiB on a 64 GiB host is OOM-killed at 6)."""
+  available = []
+  for line in _read(PROC_SELF_CGROUP).splitlines():
+    if line.count(':') < 2:
+      continue
+    _, controllers, group = line.split(':', 2)
+    if controllers == '':
+      base, names = CGROUP_ROOT, _V2_FILES
     elif 'memory' in controllers.split(','):
-      base = os.path.join(CGROUP_ROOT, 'memory')
-      names = ('memory.limit_in_bytes', 'memory.usage_in_bytes', 'memory.stat')
+      base, names = os.path.join(CGROUP_ROOT, 'memory'), _V1_FILES
     else:
       continue
     parts = [part for part in group.split('/') if part]
-    for depth in range(len(parts), -1, -1):
+    for depth in range(len(parts) + 1):
       level = os.path.join(base, *parts[:depth])
-      candidates.append(tuple(os.path.join(level, name) for name in names))
-  available = []
-  for limit_path, usage_path, stat_path in candidates:
-    limit, usage = _read_number(limit_path), _read_number(usage_path)
-    if limit is not None and usage is not None and limit < _NO_CGROUP_LIMIT:
-      available.append(max(0, limit - usage + _inactive_file(stat_path)))
+      limit, usage = (_read(os.path.join(level, name)).strip() for name in names)
+      if limit.isdigit() and usage.isdigit() and int(limit) < _NO_CGROUP_LIMIT:
+        available.append(max(0, int(limit) - int(usage) + _reclaimable(level)))
   return min(available) if available else None
 
 
@@ -287,6 +240,7 @@ def check_step_memory(memory: Dict[str, int], budget: int, source: str, config) 
   fits, close = memory['total'] <= budget, memory['total'] > MEMORY_WARNING_FRACTION * budget
   if not close:
     return MemoryCheck(True, False, '')
+  gib = logging_util.gib
   message = (
       f'The train step needs {gib(memory["total"])} per device (XLA\'s memory analysis: '
       f'arguments {gib(memory["argument"])}, temporaries {gib(memory["temp"])}) of '
@@ -344,10 +298,3 @@ def xla_memory(compiled) -> Optional[Dict[str, int]]:
   # Donated (aliased) outputs reuse their argument buffers.
   out['total'] = out['argument'] + out['output'] + out['temp'] - out['alias']
   return out
-
-
-def gib(x: Optional[float]) -> str:
-  """A byte count as 'x.xx GiB' or 'x.x MiB' ('n/a' for None)."""
-  if x is None:
-    return 'n/a'
-  return f'{x / 2**30:.2f} GiB' if x >= 2**30 else f'{x / 2**20:.1f} MiB'

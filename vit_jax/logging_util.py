@@ -7,6 +7,7 @@ reaches our code, which reports it once, in one line.
 """
 import logging as std_logging
 import sys
+from typing import Optional
 
 from absl import logging
 
@@ -47,3 +48,10 @@ def _unraisablehook(previous):
 def quiet_libraries() -> None:
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   sys.unraisablehook = _unraisablehook(sys.unraisablehook)
+
+
+def gib(x: Optional[float]) -> str:
+  """A byte count as 'x.xx GiB' or 'x.x MiB' ('n/a' for None)."""
+  if x is None:
+    return 'n/a'
+  return f'{x / 2**30:.2f} GiB' if x >= 2**30 else f'{x / 2**20:.1f} MiB'

@@ -45,6 +45,7 @@ import math
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -100,6 +101,25 @@ def resolve_layout(layout: str, platform: Optional[str] = None) -> str:
   if layout != 'auto':
     return layout
   return BACKEND_LAYOUTS.get(platform or jax.default_backend(), 'tokens')
+
+
+def remat_caveat(backend: str, remat_policy: str, scan_layers: bool) -> Optional[str]:
+  """Why `remat_policy` saves no memory on `backend` with this layout, or None: XLA:CPU schedules
+  the recomputation of unrolled remat blocks early, so their activations are alive together;
+  only scan's backward loop recomputes each block when it is reached (docs/PERFORMANCE.md,
+  "Rematerialisation needs scan on XLA:CPU")."""
+  if backend == 'cpu' and remat_policy != 'none' and not scan_layers:
+    return 'remat without scan_layers saves no memory on XLA:CPU (it recomputes early)'
+  return None
+
+
+def check_remat_layout(model_config) -> bool:
+  """Warns when a run's remat would save no memory on this backend (see `remat_caveat`)."""
+  caveat = remat_caveat(jax.default_backend(), model_config.get('remat_policy', 'none'),
+                        model_config.get('scan_layers', False))
+  if caveat:
+    logging.warning('%s: set config.model.scan_layers=True too.', caveat)
+  return caveat is None
 
 
 def _constrain_batch(x):

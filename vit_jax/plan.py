@@ -27,6 +27,7 @@ from vit_jax import cli
 from vit_jax import hardware
 from vit_jax import logging_util
 from vit_jax import plan_lib
+from vit_jax.logging_util import gib
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/vit.py:b16,cifar10.', lock_config=True)
@@ -44,12 +45,12 @@ _SUGGEST = flags.DEFINE_bool('suggest', True, 'When the train step does not fit,
 def _memory_line(step: dict, hbm: int) -> str:
   if step.get('out_of_memory'):
     oom = step['out_of_memory']
-    return (f'does not fit: the compiler needs {hardware.gib(oom["required_bytes"])} of '
-            f'temporaries, {hardware.gib(oom["available_bytes"])} of HBM available '
-            f'(RESOURCE_EXHAUSTED); state {hardware.gib(step["arguments_bytes"])}')
-  return (f'state {hardware.gib(step["arguments_bytes"])} + temporaries '
-          f'{hardware.gib(step["temporaries_bytes"])} = {hardware.gib(step["total_bytes"])} '
-          f'of {hardware.gib(hbm)} HBM: {"fits" if step["fits"] else "DOES NOT FIT"}')
+    return (f'does not fit: the compiler needs {gib(oom["required_bytes"])} of '
+            f'temporaries, {gib(oom["available_bytes"])} of HBM available '
+            f'(RESOURCE_EXHAUSTED); state {gib(step["arguments_bytes"])}')
+  return (f'state {gib(step["arguments_bytes"])} + temporaries '
+          f'{gib(step["temporaries_bytes"])} = {gib(step["total_bytes"])} '
+          f'of {gib(hbm)} HBM: {"fits" if step["fits"] else "DOES NOT FIT"}')
 
 
 def _cost_line(step: dict, per_device_batch: int) -> str:
@@ -73,7 +74,7 @@ def describe(config, result: dict) -> str:
       f'{config.batch_eval}), {config.dtype}, sharding {config.sharding}, accum_steps '
       f'{config.accum_steps}, remat {model.remat_policy}, scan_layers {model.scan_layers} on '
       f'{result["topology"]}: {devices} x {result["device_kind"]} ({result["hosts"]} host(s), '
-      f'{hardware.gib(hbm)} HBM per device)']
+      f'{gib(hbm)} HBM per device)']
   for name, batch in (('train', config.batch), ('eval', config.batch_eval)):  # Loops counted.
     step = result[name]
     if step is not None:
@@ -81,7 +82,7 @@ def describe(config, result: dict) -> str:
       lines.append(f'    {_cost_line(step, batch // devices)}')
   if not result['train']['fits']:
     lines.append('  Smallest change that fits (compiled): ' + (
-        f'{result["suggestion"]} ({hardware.gib(result["suggested_train"]["total_bytes"])} '
+        f'{result["suggestion"]} ({gib(result["suggested_train"]["total_bytes"])} '
         'per device)' if result['suggestion'] else 'none found among the candidates'))
   run = result.get('whole_run')
   if run:

@@ -51,11 +51,13 @@ from vit_jax import evaluate
 from vit_jax import flops
 from vit_jax import hardware
 from vit_jax import input_pipeline
+from vit_jax import models
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import state_checkpoint
 from vit_jax import trainer as trainer_lib
 from vit_jax import workdir as workdir_lib
+from vit_jax import xla_flags
 
 
 class TrainingInterrupted(cli.Interrupted):
@@ -349,8 +351,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
   """
   input_pipeline.check_and_complete(config)
   workdir_lib.check_config(config, workdir)
-  hardware.check_host_allocator()
-  hardware.check_remat_layout(config.model)
+  xla_flags.check_host_allocator()
+  models.check_remat_layout(config.model)
   hardware.check_accelerator(config.model)
   hardware.check_attention_impl(config.model, jax.default_backend())
   lock = workdir_lib.lock(workdir, take_over=take_over_lock)
