@@ -2,6 +2,7 @@
 and the max-batch search is consistent. Speed itself is never asserted."""
 import importlib.util
 import json
+import pathlib
 import re
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from vit_jax import models
 from vit_jax import sharding
 from vit_jax import trainer as trainer_lib
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ['--model=micro', '--resolution=32', '--batch=2', '--steps=2', '--num_devices=1']
 PRINTED_FIGURES = ('images/s', 'achieved TFLOP/s', 'MFU', 'GFLOP/image', 'lower', 'compile',
                    'peak memory', 'XLA program')
@@ -63,6 +65,15 @@ def test_inference_prints_and_writes_every_figure_with_the_pipeline(tmp_path, ca
   if jax.default_backend() == 'cpu':  # No known peak for CPUs: MFU is null, and says why.
     assert row['mfu'] is None and row['peak_flops_per_device'] is None
     assert 'peak FLOP/s unknown' in printed
+
+
+def test_pipeline_config_times_a_training_configs_own_pipeline(capsys):
+  out = run_command([f'--pipeline_config={REPO}/tests/fault_tolerance_config.py',
+                     '--pipeline_steps=2'])
+  assert out['pipeline']['images_per_s'] > 0
+  assert (out['pipeline']['dataset'], out['pipeline']['local_batch']) == ('fashion_mnist', 16)
+  assert 'fashion_mnist train[:512] @ 16px' in capsys.readouterr().out
+  assert 'results' not in out  # No model is timed.
 
 
 def test_train_step_with_every_switch_and_peak_override(tmp_path, capsys):

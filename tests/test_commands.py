@@ -62,8 +62,9 @@ CASES = [
     ('benchmark', lambda t: ['--model=ViT-Nope_1'], "Unknown model 'ViT-Nope_1'"),
     ('checkpoint', lambda t: ['inspect', 'x.npz', '--bucket=nope'], 'bucket'),
     ('checkpoint', lambda t: ['inspect', f'{t}/missing.npz'], 'missing.npz'),
-    ('input_pipeline', lambda t: ['--bench_steps=abc'], 'bench_steps'),
-    ('input_pipeline', lambda t: [f'--config={TINY_CONFIG}', '--config.dataset=no_such_set'],
+    ('benchmark', lambda t: ['--pipeline_steps=abc'], 'pipeline_steps'),
+    ('benchmark', lambda t: [f'--pipeline_config={TINY_CONFIG}',
+                             '--pipeline_config.dataset=no_such_set'],
      "Unknown dataset 'no_such_set'"),
 ]
 

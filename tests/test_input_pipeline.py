@@ -11,6 +11,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from vit_jax import benchmark_lib
 from vit_jax import fashion_mnist
 from vit_jax import input_pipeline
 
@@ -442,4 +443,4 @@ def test_prefetch_to_mesh_keeps_size_batches_in_flight():
 
 def test_bench(split_folder):
   root, _, _ = split_folder
-  assert input_pipeline.bench(make_config(f'folder:{root}'), steps=3) > 0
+  assert benchmark_lib.pipeline_images_per_s(make_config(f'folder:{root}'), steps=3) > 0

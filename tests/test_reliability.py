@@ -352,10 +352,10 @@ def test_non_positive_batch_sizes_are_an_error(values):
     analyze._ints(values, 'batch_sizes')  # pylint: disable=protected-access
 
 
-def test_zero_bench_steps_is_a_flag_error():
-  result = _command('input_pipeline', f'--config={CONFIG}', '--bench_steps=0', timeout=120)
+def test_zero_pipeline_steps_is_a_flag_error():
+  result = _command('benchmark', f'--pipeline_config={CONFIG}', '--pipeline_steps=0', timeout=120)
   assert result.returncode != 0
-  assert re.search(r'--bench_steps=0: 0 is not a positive integer', result.stderr), (
+  assert re.search(r'--pipeline_steps=0: 0 is not a positive integer', result.stderr), (
       result.stderr[-2000:])
   assert 'images/s' not in result.stdout
 

@@ -6,6 +6,7 @@ r"""Benchmark the ViT forward pass or train step: images/s, TFLOP/s, MFU, compil
     python -m vit_jax.benchmark --preset=gpu --mode=train      # B/16 and L/16 at 224 and 384
     python -m vit_jax.benchmark --model=ViT-L_16 --mode=train --find_max_batch
     python -m vit_jax.benchmark --compare_timm     # against timm: ViT-Ti/S_16, train + inference
+    python -m vit_jax.benchmark --pipeline_config=configs/vit.py:b16,cifar10   # input pipeline
 
 Prints one block per row and writes everything as JSON with --json_out. What each figure means
 and how it is taken: `vit_jax.benchmark_lib`. Rows run in the order given; peak memory figures
@@ -18,6 +19,7 @@ from typing import List, Sequence
 from absl import app
 from absl import flags
 import jax
+from ml_collections import config_flags
 
 from vit_jax import benchmark_lib as lib
 from vit_jax import checkpoint
@@ -70,7 +72,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     **define)
   flags.DEFINE_bool('with_pipeline', False, 'Also time the host input pipeline per row.',
                     **define)
-  flags.DEFINE_integer('pipeline_steps', 20, 'Batches timed by --with_pipeline.', **define)
+  config_flags.DEFINE_config_file(
+      'pipeline_config', None, 'Time only the host input pipeline of this training config, e.g. '
+      'configs/vit.py:b16,cifar10 (overrides: --pipeline_config.batch=...).', **define)
+  flags.DEFINE_integer('pipeline_steps', 20, 'Batches timed by --with_pipeline and '
+                       '--pipeline_config.', lower_bound=1, **define)
   flags.DEFINE_integer('pipeline_shuffle_buffer', None, 'Default: the run config\'s; only '
                        'changes the untimed start-up.', **define)
   flags.DEFINE_string('data_dir', None, 'fashion_mnist location for --with_pipeline.', **define)
@@ -168,13 +174,24 @@ def format_max_batch(result: dict) -> str:
 
 def _time_pipelines(specs: Sequence[lib.Spec], rows: Sequence[dict], fv: flags.FlagValues):
   for spec, row in zip(specs, rows):
-    row['pipeline_images_per_s'] = lib.pipeline_images_per_s(
-        spec, steps=fv.pipeline_steps, data_dir=fv.data_dir,
-        shuffle_buffer=fv.pipeline_shuffle_buffer)
+    config = lib.fashion_mnist_config(spec, data_dir=fv.data_dir,
+                                      shuffle_buffer=fv.pipeline_shuffle_buffer)
+    row['pipeline_images_per_s'] = lib.pipeline_images_per_s(config, fv.pipeline_steps)
     model_speed = 'n/a' if row['images_per_s'] is None else f'{row["images_per_s"]:.1f}'
     print(f'{row["model"]} @{row["resolution"]} batch {row["batch"]}: pipeline images/s '
           f'{row["pipeline_images_per_s"]:.1f} (host, fashion_mnist; model images/s '
           f'{model_speed})', flush=True)
+
+
+def _time_config_pipeline(config, steps: int) -> dict:
+  """--pipeline_config: the host input pipeline of a training config, alone."""
+  images_per_s = lib.pipeline_images_per_s(config, steps)
+  local_batch = config.batch // jax.process_count()
+  print(f'{config.dataset} {config.train_split} @ {config.pp.resolution}px, pp.train='
+        f'{config.pp.train}, local batch {local_batch}: {images_per_s:,.0f} images/s', flush=True)
+  return {'dataset': config.dataset, 'train_split': config.train_split, 'steps': steps,
+          'resolution': config.pp.resolution, 'pp_train': config.pp.train,
+          'local_batch': local_batch, 'images_per_s': images_per_s}
 
 
 def _compare_timm(specs: Sequence[lib.Spec], fv: flags.FlagValues) -> List[dict]:
@@ -199,7 +216,9 @@ def run(fv: flags.FlagValues, command_line: Sequence[str] = ()) -> dict:
         f'{info["host_cpu"]} ({info["host_cpu_count"]} CPUs, {info["host_vector_isa"] or "?"}); '
         f'jax {info["jax"]}', flush=True)
   out = {'machine': info, 'argv': list(command_line)}
-  if fv.compare_timm:
+  if fv.pipeline_config:
+    out['pipeline'] = _time_config_pipeline(fv.pipeline_config, fv.pipeline_steps)
+  elif fv.compare_timm:
     out['compare_timm'] = _compare_timm(specs, fv)
   elif fv.find_max_batch:
     limit = fv.memory_limit_gb and int(fv.memory_limit_gb * 2**30)

@@ -37,14 +37,11 @@ import hashlib
 import itertools
 import math
 import os
-import time
 from typing import Iterator, Optional
 
-from absl import flags
 from absl import logging
 import jax
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -518,38 +515,3 @@ def _numpy_batches(ds: tf.data.Dataset, batch_size: int) -> Iterator[dict]:
   options.autotune.enabled = False
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return ds.with_options(options).as_numpy_iterator()
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark: python -m vit_jax.input_pipeline --config=configs/xxx.py --bench_steps=50
-
-
-def bench(config, steps: int) -> float:
-  """Images/s of the host training pipeline over `steps` batches, after one warm-up batch."""
-  iterator = build_train_iterator(config)
-  next(iterator)
-  start = time.perf_counter()
-  for _ in range(steps):
-    next(iterator)
-  return steps * config.batch / jax.process_count() / (time.perf_counter() - start)
-
-
-def _main():
-  # Flags are defined here, not at import, so that importing this module defines none.
-  config_flag = config_flags.DEFINE_config_file('config', None, 'Training config file.')
-  steps_flag = flags.DEFINE_integer('bench_steps', 50, 'Batches to time.', lower_bound=1)
-
-  def main(argv):
-    cli.check_no_arguments(argv)
-    config = config_flag.value
-    images_per_s = bench(config, steps_flag.value)
-    print(f'{config.dataset} {config.train_split} @ {config.pp.resolution}px, pp.train='
-          f'{config.pp.train}, local batch {config.batch // jax.process_count()}: '
-          f'{images_per_s:,.0f} images/s')
-
-  flags.mark_flag_as_required('config')
-  cli.run(main)
-
-
-if __name__ == '__main__':
-  _main()
