@@ -1,34 +1,17 @@
 """Input pipeline: TFDS datasets or image folders -> host-local numpy batches -> global jax.Arrays.
 
-Datasets (`config.dataset`):
-  * any TFDS name whose features have an `image` (tfds.features.Image) and a `label`
-    (tfds.features.ClassLabel), e.g. cifar10, cifar100, imagenet2012, imagenet_v2, oxford_iiit_pet,
-    oxford_flowers102. A dataset not yet prepared in `config.data_dir` is prepared there first
-    (`download_and_prepare`, as the official code does; ImageNet reads the files the user
-    downloaded from `config.tfds_manual_dir`); when that fails, a `DatasetUnavailable` names the
-    dataset, the data_dir and what would fix it. Splits use TFDS syntax; the usual ImageNet
-    "minival" holds out the last 1% of train: `train_split='train[:99%]'`,
-    `eval_split='train[99%:]'`.
-  * `fashion_mnist`: when the Debian IDX files exist, our own offline builder
-    (`vit_jax.fashion_mnist`, prepared into `config.data_dir` on first use), else TFDS' builder.
-  * `folder:/path`: one sub-folder of JPEG/PNG images per class (class index = position in the
-    sorted folder names). With /path/train and /path/test (or val, validation), the splits 'train'
-    and 'test' (aliases 'val', 'validation') are those folders; otherwise the class folders are
-    directly under /path and 'test' is a deterministic, per-class stratified
-    `config.folder_test_fraction` (default 0.1) of each class, 'train' the rest. Every file is
-    decode-checked once up front; undecodable ones are skipped with one warning.
+`config.dataset` is a TFDS name with `image` and `label` features (prepared into
+`config.data_dir` on first use; `DatasetUnavailable` says what would fix a failure),
+`fashion_mnist` (built offline from the Debian IDX files when present, `vit_jax.fashion_mnist`),
+or `folder:/path`, one sub-folder of images per class: with /path/train and /path/test (or val,
+validation) those are the splits, else 'test' is a stratified `config.folder_test_fraction` of
+each class. Undecodable files are skipped with one warning.
 
-Training stream (`build_train_iterator`): the split is cut into one shard per device
-(`tfds.split_for_jax_process` semantics) and each process reads the shards of its devices; each
-shard is shuffled every epoch with a seed derived from (config.seed, shard, epoch) in a buffer
-of shuffle_buffer / devices examples, and every example augmented with a stateless seed derived
-from its position in the shard's stream, so the global stream is a pure function of (config,
-device count), whatever the number of processes, and resuming at `start_step` skips still-undecoded records instead of replaying the pipeline. Small datasets whose
-decoded uint8 images fit in `_AUTO_CACHE_BYTES` are decoded once and cached in memory
-(`config.cache`: True / False force it).
-
-Decoding and preprocessing (`config.pp`): `vit_jax.preprocessing`, shared with the inference
-commands. Images are float32 in [-1, 1], labels int32.
+Training reads one shard per device, each shuffled per epoch and every example augmented with
+seeds derived from (config.seed, shard, position), so the global stream depends only on (config,
+device count), not on the processes, and resuming skips undecoded records. Datasets whose
+decoded images fit in `_AUTO_CACHE_BYTES` are decoded once (`config.cache` forces it either way).
+Decoding and pixels: `vit_jax.preprocessing`. Images are float32 in [-1, 1], labels int32.
 """
 import collections
 import dataclasses
@@ -74,19 +57,13 @@ class _Shard:
   num_examples: int
 
 
-# ---------------------------------------------------------------------------------------------
-# Sources: a dataset's classes, per-process shards of undecoded records, and how a record's
-# encoded image is read (`read`; vit_jax.preprocessing decodes it).
-
-
 class _TfdsSource:
   """A prepared TFDS dataset with `image` and `label` features."""
 
   def __init__(self, builder: tfds.core.DatasetBuilder):
     self._builder = builder
-    self._image_feature = builder.info.features['image']
     self.num_classes = builder.info.features['label'].num_classes
-    self.image_shape = self._image_feature.shape
+    self.image_shape = builder.info.features['image'].shape
 
   def shard(self, split: str, index: int, count: int) -> _Shard:
     ds = self._builder.as_dataset(
@@ -98,10 +75,6 @@ class _TfdsSource:
     return _Shard(ds.map(lambda ex: (ex['image'], ex['label'])), int(ds.cardinality()))
 
   read = staticmethod(tf.identity)  # Records hold the encoded image.
-
-
-def _decode_file(path: tf.Tensor) -> tf.Tensor:
-  return preprocessing.decode(tf.io.read_file(path))
 
 
 class _FolderSource:
@@ -146,8 +119,7 @@ class _FolderSource:
 
 def _get_source(config):
   if config.dataset.startswith(FOLDER_PREFIX):
-    return _FolderSource(config.dataset[len(FOLDER_PREFIX):],
-                         config.folder_test_fraction)
+    return _FolderSource(config.dataset[len(FOLDER_PREFIX):], config.folder_test_fraction)
   builder = _tfds_builder(config.dataset, config.data_dir)
   if not builder.is_prepared():
     _prepare(builder, config.tfds_manual_dir)
@@ -238,16 +210,10 @@ def _tfds_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilde
   return builder
 
 
-# ---------------------------------------------------------------------------------------------
-# Image folders.
-
-
 @functools.lru_cache(maxsize=None)
 def _list_folder(root: str, test_fraction: float):
-  """Returns (class names, {split: [(path, label)]}) with undecodable files dropped.
-
-  Listed (and decode-checked) once per process: later changes to the folder are not seen.
-  """
+  """(class names, {split: [(path, label)]}) without undecodable files, listed once per
+  process: later changes to the folder are not seen."""
   if not os.path.isdir(root):
     raise ValueError(f'Image folder {root} does not exist.')
   if os.path.isdir(os.path.join(root, 'train')):
@@ -287,11 +253,8 @@ def _list_images(folder: str, class_names: tuple[str, ...]) -> list[tuple[str, i
     if not paths:
       raise ValueError(f'Class folder {class_dir} has no {"/".join(IMAGE_EXTENSIONS)} images.')
     files.extend((path, class_names.index(class_name)) for path in paths)
-  return sorted(files, key=lambda file: _stable_hash(os.path.relpath(file[0], folder)))
-
-
-def _stable_hash(text: str) -> str:
-  return hashlib.md5(text.encode()).hexdigest()
+  return sorted(files, key=lambda file: hashlib.md5(
+      os.path.relpath(file[0], folder).encode()).hexdigest())
 
 
 def _split_by_fraction(files, root: str, test_fraction: float):
@@ -313,7 +276,7 @@ def _drop_undecodable(splits, root: str):
   """Decodes every file once with the pipeline's decoder; drops and names the failures."""
   paths = [path for files in splits.values() for path, _ in files]
   checks = tf.data.Dataset.from_tensor_slices(paths).enumerate().map(
-      lambda i, path: (i, tf.shape(_decode_file(path))),
+      lambda i, path: (i, tf.shape(preprocessing.decode(tf.io.read_file(path)))),
       num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
   decodable = np.zeros(len(paths), bool)
   decodable[[int(i) for i, _ in checks.as_numpy_iterator()]] = True
@@ -325,10 +288,6 @@ def _drop_undecodable(splits, root: str):
                     ', '.join(named[:_MAX_NAMED_FILES]), more)
   return {split: [file for file in files if file[0] not in bad]
           for split, files in splits.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Public API.
 
 
 def get_dataset_info(config) -> DatasetInfo:
@@ -358,12 +317,9 @@ def build_train_iterator(config, *, start_step: int = 0, process_index: Optional
                          num_shards: Optional[int] = None) -> Iterator[dict]:
   """Infinite {'image': f32 [B, R, R, 3], 'label': i32 [B]} batches, B = batch / processes.
 
-  The split is cut into `num_shards` shards (default: one per process), each shuffled (with
-  `shard_shuffle_buffer` examples) and augmented on its own; a process reads its consecutive
-  share of them and puts batch / num_shards rows of each into every batch. Training passes one
-  shard per device, so the global batches do not depend on how the devices are spread over
-  processes: one host with 8 devices or two with 4 read the same, for every split and buffer.
-  """
+  The split is cut into `num_shards` shards (default: one per process; training passes one per
+  device), each shuffled and augmented on its own; a process reads its consecutive share of them
+  and puts batch / num_shards rows of each into every batch."""
   index, count = _process_index_and_count(process_index, process_count)
   num_shards = num_shards or count
   local_batch = _local_batch_size(config.batch, 'config.batch', count)
@@ -384,14 +340,9 @@ def build_train_iterator(config, *, start_step: int = 0, process_index: Optional
 
 
 def shard_shuffle_buffer(shuffle_buffer: int, num_shards: int) -> int:
-  """Examples each shard's shuffle holds: config.shuffle_buffer is the total over all shards.
-
-  It depends on the number of shards only, never on how many a process reads, so that the
-  stream is the same for every process layout. The cost: a process holds shuffle_buffer /
-  processes examples, not shuffle_buffer (the same on one host); reading the whole split on every
-  process and keeping its rows, the other layout-independent shuffle, would read and hold it
-  `processes` times.
-  """
+  """Examples each shard's shuffle holds: config.shuffle_buffer is the total over all shards, so
+  that the stream does not depend on how many shards a process reads (a process holds
+  shuffle_buffer / processes examples)."""
   return max(1, math.ceil(shuffle_buffer / num_shards))
 
 
@@ -425,11 +376,8 @@ def build_eval_iterator(config, *, split: Optional[str] = None,
                         process_index: Optional[int] = None,
                         process_count: Optional[int] = None) -> Iterator[dict]:
   """One pass over `split` (default config.eval_split) of {'image', 'label', 'mask'} batches of
-  batch_eval / processes, padded.
-
-  Every process yields the same number of batches; padding examples have mask=False, and
-  across processes each example of the split appears exactly once with mask=True.
-  """
+  batch_eval / processes. Every process yields the same number of batches; across processes each
+  example appears once with mask=True, the padding with mask=False."""
   index, count = _process_index_and_count(process_index, process_count)
   local_batch = _local_batch_size(config.batch_eval, 'config.batch_eval', count)
   source = _get_source(config)
@@ -464,10 +412,6 @@ def prefetch_to_mesh(iterator: Iterator[dict], sharding: jax.sharding.NamedShard
     enqueue(1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Helpers of the public API.
-
-
 def _process_index_and_count(index: Optional[int], count: Optional[int]) -> tuple[int, int]:
   index = jax.process_index() if index is None else index
   count = jax.process_count() if count is None else count
@@ -491,10 +435,8 @@ def _use_cache(config, image_shape, num_examples: int) -> bool:
 
 def _shuffled_epochs(records: tf.data.Dataset, num_examples: int, shuffle_buffer: int,
                      seed: tf.Tensor, first_example: int) -> tf.data.Dataset:
-  """Endless epochs, each shuffled with its own seed, starting `first_example` into the stream.
-
-  Whole epochs before the start are never read; the rest is skipped on undecoded records.
-  """
+  """Endless epochs, each shuffled with its own seed, starting `first_example` into the stream
+  (whole epochs before it are never read; the rest is skipped on undecoded records)."""
   first_epoch, offset = divmod(first_example, num_examples)
 
   def epoch(e):
@@ -509,9 +451,8 @@ def _shuffled_epochs(records: tf.data.Dataset, num_examples: int, shuffle_buffer
 def _numpy_batches(ds: tf.data.Dataset, batch_size: int) -> Iterator[dict]:
   options = tf.data.Options()
   options.deterministic = True
-  # Without the autotuning thread: deleting an iterator waits for that thread to wake up, up to
-  # a minute after a few minutes of training (10-51 s at the end of each demo stage). Fashion-
-  # MNIST at 28px comes at 8,600 images/s without it on 2 cores (7,700 with it).
+  # Without the autotuning thread, which deleting an iterator waits for, up to a minute; the
+  # pipeline is no slower without it (README, the demo's "Speed first").
   options.autotune.enabled = False
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return ds.with_options(options).as_numpy_iterator()
