@@ -1,19 +1,11 @@
 """Image preprocessing, in one place: decoding, train augmentation, eval resizing, scaling.
 
-The input pipeline (TFDS and folder datasets, training and evaluation) and every inference path
-(predict, analyze, report and export through `vit_jax.inference`) decode and preprocess with these
-functions, so an image file is classified exactly as the eval pipeline sees it.
-
-`config.pp` (the official fine-tuning pipeline is the default of configs/vit.py):
-  * train 'inception': a crop of `pp.area_min` (default 5%) to all of the area, any aspect ratio
-    (`sample_distorted_bounding_box`), resized to `pp.resolution`, random horizontal flip;
-    'resize_crop': square resize to `pp.resize` (default round(resolution * 8 / 7)), random crop
-    to the resolution, random flip.
-  * eval 'resize': plain resize to the resolution; 'central_crop': the short side resized to
-    `pp.resize` keeping the aspect ratio, then the central resolution x resolution crop
-    (`pp.resize = pp.resolution` is the official `PreprocessImages(crop=True)`).
-Pixels become float32 (x - 127.5) / 127.5, in [-1, 1]; grayscale, RGBA and 16-bit images become
-8-bit RGB first.
+The input pipeline and every inference path (`vit_jax.inference`) use these functions, so an
+image file is classified exactly as the eval pipeline sees it. The `config.pp` choices
+(`TRAIN_CROPS`, `EVAL_RESIZES`) are described in docs/ARCHITECTURE.md ("Configuration"); the
+official fine-tuning pipeline is the default of configs/vit.py, and `pp.eval='central_crop'` with
+`pp.resize = pp.resolution` is the official `PreprocessImages(crop=True)`. Pixels become float32
+(x - 127.5) / 127.5, in [-1, 1]; grayscale, RGBA and 16-bit images become 8-bit RGB first.
 """
 from typing import Callable
 
@@ -27,10 +19,8 @@ tf.config.set_visible_devices([], 'GPU')
 
 
 def decode(encoded: tf.Tensor) -> tf.Tensor:
-  """Encoded JPEG / PNG / BMP / GIF bytes -> uint8 [H, W, 3].
-
-  16-bit PNGs are scaled to 8 bits (a 16-bit image of 257 * v decodes to v), not clipped.
-  """
+  """Encoded JPEG / PNG / BMP / GIF bytes -> uint8 [H, W, 3]; 16-bit PNGs are scaled to 8 bits
+  (a 16-bit image of 257 * v decodes to v), not clipped."""
   return tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
 
 
@@ -43,27 +33,10 @@ def _resize_size(pp) -> int:
   return pp.get('resize', None) or round(pp.resolution * 8 / 7)
 
 
-def _resize_random_crop(image, seed, *, resolution: int, resize: int):
-  image = tf.image.resize(image, [resize, resize])
-  return tf.image.stateless_random_crop(image, [resolution, resolution, 3], seed=seed)
-
-
-def _inception_crop(image, seed, *, resolution: int, area_min: float):
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
-      area_range=(area_min, 1.0), use_image_if_no_bounding_boxes=True)
-  return tf.image.resize(tf.slice(image, begin, size), [resolution, resolution])
-
-
-def _resize(image, *, resolution: int):
-  return tf.image.resize(image, [resolution, resolution])
-
-
-def _central_crop(image, *, resolution: int, resize: int):
-  """Short side to `resize` (aspect ratio kept, sides rounded), then the central crop.
-
-  `image` is [H, W, C] or [N, H, W, C].
-  """
+def _central_crop(image, pp):
+  """Short side to `pp.resize` (aspect ratio kept, sides rounded), then the central crop;
+  `image` is [H, W, C] or [N, H, W, C]."""
+  resolution, resize = pp.resolution, _resize_size(pp)
   height_width = tf.cast(tf.shape(image)[-3:-1], tf.float32)
   scale = resize / tf.reduce_min(height_width)
   size = tf.maximum(tf.cast(tf.round(height_width * scale), tf.int32), resize)
@@ -71,21 +44,27 @@ def _central_crop(image, *, resolution: int, resize: int):
 
 
 def _inception(image, seed, pp):
-  return _inception_crop(image, seed, resolution=pp.resolution,
-                         area_min=pp.get('area_min', config_lib.DEFAULT_AREA_MIN))
+  """A crop of pp.area_min to all of the area, any aspect ratio, resized to the resolution."""
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
+      area_range=(pp.get('area_min', config_lib.DEFAULT_AREA_MIN), 1.0),
+      use_image_if_no_bounding_boxes=True)
+  return tf.image.resize(tf.slice(image, begin, size), [pp.resolution, pp.resolution])
 
 
 def _resize_crop(image, seed, pp):
-  return _resize_random_crop(image, seed, resolution=pp.resolution, resize=_resize_size(pp))
+  """A square resize to `pp.resize`, then a random crop to the resolution."""
+  resize = _resize_size(pp)
+  image = tf.image.resize(image, [resize, resize])
+  return tf.image.stateless_random_crop(image, [pp.resolution, pp.resolution, 3], seed=seed)
 
 
 # config.pp.train -> (image, seed, pp) -> crop; config.pp.eval -> (image, pp) -> resized. Their
 # names are config_lib.PP_TRAIN / PP_EVAL, which validate reads without importing TensorFlow.
 TRAIN_CROPS = {'inception': _inception, 'resize_crop': _resize_crop}
 EVAL_RESIZES = {
-    'resize': lambda image, pp: _resize(image, resolution=pp.resolution),
-    'central_crop': lambda image, pp: _central_crop(image, resolution=pp.resolution,
-                                                    resize=_resize_size(pp)),
+    'resize': lambda image, pp: tf.image.resize(image, [pp.resolution, pp.resolution]),
+    'central_crop': _central_crop,
 }
 
 
