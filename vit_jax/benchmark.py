@@ -12,6 +12,7 @@ Prints one block per row and writes everything as JSON with --json_out. What eac
 and how it is taken: `vit_jax.benchmark_lib`. Rows run in the order given; peak memory figures
 are peaks over the whole process so far.
 """
+import functools
 import json
 import sys
 from typing import List, Sequence
@@ -44,64 +45,52 @@ PRESETS = {
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """Defines the command's flags on `fv` (not at import: importing this module defines none)."""
-  define = dict(flag_values=fv)
-  flags.DEFINE_string('model', None, 'Model name or alias; default: the preset\'s models.',
-                      **define)
-  flags.DEFINE_integer('resolution', 224, 'Input resolution (with --model).', **define)
-  flags.DEFINE_integer('batch', 8, 'Global batch, all devices (with --model).', **define)
-  flags.DEFINE_enum('dtype', None, models.DTYPES,
-                    'Compute dtype (params stay float32); default: the preset\'s.', **define)
-  flags.DEFINE_enum('mode', None, lib.MODES, 'Forward pass or jitted train step; default: '
-                    'inference, or both with --compare_timm.', **define)
-  flags.DEFINE_integer('steps', None, 'Timed steps (after 1 warm-up); default: the preset\'s.',
-                       **define)
-  flags.DEFINE_enum('remat', 'none', list(models.REMAT_POLICIES), 'Remat policy per block.',
-                    **define)
-  flags.DEFINE_bool('scan', False, 'nn.scan over the encoder blocks.', **define)
-  flags.DEFINE_enum('attention', 'xla', list(models.ATTENTION_IMPLS), 'Attention implementation.',
-                    **define)
-  flags.DEFINE_enum('sharding', 'replicate', list(sharding.STRATEGIES), 'Train state sharding.',
-                    **define)
-  flags.DEFINE_enum('optimizer', 'sgd', list(optim.OPTIMIZERS), 'Train step optimizer.', **define)
-  flags.DEFINE_integer('num_devices', None, 'Devices used (default: all).', **define)
-  flags.DEFINE_integer('num_classes', 1000, 'Classifier head size.', **define)
-  flags.DEFINE_float('peak_flops', None,
-                     'Peak FLOP/s per device for MFU (default: vit_jax.hardware).', **define)
-  flags.DEFINE_enum('preset', None, list(PRESETS),
-                    'Rows (model, resolution, batch/device); default cpu without --model.',
-                    **define)
-  flags.DEFINE_bool('with_pipeline', False, 'Also time the host input pipeline per row.',
-                    **define)
+  string = functools.partial(flags.DEFINE_string, flag_values=fv)
+  integer = functools.partial(flags.DEFINE_integer, flag_values=fv)
+  enum = functools.partial(flags.DEFINE_enum, flag_values=fv)
+  boolean = functools.partial(flags.DEFINE_bool, flag_values=fv)
+  string('model', None, 'Model name or alias; default: the preset\'s models.')
+  integer('resolution', 224, 'Input resolution (with --model).')
+  integer('batch', 8, 'Global batch, all devices (with --model).')
+  enum('dtype', None, models.DTYPES, 'Compute dtype (params stay float32); default: the preset\'s.')
+  enum('mode', None, lib.MODES,
+       'Forward pass or jitted train step; default: inference, or both with --compare_timm.')
+  integer('steps', None, 'Timed steps (after 1 warm-up); default: the preset\'s.')
+  enum('remat', 'none', list(models.REMAT_POLICIES), 'Remat policy per block.')
+  boolean('scan', False, 'nn.scan over the encoder blocks.')
+  enum('attention', 'xla', list(models.ATTENTION_IMPLS), 'Attention implementation.')
+  enum('sharding', 'replicate', list(sharding.STRATEGIES), 'Train state sharding.')
+  enum('optimizer', 'sgd', list(optim.OPTIMIZERS), 'Train step optimizer.')
+  integer('num_devices', None, 'Devices used (default: all).')
+  integer('num_classes', 1000, 'Classifier head size.')
+  flags.DEFINE_float('peak_flops', None, 'Peak FLOP/s per device for MFU (default: '
+                     'vit_jax.hardware).', flag_values=fv)
+  enum('preset', None, list(PRESETS),
+       'Rows (model, resolution, batch/device); default cpu without --model.')
+  boolean('with_pipeline', False, 'Also time the host input pipeline per row.')
   config_flags.DEFINE_config_file(
       'pipeline_config', None, 'Time only the host input pipeline of this training config, e.g. '
-      'configs/vit.py:b16,cifar10 (overrides: --pipeline_config.batch=...).', **define)
-  flags.DEFINE_integer('pipeline_steps', 20, 'Batches timed by --with_pipeline and '
-                       '--pipeline_config.', lower_bound=1, **define)
-  flags.DEFINE_integer('pipeline_shuffle_buffer', None, 'Default: the run config\'s; only '
-                       'changes the untimed start-up.', **define)
-  flags.DEFINE_string('data_dir', None, 'fashion_mnist location for --with_pipeline.', **define)
-  flags.DEFINE_bool('find_max_batch', False,
-                    'Search the largest batch per device that fits, instead of timing.', **define)
-  flags.DEFINE_enum('max_batch_method', 'analysis', ['analysis', 'run'],
-                    'analysis: compile only, XLA memory vs the limit; run: one step, OOM = no.',
-                    **define)
-  flags.DEFINE_float('memory_limit_gb', None,
-                     'Limit per device in GiB (default: hardware.memory_budget, as for '
-                     'training).', **define)
-  flags.DEFINE_integer('max_batch_cap', 4096, 'Largest batch per device tried.', **define)
-  flags.DEFINE_integer('max_batch_granularity', 1,
-                       'Stop bisecting when the fit and the failure are this close.', **define)
-  flags.DEFINE_bool('compile_only', False,
-                    'Lower and compile only (compile time, XLA memory); run nothing.', **define)
-  flags.DEFINE_bool('compare_timm', False,
-                    "Time timm's equivalent model in the same process, alternating pairs, and "
-                    "print the ratio (vit_jax.compare_timm; needs '.[compare]'); default rows: "
-                    'the compare preset.', **define)
-  flags.DEFINE_integer('pairs', 3, 'Alternating (ours, timm) timing pairs of --compare_timm.',
-                       **define)
-  flags.DEFINE_bool('timm_compile', False, 'torch.compile the timm model (--compare_timm).',
-                    **define)
-  flags.DEFINE_string('json_out', None, 'Write every figure here as JSON.', **define)
+      'configs/vit.py:b16,cifar10 (overrides: --pipeline_config.batch=...).', flag_values=fv)
+  integer('pipeline_steps', 20, 'Batches timed by --with_pipeline and --pipeline_config.',
+          lower_bound=1)
+  integer('pipeline_shuffle_buffer', None,
+          'Default: the run config\'s; only changes the untimed start-up.')
+  string('data_dir', None, 'fashion_mnist location for --with_pipeline.')
+  boolean('find_max_batch', False,
+          'Search the largest batch per device that fits, instead of timing.')
+  enum('max_batch_method', 'analysis', ['analysis', 'run'],
+       'analysis: compile only, XLA memory vs the limit; run: one step, OOM = no.')
+  flags.DEFINE_float('memory_limit_gb', None, 'Limit per device in GiB (default: '
+                     'hardware.memory_budget, as for training).', flag_values=fv)
+  integer('max_batch_cap', 4096, 'Largest batch per device tried.')
+  integer('max_batch_granularity', 1, 'Stop bisecting when the fit and the failure are this close.')
+  boolean('compile_only', False, 'Lower and compile only (compile time, XLA memory); run nothing.')
+  boolean('compare_timm', False,
+          "Time timm's equivalent model in the same process, alternating pairs, and print the "
+          "ratio (vit_jax.compare_timm; needs '.[compare]'); default rows: the compare preset.")
+  integer('pairs', 3, 'Alternating (ours, timm) timing pairs of --compare_timm.')
+  boolean('timm_compile', False, 'torch.compile the timm model (--compare_timm).')
+  string('json_out', None, 'Write every figure here as JSON.')
 
 
 def specs_from_flags(fv: flags.FlagValues) -> List[lib.Spec]:

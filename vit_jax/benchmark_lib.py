@@ -1,33 +1,21 @@
-"""Speed and memory of the ViT forward pass (inference) or of the real jitted train step: the
-measurements behind `python -m vit_jax.benchmark` (the command line and its printing live there).
+"""Speed and memory of the ViT forward pass or of the real jitted train step: the one timer
+(`time_calls`) and the measurements behind `python -m vit_jax.benchmark`.
 
-`run(spec)` compiles and times one `Spec`: images/s (median step time over `spec.steps` timed
-steps, after one untimed warm-up step), achieved TFLOP/s and MFU from the analytic FLOPs of
-`vit_jax.flops` (forward, or 3x forward for a train step; rematerialised work is not counted, as
-usual for MFU) and the peak of `vit_jax.hardware` (or `peak_flops`; MFU is None when neither knows
-the device), the lowering and the XLA compile time separately, the peak memory (the device
-allocator's `peak_bytes_in_use` where the backend has one, else this process's host max RSS,
-labelled), XLA's own per-device buffer sizes of the compiled program
-(`compiled.memory_analysis()`), and optionally the host input pipeline's images/s (fashion_mnist
-at the same resolution and batch).
-
-A train `Spec` times `vit_jax.trainer.Trainer`'s jitted `train_step` (state donated, batch and
-state sharded over the mesh exactly as in training) on a config from `config_lib.base_config`;
-the model switches travel in `config.model` (which `models.build_model` passes to the module).
-
-`find_max_batch(spec)` searches the largest per-device batch that fits (`largest_fitting`, also the
-search of scripts/tpu_table.py). A probe either compiles only and compares XLA's memory analysis
-with the memory limit ('analysis': no OOM is ever triggered, works on any backend; the limit is
-`hardware.memory_budget`, the one every train run is checked against, or the one given) or compiles
-and runs one step, an out-of-memory error meaning "does not fit" ('run', for accelerators).
-
-Peak memory figures are peaks over the whole process so far. Single process only.
+`run(spec)` compiles and times one `Spec`: the median step after one warm-up step, FLOPs from
+`vit_jax.flops` (a train step is 3x the forward; recomputation is not counted, as usual for MFU),
+the peak of `vit_jax.hardware`, the peak memory (the device allocator's, else the host's max RSS,
+over the whole process so far) and XLA's buffer sizes. A train `Spec` times
+`vit_jax.trainer.Trainer.train_step`, state donated and sharded as in training.
+`find_max_batch(spec)` searches the largest per-device batch that fits (`largest_fitting`): by
+XLA's memory analysis against a limit (default `hardware.memory_budget`, as for training) or by
+running one step (an out-of-memory error: does not fit). Single process only.
 """
 import dataclasses
 import functools
 import gc
 import os
 import platform
+import re
 import resource
 import statistics
 import time
@@ -95,10 +83,6 @@ class Spec:
     return cfg
 
 
-# ---------------------------------------------------------------------------------------------
-# Memory.
-
-
 def peak_memory(device=None) -> tuple:
   """(bytes, source): the device allocator's peak where the backend reports one (GPU, TPU), else
   this process's host max RSS (CPU). Both are peaks over the whole process so far."""
@@ -112,19 +96,17 @@ def _cpu_info() -> dict:
   """The host CPU's model name and widest x86 vector ISA ('avx512', 'avx2', or '' elsewhere):
   the ISA decides how fast XLA's and PyTorch's fp32 kernels are, and so the ratio to timm
   (docs/PERFORMANCE.md)."""
-  name, flags = '', set()
   try:
     with open('/proc/cpuinfo') as f:
-      for line in f:
-        key, _, value = line.partition(':')
-        if key.strip() == 'model name' and not name:
-          name = value.strip()
-        elif key.strip() == 'flags' and not flags:
-          flags = set(value.split())
+      text = f.read()
   except OSError:
-    pass
+    text = ''
+  name = re.search(r'^model name\s*:\s*(.+)$', text, re.M)
+  flags = re.search(r'^flags\s*:(.*)$', text, re.M)
+  flags = set(flags.group(1).split()) if flags else set()
   isa = next((isa for isa, flag in (('avx512', 'avx512f'), ('avx2', 'avx2')) if flag in flags), '')
-  return {'host_cpu': name or platform.processor() or platform.machine(), 'host_vector_isa': isa}
+  return {'host_cpu': name.group(1).strip() if name else platform.processor() or platform.machine(),
+          'host_vector_isa': isa}
 
 
 def machine() -> dict:
@@ -134,12 +116,9 @@ def machine() -> dict:
           'host_cpu_count': os.cpu_count(), 'jax': jax.__version__}
 
 
-# ---------------------------------------------------------------------------------------------
-# Workloads: what one timed step runs (jitted function, abstract args, concrete-args factory).
-
-
 @dataclasses.dataclass
 class _Workload:
+  """What one timed step runs."""
   jitted: Any
   abstract_args: tuple
   make_args: Any  # () -> concrete args for the first call.
@@ -148,8 +127,7 @@ class _Workload:
 
 def random_params(abstract_params, shardings=None, seed: int = 0):
   """Random parameters shaped like `abstract_params` (placed with `shardings`, default: the
-  default device). Throughput does not depend on the values, and numpy draws compile nothing
-  (compiling `model.init` would take longer than the timing)."""
+  default device): throughput does not depend on the values, and numpy compiles nothing."""
   rng = np.random.default_rng(seed)
   if shardings is None:
     shardings = jax.tree.map(lambda _: None, abstract_params)
@@ -160,8 +138,7 @@ def random_params(abstract_params, shardings=None, seed: int = 0):
 
 def time_calls(call, steps: int) -> list:
   """Wall time of each of `steps` calls of `call()` (which must block until its work is done),
-  after one untimed warm-up call (allocation and first-call overheads): the one timer of every
-  speed figure (`run`, and through it `forward_speed`; `vit_jax.compare_timm`)."""
+  after one untimed warm-up call: the one timer of every speed figure."""
   call()
   times = []
   for _ in range(steps):
@@ -274,10 +251,6 @@ def _compile(workload: _Workload):
   return compiled, lower_s, time.perf_counter() - start
 
 
-# ---------------------------------------------------------------------------------------------
-# Measurements.
-
-
 def pipeline_images_per_s(config, steps: int) -> float:
   """Images/s of `config`'s host training pipeline (this process's share of each batch), timed
   by `time_calls` over `steps` batches."""
@@ -314,12 +287,8 @@ def _described(spec: Spec, model: str) -> dict:
 
 
 def run(spec: Spec, *, peak_flops: Optional[float] = None, compile_only: bool = False) -> dict:
-  """Compiles and times one row; returns its figures (keys `ROW_KEYS`).
-
-  With `compile_only` nothing runs: the speed figures are None (compile time and XLA's memory
-  analysis remain). `pipeline_images_per_s` is None: `pipeline_images_per_s(spec)` measures it,
-  best after every row so that a row's host peak memory excludes the pipeline.
-  """
+  """Compiles and times one row; returns its figures (keys `ROW_KEYS`; the speed figures None
+  with `compile_only`, `pipeline_images_per_s` always: measured apart, after the rows)."""
   run_config(spec)
   devices = spec.devices()
   mesh = sharding.make_mesh(devices)
@@ -405,12 +374,10 @@ def _probe(spec: Spec, method: str, limit: int) -> dict:
 def largest_fitting(probe: Callable[[int], tuple], *, start: int, cap: int, granularity: int = 1,
                     relative_granularity: float = 0.0) -> Tuple[int, Optional[int]]:
   """The largest n in [0, cap] for which probe(n) fits, and the smallest n probed that does not
-  (None if none). probe(n) -> (fits, bytes, limit): the program's bytes and the bytes it must fit
-  in, either None where unknown. Bytes grow about linearly in n, so the line through the largest
-  fit and the smallest failure (before a failure: the two probes nearest the largest fit)
-  predicts where they reach the limit (a secant step); a prediction outside the bracket [largest
-  fit, smallest failure] falls back to doubling (no failure yet) or bisection. Stops when the
-  bracket is `granularity` wide (1: exact), or `relative_granularity` times the largest fit."""
+  (None if none). probe(n) -> (fits, bytes, limit), either number None where unknown. Bytes grow
+  about linearly in n, so a secant step through the two probes nearest the bracket predicts where
+  they reach the limit; outside the bracket, doubling (no failure yet) or bisection. Stops when
+  the bracket is `granularity` wide (1: exact), or `relative_granularity` times the largest fit."""
   points, good, bad, limit = {}, 0, None, None
   n = max(1, min(start, cap))
   while True:
