@@ -3,18 +3,13 @@ r"""Will it fit? A config's train and eval steps compiled for Cloud TPU slices, 
     python -m vit_jax.plan --config=configs/vit.py:l16,cifar10 --topology=v3-8 \
         [--topology=v5litepod-16 ...] [--json_out=plan.json] [--config.dtype=bfloat16 ...]
 
-Compiles, with the TPU compiler on this machine (libtpu: `pip install -e '.[tpu]'`; no TPU, no
-dataset, no TensorFlow), the very steps `python -m vit_jax.main` would run with that config on each
-slice (vit_jax.tpu_compile), and prints per device: state (arguments), temporaries and their
-total against the HBM, whether it fits, FLOPs per step and per image, HBM bytes accessed, the
-compiler's own time estimate where it is valid (a cost model, not a measurement) and the compile
-time; for the whole run (`total_steps`): total FLOPs and TPU-core-days at `--utilization`. When
-the train step does not fit: the compiler's numbers, and the smallest change that fits, as flags
-(each candidate compiled). Slices are Cloud TPU accelerator types: v2-8, v3-8, v3-32, v4-8 ...
-v4-N, v5litepod-N, v5p-N, v6e-N (vit_jax.hardware.TPU_GENERATIONS).
-
-Exit codes as every command (vit_jax.cli): 2 with one `Error:` line for an unknown topology, a
-batch the slice's devices do not divide, or libtpu missing.
+Compiles with libtpu on this machine (`pip install -e '.[tpu]'`; no TPU, no dataset) the very
+steps `python -m vit_jax.main` would run on each slice (vit_jax.tpu_compile), and prints per
+device the memory against the HBM, FLOPs, HBM bytes accessed, the compiler's estimate where valid
+(a cost model) and the compile time; whole-run FLOPs and TPU-core-days at `--utilization`; when
+the train step does not fit, the smallest change that fits, as flags. Slices: v2-8, v3-32, v4-N,
+v5litepod-N, v5p-N, v6e-N (vit_jax.hardware.TPU_GENERATIONS). An unknown topology, a batch the
+devices do not divide or libtpu missing is one `Error:` line, exit 2 (vit_jax.cli).
 """
 import json
 

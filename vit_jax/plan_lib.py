@@ -14,21 +14,15 @@ from vit_jax import tpu_compile
 SECONDS_PER_DAY = 86_400
 # At most this many candidate changes are compiled when a step does not fit.
 MAX_CANDIDATES = 8
-# XLA's FLOPs per image over vit_jax.flops' matmul count, above which a step of a real model
-# recomputes: XLA also counts norms, softmax, GELU, the loss and the update (0.9-1.1 without
-# recomputation, tests/test_plan.py; tiny models are higher).
+# XLA's FLOPs per image over vit_jax.flops' matmul count above which a step of a real model
+# recomputes (XLA also counts norms, softmax, GELU, the loss and the update; tests/test_plan.py).
 RECOMPUTE_RATIO = 1.15
 
 
 def with_changes(config: ml_collections.ConfigDict, changes: dict) -> ml_collections.ConfigDict:
   """A copy of `config` with {'accum_steps': 4, 'model.remat_policy': 'full', ...} set."""
   config = config.copy_and_resolve_references()
-  for name, value in changes.items():
-    *parents, leaf = name.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(changes)
   return config
 
 

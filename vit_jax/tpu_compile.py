@@ -1,19 +1,15 @@
 """The training program compiled ahead of time for a Cloud TPU slice, on any machine.
 
-libtpu's compiler (`pip install -e '.[tpu]'`) gives compile-only devices of a real slice
-(`jax.experimental.topologies`); `vit_jax.trainer.Trainer` over a mesh of them jits the very train
-and eval steps `python -m vit_jax.main` runs (shardings, dtype, accumulation, remat, scan), and
-`.lower(...).compile()` runs XLA:TPU. What comes back per device: XLA's buffer sizes, FLOPs, HBM
-bytes accessed and the compiler's cost-model estimate (`optimal_seconds`, a model, not a
-measurement: kept only where positive; it is negative on v4 with libtpu 0.0.42.1). A program that
-does not fit fails in the compiler with RESOURCE_EXHAUSTED, whose numbers `out_of_memory` reads.
+libtpu's compiler (`pip install -e '.[tpu]'`) gives compile-only devices of a real slice;
+`vit_jax.trainer.Trainer` over a mesh of them jits the very train and eval steps of
+`python -m vit_jax.main`, and XLA:TPU compiles them. Per device: XLA's buffer sizes, FLOPs, HBM
+bytes accessed and the compiler's cost-model estimate (kept only where positive: it is negative
+on v4). A program that does not fit fails with RESOURCE_EXHAUSTED, whose numbers
+`out_of_memory` reads.
 
-XLA's cost analysis counts the body of a loop once, not once per iteration, so with
-`scan_layers` or `accum_steps > 1` the compiled step's own FLOPs and bytes are too low (ViT-B/16
-scanned: one block of twelve). There `counted_cost` compiles the same step unrolled and
-unaccumulated at 1 and 2 encoder blocks and 1 and 2 images per device (cheap: small programs) and
-extrapolates, exactly, what is linear in both: the blocks are identical and the work per image is
-the same for every image; the optimizer update is the constant term.
+XLA's cost analysis counts a loop's body once, so with `scan_layers` or `accum_steps > 1`
+`counted_cost` compiles the step unrolled and unaccumulated at 1 and 2 encoder blocks and 1 and 2
+images per device, and extrapolates linearly in both (identical blocks, the same work per image).
 """
 import dataclasses
 import itertools
@@ -40,10 +36,6 @@ from vit_jax import sharding
 INSTALL_HINT = "pip install -e '.[tpu]'"
 
 
-def _on_tpu_vm() -> bool:
-  return os.path.exists('/dev/accel0') or os.path.exists('/dev/vfio/0')
-
-
 def compile_only_devices(tpu: hardware.TpuSlice) -> list:
   """The slice's devices for compilation only (nothing runs on them)."""
   if importlib.util.find_spec('libtpu') is None:
@@ -57,13 +49,11 @@ def compile_only_devices(tpu: hardware.TpuSlice) -> list:
 
 @contextlib.contextmanager
 def _off_tpu_vm_environment(tpu: hardware.TpuSlice):
-  """Off a TPU VM, libtpu would ask the (absent) TPU VM metadata server, and warn; and it takes a
-  machine-wide lock that would fail a second compiling process (tests, parallel plans). These
-  variables say so while libtpu loads, and are removed again after. So is what libtpu itself
-  sets while it loads (CLOUD_TPU_TASK_ID, TPU_WORKER_ID, ...: in the C environment, which
-  os.environ does not show but subprocesses inherit). Left set, they would make a later
-  `vit_jax.main` in this process or a child of it join a TPU pod (main.initialize_distributed)."""
-  if _on_tpu_vm():
+  """Off a TPU VM, tells libtpu (while it loads) not to ask the absent metadata server nor take
+  its machine-wide lock (which would fail a second compiling process). These variables, and
+  those libtpu sets in the C environment (CLOUD_TPU_TASK_ID, ...), are removed after: left set,
+  they would make a later `vit_jax.main` here or in a child join a TPU pod."""
+  if os.path.exists('/dev/accel0') or os.path.exists('/dev/vfio/0'):  # On a TPU VM.
     yield
     return
   added = {key: value for key, value in (
@@ -210,10 +200,9 @@ COST_FIELDS = ('flops_per_device', 'bytes_accessed_per_device')
 
 
 def counted_cost(config, classes: int, tpu: hardware.TpuSlice, devices, with_eval: bool) -> dict:
-  """{'train'/'eval': {COST_FIELDS: per device per step}} of `config`'s steps without loops, from
-  compiles of 1 and 2 unrolled encoder blocks (a ResNet alone: just the batches) at 1 and 2 images
-  per device, extrapolated linearly in blocks and in images (module docstring). A model of at
-  most 2 blocks is compiled whole: 2 compiles instead of 4."""
+  """{'train'/'eval': {COST_FIELDS: per device per step}} of `config`'s steps without loops,
+  extrapolated from small compiles (module docstring); a model of at most 2 blocks (or a ResNet
+  alone) is compiled whole, at 1 and 2 images per device."""
   n = len(devices)
   blocks = config.model.transformer.num_layers if config.model.transformer else None
   blocks = blocks if blocks and blocks > 2 else None
@@ -247,8 +236,8 @@ def compile_train_and_eval(config: ml_collections.ConfigDict, tpu: hardware.TpuS
                            devices=None, *, with_eval: bool = True,
                            count_cost: bool = True) -> dict:
   """{'train': StepReport, 'eval': StepReport or None} for `config` on `tpu` (ValueError for a
-  config the slice cannot run, e.g. a batch its devices do not divide). With `count_cost`, see
-  `count_loops`; without, a step with loops keeps the compiler's once-per-loop counts."""
+  config the slice cannot run). Without `count_cost`, loops keep the compiler's once-per-loop
+  counts (`count_loops`)."""
   devices = devices or compile_only_devices(tpu)
   config_lib.validate(config, num_devices=len(devices), process_count=tpu.hosts)
   reports = _compile_program(config, num_classes(config), tpu, devices, with_eval)
@@ -258,9 +247,8 @@ def compile_train_and_eval(config: ml_collections.ConfigDict, tpu: hardware.TpuS
 
 
 def count_loops(reports: dict, config, tpu: hardware.TpuSlice, devices) -> None:
-  """With loops in the steps, sets `reports`' FLOPs and bytes from `counted_cost` and leaves out
-  the compiler's estimate, which also counted each loop body once. Also for a step that does not
-  fit: its FLOPs are the same."""
+  """With loops in the steps (even one that does not fit), sets `reports`' FLOPs and bytes from
+  `counted_cost` and drops the compiler's estimate, which counted each loop body once too."""
   if not has_loops(config):
     return
   with_eval = reports.get('eval') is not None
