@@ -1,17 +1,12 @@
-"""Our model against timm's equivalent, in one process: the comparison a user choosing between
-this project and timm in PyTorch would make (`python -m vit_jax.benchmark --compare_timm`).
+"""Our model against timm's equivalent, in one process (`python -m vit_jax.benchmark
+--compare_timm`): the comparison a user choosing between this project and timm would make.
 
-Both sides run the same step on the same batch in the same process with the same threads: the
-inference forward pass, or a train step (forward, softmax cross-entropy, backward, global-norm
-clipping at 1.0, SGD with momentum 0.9; ours is `vit_jax.trainer.Trainer.train_step` from
-`benchmark_lib`). timm runs eager by default, or `torch.compile`d; bfloat16 is our compute dtype
-and timm's `torch.autocast`. Timing alternates between the two sides in `pairs` blocks (ours
-first in even blocks, timm first in odd ones), each block the median of `spec.steps` calls after
-one warm-up (`benchmark_lib.time_calls`), so that slow phases of a shared machine hit both sides;
+Both sides run the same step on the same batch with the same threads: the forward pass, or a
+train step (softmax cross-entropy, global-norm clipping at 1.0, SGD with momentum 0.9); timm
+eager or `torch.compile`d, bfloat16 as timm's `torch.autocast`. Timing alternates the sides in
+`pairs` blocks (`benchmark_lib.time_calls`), so that slow phases of a shared machine hit both;
 the ratio (timm's step time / ours: > 1 means we are faster) is the median over the pairs.
-
-torch and timm are optional (`pip install '.[compare]'`): they are imported here only, when a
-comparison runs, and nothing else in the package imports this module's dependencies.
+torch and timm are optional (`pip install '.[compare]'`) and imported only here.
 """
 import os
 import statistics
@@ -43,12 +38,9 @@ def timm_name(model: str) -> str:
 
 
 def import_torch():
-  """(torch, timm), or ImportError saying how to install them, or why this process cannot.
-
-  timm imports torchvision, which imports triton, and loading triton after TensorFlow crashes
-  the process (a segmentation fault, seen with TensorFlow 2.21 and triton 3.8): refuse instead.
-  The command itself never imports TensorFlow.
-  """
+  """(torch, timm), or ImportError saying how to install them, or why this process cannot:
+  triton (imported by timm through torchvision) crashes a process that has loaded TensorFlow,
+  which the command itself never imports."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:

@@ -1,12 +1,10 @@
-"""JAX's persistent compilation cache for training runs: a restart (after preemption, a crash, a
-config change that keeps the shapes) loads the compiled train and eval steps instead of compiling
-them again (minutes for large models on TPU pods; measured in docs/PERFORMANCE.md).
+"""JAX's persistent compilation cache for training runs: a restart loads the compiled train and
+eval steps instead of compiling them again (docs/PERFORMANCE.md).
 
-The default home is the workdir (WORKDIR/compilation_cache, vit_jax.workdir): on Cloud TPU a
-preempted slice comes back as new VMs, whose local disks are empty, while the workdir (gs://) is
-what every restart reads; and it goes away with the run. `config.compilation_cache_dir` names
-another directory (e.g. one shared by a sweep), or '' to turn it off. JAX keys each entry by the
-program, the compiler and its flags, so a stale entry is never used.
+Its default home is the workdir (WORKDIR/compilation_cache): a preempted Cloud TPU slice comes
+back as new VMs with empty disks, while every restart reads the workdir.
+`config.compilation_cache_dir` names another directory (e.g. one shared by a sweep), or '' turns
+it off. JAX keys each entry by the program, the compiler and its flags: none is ever stale.
 """
 from typing import Optional
 

@@ -1,13 +1,9 @@
 """Fashion-MNIST as a TFDS dataset built offline from the Debian IDX files.
 
-`tfds.builder('fashion_mnist')` downloads its source files, which is impossible here. The Debian
-package `dataset-fashion-mnist` ships the same four IDX files under `DEBIAN_DIR`;
-`FashionMnistLocal` (registered as `fashion_mnist_local`, so it does not clash with TFDS' own
-`fashion_mnist`) turns them into a regular prepared TFDS dataset with the same features and splits
-(`train` 60,000 / `test` 10,000, 28x28x1 uint8 PNG images, 10 classes).
-
-    builder = fashion_mnist.prepared_builder(data_dir)   # prepares on first use
-    ds = builder.as_dataset(split='test')
+`tfds.builder('fashion_mnist')` downloads its source files, which is impossible here; the Debian
+package `dataset-fashion-mnist` ships the same four IDX files under `DEBIAN_DIR`.
+`FashionMnistLocal` (registered as `fashion_mnist_local`) makes them a prepared TFDS dataset with
+TFDS' features and splits; `prepared_builder(data_dir)` prepares it on first use.
 """
 import fcntl
 import gzip
@@ -35,12 +31,9 @@ _IDX_UBYTE = 0x08  # IDX type code of unsigned bytes, the only one the format fi
 
 
 def read_idx(path: str, ndim: int) -> np.ndarray:
-  """Reads an IDX file of unsigned bytes (optionally gzipped) with `ndim` dimensions.
-
-  The header is 2 zero bytes, a type code (0x08 = uint8), the number of dimensions, then one
-  big-endian int32 per dimension; the data follows and must have exactly that many bytes.
-  Raises ValueError naming `path` when any of this does not hold.
-  """
+  """Reads an IDX file of unsigned bytes (optionally gzipped) with `ndim` dimensions: 2 zero
+  bytes, type code 0x08, `ndim`, one big-endian int32 per dimension, then exactly that many data
+  bytes. ValueError naming `path` when any of this does not hold."""
   opener = gzip.open if path.endswith('.gz') else open
   try:
     with opener(path, 'rb') as f:
@@ -122,11 +115,8 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
 
 def prepared_builder(data_dir: Optional[str] = None,
                      source_dir: str = DEBIAN_DIR) -> FashionMnistLocal:
-  """Returns the builder in `data_dir` (TFDS' default when None), preparing it on first use.
-
-  A file lock lets processes sharing `data_dir` (e.g. several JAX processes on one host) prepare
-  it once instead of racing.
-  """
+  """The builder in `data_dir` (TFDS' default when None), prepared on first use under a file lock,
+  so that processes sharing `data_dir` prepare it once."""
   builder = FashionMnistLocal(data_dir=data_dir)
   if builder.is_prepared():
     return builder
