@@ -36,9 +36,9 @@ PRESETS = {
     'gpu': dict(rows=[('ViT-B_16', 224, 128), ('ViT-B_16', 384, 32), ('ViT-L_16', 224, 64),
                       ('ViT-L_16', 384, 16)], dtype='bfloat16', steps=20),
     # --compare_timm's default: the comparison of docs/PERFORMANCE.md (both modes).
-  'compare': dict(rows=[('ViT-Ti_16', 224, 16), ('ViT-S_16', 224, 16)], dtype='float32',
-                  steps=5),
-  'tpu': dict(rows=[('ViT-B_16', 224, 64), ('ViT-B_16', 384, 16), ('ViT-L_16', 224, 32),
+    'compare': dict(rows=[('ViT-Ti_16', 224, 16), ('ViT-S_16', 224, 16)], dtype='float32',
+                    steps=5),
+    'tpu': dict(rows=[('ViT-B_16', 224, 64), ('ViT-B_16', 384, 16), ('ViT-L_16', 224, 32),
                       ('ViT-L_16', 384, 8)], dtype='bfloat16', steps=20),
 }
 
@@ -140,10 +140,12 @@ def format_row(row: dict) -> str:
       f'XLA program {gib(xla and xla["total"])}/device '
       f'(temp {gib(xla and xla["temp"])})',
   ]
-  caveat = models.remat_caveat(row['backend'], row['remat_policy'], row['scan_layers'])
-  if caveat:
-    lines.append(f'  note: {caveat}; add --scan')
-  return '\n'.join(lines)
+  return '\n'.join(lines + _remat_note(row))
+
+
+def _remat_note(result: dict) -> List[str]:
+  caveat = models.remat_caveat(result['backend'], result['remat_policy'], result['scan_layers'])
+  return [f'  note: {caveat}; add --scan'] if caveat else []
 
 
 def format_max_batch(result: dict) -> str:
@@ -156,9 +158,7 @@ def format_max_batch(result: dict) -> str:
           f'{f" (up to +{slack} more may fit)" if slack else ""} '
           f'[{result["method"]}, limit {gib(result["memory_limit_bytes"])} '
           f'({result["memory_limit_source"]})]')
-  caveat = models.remat_caveat(result['backend'], result['remat_policy'],
-                                 result['scan_layers'])
-  return f'{text}\n  note: {caveat}; add --scan' if caveat else text
+  return '\n'.join([text] + _remat_note(result))
 
 
 def _time_pipelines(specs: Sequence[lib.Spec], rows: Sequence[dict], fv: flags.FlagValues):
