@@ -13,14 +13,12 @@ from vit_jax import logging_util
 # Overrides the memory a train step may use, in GiB per device (see `memory_budget`).
 MEMORY_LIMIT_ENV = 'VIT_JAX_MEMORY_LIMIT_GB'
 
+
 @dataclasses.dataclass(frozen=True)
 class TpuGeneration:
-  """One Cloud TPU generation: the one home of its facts (Cloud TPU docs, tpu/docs/v2 ... v6e).
-
-  `name` starts its accelerator types (`v3-8`, `v5litepod-16`): the number after the dash counts
-  TensorCores (`counts='cores'`) or chips (`counts='chips'`). With megacore (v4, v5p) JAX sees one
-  device per chip, otherwise one per TensorCore. `hbm_gib_per_chip` and `peak_bf16_per_chip` are
-  the documented HBM capacity and dense bf16 peak of one chip."""
+  """One Cloud TPU generation's documented facts (Cloud TPU docs, tpu/docs/v2 ... v6e). `name`
+  starts its accelerator types (`v3-8`), whose number counts TensorCores or chips (`counts`); with
+  megacore (v4, v5p) JAX sees one device per chip, otherwise one per TensorCore."""
   name: str
   topology: str  # libtpu's topology prefix (`jax.experimental.topologies`): 'v5e:2x4'
   device_kind: str  # jax.Device.device_kind
@@ -70,12 +68,8 @@ PEAK_BF16_FLOPS = {
 
 
 def peak_flops(device=None, override: Optional[float] = None) -> Optional[float]:
-  """Peak FLOP/s of one device: `override` if given, else looked up by device kind.
-
-  Kinds are matched by prefix ('NVIDIA H100 80GB HBM3' -> 'NVIDIA H100', the longest match:
-  'TPU v5 lite' is not 'TPU v5'); unknown kinds (CPUs among them) give None, and MFU is then not
-  reported unless `override` is set.
-  """
+  """Peak FLOP/s of one device: `override` if given, else by the longest prefix of its kind
+  ('NVIDIA H100 80GB HBM3' -> 'NVIDIA H100'; 'TPU v5 lite' is not 'TPU v5'); None if unknown."""
   if override:
     return float(override)
   kind = (device or jax.devices()[0]).device_kind
@@ -290,7 +284,7 @@ def xla_memory(compiled) -> Optional[Dict[str, int]]:
   try:
     analysis = compiled.memory_analysis()
   except (NotImplementedError, jax.errors.JaxRuntimeError):
-    analysis = None
+    return None
   if analysis is None:
     return None
   out = {name: int(getattr(analysis, f'{name}_size_in_bytes', 0) or 0)

@@ -163,10 +163,9 @@ def check_and_complete(config: ml_collections.ConfigDict, *, training: bool = Tr
 
 def check_against_data(config: ml_collections.ConfigDict, info: DatasetInfo, *, num_shards: int,
                        training: bool) -> None:
-  """ValueError naming the field for a setting the data cannot satisfy: fewer classes in the
-  head than the dataset's labels (0 .. classes - 1), fewer training examples than data shards
-  (one per device). Warnings for what runs but means little: a dataset of one class (accuracy
-  1.0 whatever the model), a head with classes no label uses, a batch larger than the split."""
+  """ValueError naming the field for what the data cannot satisfy (fewer head classes than
+  labels, fewer training examples than data shards); warnings for what runs but means little (one
+  class, head classes no label uses, a batch larger than the split)."""
   name = f'{config.dataset!r}'
   if config.num_classes and config.num_classes < info.num_classes:
     raise ValueError(
