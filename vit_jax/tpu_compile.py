@@ -91,13 +91,10 @@ def out_of_memory(error: Exception) -> Optional[dict]:
   if 'RESOURCE_EXHAUSTED' not in text:
     return None
   match = _OOM.search(text)
-  first_line = next(line for line in text.splitlines() if 'RESOURCE_EXHAUSTED' in line)
-  if match is None:
-    return {'required_bytes': None, 'available_bytes': None, 'message': first_line.strip()}
-  required, unit, available, available_unit = match.groups()
-  return {'required_bytes': int(float(required) * _UNITS[unit]),
-          'available_bytes': int(float(available) * _UNITS[available_unit]),
-          'message': first_line.strip()}
+  size = lambda number, unit: int(float(number) * _UNITS[unit])
+  message = next(line for line in text.splitlines() if 'RESOURCE_EXHAUSTED' in line)
+  return {'required_bytes': match and size(match[1], match[2]),
+          'available_bytes': match and size(match[3], match[4]), 'message': message.strip()}
 
 
 def per_device_bytes(abstract_tree) -> int:
