@@ -233,22 +233,19 @@ def stepper(workload: _Workload, compiled):
 def compiled_stepper(spec: Spec):
   """`stepper` for `spec` compiled on its devices: what `vit_jax.compare_timm` times."""
   run_config(spec)
-  workload = _workload(spec, sharding.make_mesh(spec.devices()))
-  compiled, _, _ = _compile(workload)
+  workload, compiled, _, _ = _compile(spec, sharding.make_mesh(spec.devices()))
   return stepper(workload, compiled)
 
 
-def _workload(spec: Spec, mesh) -> _Workload:
-  return (_train_workload if spec.mode == 'train' else _inference_workload)(spec, mesh)
-
-
-def _compile(workload: _Workload):
+def _compile(spec: Spec, mesh):
+  """(workload, compiled program, lowering seconds, compile seconds) of `spec` on `mesh`."""
+  workload = (_train_workload if spec.mode == 'train' else _inference_workload)(spec, mesh)
   start = time.perf_counter()
   lowered = workload.jitted.lower(*workload.abstract_args)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()
-  return compiled, lower_s, time.perf_counter() - start
+  return workload, compiled, lower_s, time.perf_counter() - start
 
 
 def pipeline_images_per_s(config, steps: int) -> float:
@@ -293,8 +290,7 @@ def run(spec: Spec, *, peak_flops: Optional[float] = None, compile_only: bool = 
   devices = spec.devices()
   mesh = sharding.make_mesh(devices)
   jax.clear_caches()
-  workload = _workload(spec, mesh)
-  compiled, lower_s, compile_s = _compile(workload)
+  workload, compiled, lower_s, compile_s = _compile(spec, mesh)
   times = [] if compile_only else time_calls(stepper(workload, compiled), spec.steps)
   step_time = statistics.median(times) if times else None
   images_per_s = spec.batch / step_time if times else None
@@ -347,8 +343,7 @@ def _probe(spec: Spec, method: str, limit: int) -> dict:
   jax.clear_caches()
   probe = {'batch_per_device': spec.batch // len(spec.devices()), 'bytes': None}
   try:
-    workload = _workload(spec, mesh)
-    compiled, _, compile_s = _compile(workload)
+    workload, compiled, _, compile_s = _compile(spec, mesh)
     probe['compile_s'] = compile_s
     memory = hardware.xla_memory(compiled)
     probe['bytes'] = memory and memory['total']
@@ -358,8 +353,7 @@ def _probe(spec: Spec, method: str, limit: int) -> dict:
                          '--max_batch_method=run.')
       probe['fits'] = memory['total'] <= limit
     else:
-      args = workload.step(compiled, workload.make_args())
-      del args
+      workload.step(compiled, workload.make_args())
       probe['fits'] = True
   except (jax.errors.JaxRuntimeError, MemoryError) as e:
     if not (isinstance(e, MemoryError) or _is_oom(e)):
