@@ -225,7 +225,7 @@ def load_pretrained(*, pretrained_path: str, init_params: Any,
   GroupNorm params (1, 1, 1, C) become (C,). Anything else that does not match is one ValueError
   listing every missing, unexpected and mis-shaped key.
   """
-  model = _flatten_with_paths(init_params)
+  model = traverse_util.flatten_dict(init_params, sep='/')
   checkpoint = traverse_util.flatten_dict(load(pretrained_path), sep='/')
   adapted, legacy_group_norm = {}, 0
   for key, value in checkpoint.items():
@@ -251,8 +251,8 @@ def load_pretrained(*, pretrained_path: str, init_params: Any,
     logging.info('Resized position embeddings %s -> %s.', old.shape, model[POSEMB_KEY].shape)
   logging.info('Loaded %s; head %s.', pretrained_path,
                'from the checkpoint' if keep_head else 'from the model initialisation')
-  return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: np.asarray(adapted[_path_key(path)], dtype=leaf.dtype), init_params)
+  return traverse_util.unflatten_dict(
+      {k: np.asarray(adapted[k], dtype=leaf.dtype) for k, leaf in model.items()}, sep='/')
 
 
 def _check_fits(checkpoint: Mapping[str, Any], model: Mapping[str, Any], path: str,
@@ -314,14 +314,6 @@ def _grid_size(num_patches: int, whose: str, has_class_token: bool) -> int:
 
 def _is_legacy_group_norm(key: str, shape: Sequence[int]) -> bool:
   return bool(_GROUP_NORM_PARAM.search(key)) and len(shape) == 4 and tuple(shape[:3]) == (1, 1, 1)
-
-
-def _path_key(path) -> str:
-  return '/'.join(str(p.key) for p in path)
-
-
-def _flatten_with_paths(tree: Any) -> Dict[str, Any]:
-  return {_path_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +402,7 @@ def fetch(name: str, *, bucket: str = 'imagenet21k', dest: str = 'checkpoints',
     filename, _ = resolve_augreg(name, augreg_index_path(dest, base_url))
     return fetch(filename, bucket=AUGREG, dest=os.path.join(dest, AUGREG), base_url=base_url,
                  timeout=timeout)
-  name = name[:-len('.npz')] if name.endswith('.npz') else name
+  name = name.removesuffix('.npz')
   url = checkpoint_url(name, bucket, base_url)
   path = os.path.join(dest, f'{name}.npz')
   if os.path.exists(path):
@@ -505,7 +497,7 @@ def _best_augreg_i21k(index: str, short: str) -> str:
 
 def resolve_augreg(spec: str, index: Optional[str] = None) -> tuple[str, str]:
   """('augreg:')SHORT or a full filename -> (filename without .npz, our model name)."""
-  spec = spec[len(AUGREG_PREFIX):] if spec.startswith(AUGREG_PREFIX) else spec
+  spec = spec.removeprefix(AUGREG_PREFIX)
   short = spec.split('-')[0]
   name = augreg_model_name(short)
   filename = spec if '-' in spec else _best_augreg_i21k(index or augreg_index_path(), short)
