@@ -104,7 +104,7 @@ def _read_workdir(workdir: str, model_name: Optional[str]):
     resolution = run_config.pp.resolution
     if not isinstance(resolution, int) or resolution < 1:
       raise TypeError(f'pp.resolution={resolution!r} is not a positive integer')
-    models.abstract_params(model_config, 1, resolution)  # What load_model builds, named if it fails.
+    models.abstract_params(model_config, 1, resolution)  # load_model's build, named if it fails.
   except (TypeError, KeyError, AttributeError, ValueError) as e:
     raise ValueError(f'{workdir_lib.path(workdir, workdir_lib.CONFIG)} does not describe a model '
                      f'vit_jax can build (edited by hand?): {type(e).__name__}: {e}') from e
