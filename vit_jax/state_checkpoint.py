@@ -75,11 +75,7 @@ class TrainCheckpointer:
       return False
     self.wait()
     if not self._steps_on_disk():
-      self._save_failed = True
-      raise CheckpointSaveError(
-          f'Cannot save the training checkpoint for step {step}: {self._directory} was deleted '
-          '(or replaced by a file) during the run, and with it the checkpoints of earlier steps. '
-          'Run the same command to start again from the last checkpoint left, if any.')
+      raise self._save_error(step)
     try:
       self._manager.save(
           step,
@@ -224,13 +220,15 @@ class TrainCheckpointer:
     return epath.Path(self._directory).is_dir() and all(
         epath.Path(self._directory, str(s)).is_dir() for s in self._manager.all_steps())
 
-  def _save_error(self, step: Optional[int], cause: Exception) -> CheckpointSaveError:
+  def _save_error(self, step: Optional[int],
+                  cause: Optional[Exception] = None) -> CheckpointSaveError:
     self._save_failed = True
     what = f'the training checkpoint for step {step}' if step is not None else 'a checkpoint'
     if not self._steps_on_disk():
       return CheckpointSaveError(
           f'Saving {what} failed: {self._directory} was deleted (or replaced by a file) during '
-          'the run, and with it the checkpoints of earlier steps.')
+          'the run, and with it the checkpoints of earlier steps. Run the same command to start '
+          'again from the last checkpoint left, if any.')
     self._manager.reload()  # The steps on disk: orbax's own list may be off after a failure.
     latest = self._manager.latest_step()
     kept = (f'The last complete checkpoint (step {latest}) is kept.' if latest is not None
