@@ -1,6 +1,6 @@
 """Fine-tuning an AugReg checkpoint ("How to train your ViT?") by its short model name.
 
-    python -m vit_jax.checkpoint fetch augreg:B_16
+    python -m vit_jax.weights fetch augreg:B_16
     python -m vit_jax.main --workdir=/tmp/augreg_b16_cifar10 --config=configs/augreg.py:B_16,cifar10
 
 `MODEL` is an AugReg short name (B_16, S_16, R26_S_32, ...: the best i21k pre-training by its

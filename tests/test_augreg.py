@@ -55,7 +55,7 @@ def test_fetch_command_downloads_the_index_then_the_selected_checkpoint(tmp_path
   shutil.copy(INDEX, bucket / 'index.csv')
   (bucket / f'{BEST_B16}.npz').write_bytes(b'stand-in for the checkpoint')
   result = subprocess.run(
-      [sys.executable, '-m', 'vit_jax.checkpoint', 'fetch', 'augreg:B_16',
+      [sys.executable, '-m', 'vit_jax.weights', 'fetch', 'augreg:B_16',
        f'--dest={tmp_path / "ckpt"}', f'--base_url=file://{tmp_path / "bucket"}'],
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
       timeout=120)

@@ -27,7 +27,6 @@ from tests.test_reliability import _assert_user_error
 from tests.test_reliability import _command
 from tests.test_reliability import _env
 from tests.test_reliability import _poison
-from vit_jax import checkpoint
 from vit_jax import config_lib
 from vit_jax import hardware
 from vit_jax import input_pipeline
@@ -36,6 +35,7 @@ from vit_jax import trainer as trainer_lib
 from vit_jax import sharding
 from vit_jax import state_checkpoint
 from vit_jax import train_loop
+from vit_jax import weights
 from vit_jax import workdir as workdir_lib
 
 # ---------------------------------------------------------------------------------------------
@@ -281,11 +281,11 @@ BAD_ARRAY_MESSAGES = {
 
 
 def test_checkpoint_inspect_names_the_file_and_key_of_a_bad_array(bad_npz):
-  _assert_user_error(_command('checkpoint', 'inspect', bad_npz['scalar']),
+  _assert_user_error(_command('weights', 'inspect', bad_npz['scalar']),
                      BAD_ARRAY_MESSAGES['scalar'])
   for kind in ('string', 'complex'):  # The same load as above, in this process.
     with pytest.raises(ValueError, match=BAD_ARRAY_MESSAGES[kind]):
-      checkpoint.describe(str(bad_npz[kind]))
+      weights.describe(str(bad_npz[kind]))
 
 
 def test_pretrained_path_names_the_key_of_a_scalar(bad_npz, tmp_path):

@@ -21,6 +21,7 @@ import scipy.ndimage
 from vit_jax import checkpoint
 from vit_jax import model_configs
 from vit_jax import models
+from vit_jax import weights
 
 POSEMB = 'Transformer/posembed_input/pos_embedding'
 
@@ -419,7 +420,7 @@ def test_match_model_config_of_hybrid_with_legacy_group_norm_shapes():
 def test_inspect_prints_tree_parameter_count_and_model_config(tmp_path, capsys):
   flat = _random_flat(_config(), num_classes=10, resolution=32)
   path = _write_npz(tmp_path / 'micro.npz', flat)
-  checkpoint.main(['checkpoint', 'inspect', path])
+  weights.main(['weights', 'inspect', path])
   out = capsys.readouterr().out
   for key, value in flat.items():
     assert any(line.split()[:1] == [key] and str(value.shape) in line
@@ -525,13 +526,13 @@ def test_fetch_command_line(tmp_path, serve):
   root, data = _bucket_dir(tmp_path, 'imagenet21k', 'ViT-B_16')
   base_url = serve(functools.partial(_QuietHandler, directory=str(root)))
   flag_values = flags.FlagValues()
-  checkpoint.define_flags(flag_values)
+  weights.define_flags(flag_values)
   dest = tmp_path / 'out'
-  argv = flag_values(['checkpoint', 'fetch', 'ViT-B_16', f'--dest={dest}',
+  argv = flag_values(['weights', 'fetch', 'ViT-B_16', f'--dest={dest}',
                       f'--base_url={base_url}'])
-  checkpoint.main(argv, flag_values)
+  weights.main(argv, flag_values)
   assert (dest / 'ViT-B_16.npz').read_bytes() == data
-  argv = flag_values(['checkpoint', 'fetch', 'ViT-X_1', '--bucket=imagenet21k+imagenet2012'])
+  argv = flag_values(['weights', 'fetch', 'ViT-X_1', '--bucket=imagenet21k+imagenet2012'])
   with pytest.raises(ValueError, match="Unknown checkpoint 'ViT-X_1' in bucket "
                      r'imagenet21k\+imagenet2012'):
-    checkpoint.main(argv, flag_values)
+    weights.main(argv, flag_values)

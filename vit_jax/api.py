@@ -5,9 +5,8 @@
     logits = model.apply({'params': params}, preprocess(['cat.jpg']), train=False)
     vit_jax.classify('ViT-B_16', ['cat.jpg', 'photos/'])     # [[(class name, probability), ...]]
 
-A released name is fetched into `checkpoints/` (vit_jax.checkpoint.fetch) unless it is already
-there; `preprocess` is the inference commands' (vit_jax.inference), so notebook and
-`python -m vit_jax.predict` see the same pixels.
+A released name is fetched into `checkpoints/` unless it is there; `preprocess` is predict's, so
+notebook and command see the same pixels.
 """
 import functools
 import os
@@ -23,8 +22,7 @@ Images = Union[str, Sequence[str], np.ndarray]
 
 
 class Model(tuple):
-  """(model, params, preprocess), to unpack; also `.class_names`, `.resolution` and `.loaded`
-  (the vit_jax.inference.LoadedModel)."""
+  """(model, params, preprocess), to unpack; also `.class_names`, `.resolution` and `.loaded`."""
 
   def __new__(cls, loaded: inference.LoadedModel, labels: Optional[str] = None):
     preprocess = functools.partial(
@@ -38,8 +36,8 @@ class Model(tuple):
 
 
 def _preprocess(images: Images, *, resolution: int, pp=None) -> np.ndarray:
-  """Image files / directories -> float32 [n, resolution, resolution, 3] in [-1, 1], preprocessed
-  as the eval pipeline of the run (`pp`) does; an array is taken as already preprocessed."""
+  """Image files / directories -> float32 [n, R, R, 3] as the run's eval pipeline (`pp`) makes
+  them; an array is taken as already preprocessed."""
   if isinstance(images, np.ndarray):
     return images
   return inference.load_images([images] if isinstance(images, str) else list(images),
@@ -64,9 +62,9 @@ def resolve(name_or_path: str, *, bucket: str = 'imagenet21k',
 def load(name_or_path: str, *, model_name: Optional[str] = None,
          resolution: Optional[int] = None, labels: Optional[str] = None,
          bucket: str = 'imagenet21k', checkpoints_dir: str = 'checkpoints') -> Model:
-  """A released name ('ViT-B_16', fetched from `bucket`; or 'augreg:B_16'), a `.npz` path
-  (named as its model, else pass `model_name`) or a training workdir -> Model (unpacks to
-  model, params, preprocess). `labels`: a file of class names (default: see vit_jax.inference.class_names)."""
+  """A released name ('ViT-B_16' from `bucket`, 'augreg:B_16'), a `.npz` path (named as its
+  model, else pass `model_name`) or a training workdir -> Model. `labels`: a file of class
+  names (default: inference.class_names's)."""
   if model_name and name_or_path.endswith('.npz'):
     path = name_or_path
   else:

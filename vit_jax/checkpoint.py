@@ -1,14 +1,8 @@
-"""Released `.npz` checkpoints: load, adapt to a model, save, inspect and fetch.
+"""Released `.npz` checkpoints: load, adapt to a model, save and fetch (command line:
+vit_jax.weights).
 
-The in-memory parameter tree of `vit_jax.models.VisionTransformer` is the released layout, so
-loading only unflattens the `/`-joined keys. The big_vision layout is converted on load (see
-`_from_big_vision`); `load_pretrained` adapts the head, pre_logits, the position-embedding grid
-and legacy GroupNorm shapes to the model being fine-tuned.
-
-Usage:
-  python -m vit_jax.checkpoint inspect PATH
-  python -m vit_jax.checkpoint fetch NAME [--bucket=imagenet21k] [--dest=checkpoints/]
-  python -m vit_jax.checkpoint fetch augreg:B_16    # the best i21k AugReg B/16 (see below)
+The model's parameter tree is the released layout, so loading only unflattens the `/`-joined
+keys; big_vision files are converted on load (`_from_big_vision`).
 """
 import csv
 import functools
@@ -25,16 +19,15 @@ import urllib.request
 import zipfile
 import zlib
 
-from absl import flags
 from absl import logging
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import scipy.ndimage
 import tqdm
 
-from vit_jax import cli
 from vit_jax import model_configs
 from vit_jax import models
 
@@ -51,14 +44,13 @@ AUGREG = 'augreg'  # The AugReg bucket, and the folder under `dest` that its fil
 BUCKETS = (*RELEASED_NAMES, AUGREG)
 
 _GROUP_NORM_PARAM = re.compile(r'(^|/)gn[^/]*/(scale|bias)$')
-_BIG_VISION_BLOCK_NAMES = {
-    'LayerNorm_0': 'LayerNorm_0',
+_BIG_VISION_BLOCK_NAMES = {  # An encoder block's submodules: big_vision name -> released name.
     'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
     'LayerNorm_1': 'LayerNorm_2',
     'MlpBlock_0': 'MlpBlock_3',
 }
 _BIG_VISION_BLOCK = re.compile(
-    r'^Transformer/encoderblock(_\d+)?/(MultiHeadDotProductAttention_0|MlpBlock_0)/')
+    rf'^(Transformer/encoderblock_\d+/)({"|".join(_BIG_VISION_BLOCK_NAMES)})/')
 _SCANNED_BLOCK_PREFIX = 'Transformer/encoderblock/'
 
 
@@ -75,8 +67,8 @@ class DownloadError(OSError):
 
 
 def gfile():
-  """`tf.io.gfile` (local paths, gs://, ram://), imported on first use: the model, the trainer
-  and the benchmark import without TensorFlow (accelerator images often lack it)."""
+  """`tf.io.gfile`, imported on first use: the model, the trainer and the benchmark import
+  without TensorFlow (accelerator images often lack it)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return tf.io.gfile
 
@@ -112,9 +104,8 @@ def load(path: str) -> Dict[str, Any]:
 
 
 def _check_arrays(flat: Mapping[str, np.ndarray], path: str) -> None:
-  """ValueError naming the file and key of an array that cannot be a weight: a scalar (shape
-  ()), strings, complex numbers or raw bytes. (Arrays outside `params/` of a big_vision file
-  are ignored, as on load.)"""
+  """ValueError naming the file and key of an array that cannot be a weight (a scalar, strings,
+  complex numbers, raw bytes); arrays outside a big_vision file's `params/` are ignored."""
   used = {k: v for k, v in flat.items() if k.startswith('params/')} or flat
   for key, value in used.items():
     if value.dtype.kind in 'USVOc':
@@ -126,10 +117,10 @@ def _check_arrays(flat: Mapping[str, np.ndarray], path: str) -> None:
 
 
 def check_weights(params: Mapping[str, Any], source: str) -> None:
-  """Raises ValueError unless every array of `params` (a nested or `/`-flat dict of numpy or
-  jax arrays) is floating-point and finite: integer weights are a wrong file, NaN or Inf ones a
-  diverged run, and either would give silently wrong outputs. `source` starts the message."""
-  flat = traverse_util.flatten_dict(params, sep='/') if _is_nested(params) else dict(params)
+  """ValueError (starting with `source`) unless every array of `params` (nested or `/`-flat) is
+  floating-point and finite: integer weights are a wrong file, NaN or Inf ones a diverged run."""
+  nested = any(isinstance(v, Mapping) for v in params.values())
+  flat = traverse_util.flatten_dict(params, sep='/') if nested else dict(params)
   not_float = sorted(k for k, v in flat.items() if not jnp.issubdtype(v.dtype, jnp.floating))
   if not_float:
     raise ValueError(f'{source} holds non-floating-point weights in {_some_keys(not_float)} '
@@ -139,10 +130,6 @@ def check_weights(params: Mapping[str, Any], source: str) -> None:
     raise ValueError(f'{source} holds NaN or Inf weights in {len(non_finite)} of {len(flat)} '
                      f'arrays: {_some_keys(non_finite)}. It cannot give meaningful outputs (was '
                      'it saved after training diverged?).')
-
-
-def _is_nested(tree: Mapping[str, Any]) -> bool:
-  return any(isinstance(v, Mapping) for v in tree.values())
 
 
 def _all_finite(array) -> bool:
@@ -159,11 +146,9 @@ def _some_keys(keys: Sequence[str], shown: int = 3) -> str:
 def _from_big_vision(flat: Dict[str, np.ndarray], path: str) -> Dict[str, np.ndarray]:
   """Converts a flat big_vision tree to the released layout; other trees pass unchanged.
 
-  big_vision differences: keys may sit under `params/`; encoder blocks may be scanned into one
-  `Transformer/encoderblock` with a leading layer axis; block submodules are named `LayerNorm_0`,
-  `MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`; the learned position embedding
-  is a top-level `pos_embedding` covering the patch grid only (big_vision adds it before the class
-  token is prepended, so the class token's row is zero in the released layout).
+  big_vision keys may sit under `params/`, blocks may be scanned (a leading layer axis), block
+  submodules are numbered from 0, and `pos_embedding` covers the patch grid only (added before
+  the class token is prepended: the class token's row is zero in the released layout).
   """
   if any(k.startswith('params/') for k in flat):
     others = [k for k in flat if not k.startswith('params/')]
@@ -179,7 +164,8 @@ def _from_big_vision(flat: Dict[str, np.ndarray], path: str) -> Dict[str, np.nda
     flat = traverse_util.flatten_dict(tree, sep='/')
     logging.info('%s: unstacked the scanned big_vision encoder blocks.', path)
   if any(_BIG_VISION_BLOCK.match(k) for k in flat):
-    flat = {_rename_big_vision_block_key(k): v for k, v in flat.items()}
+    flat = {_BIG_VISION_BLOCK.sub(lambda m: f'{m[1]}{_BIG_VISION_BLOCK_NAMES[m[2]]}/', k): v
+            for k, v in flat.items()}
     logging.info('%s: renamed big_vision encoder-block modules to the released names.', path)
   if 'pos_embedding' in flat:
     posemb = flat.pop('pos_embedding')
@@ -189,16 +175,9 @@ def _from_big_vision(flat: Dict[str, np.ndarray], path: str) -> Dict[str, np.nda
   return flat
 
 
-def _rename_big_vision_block_key(key: str) -> str:
-  parts = key.split('/')
-  if len(parts) > 2 and parts[0] == 'Transformer' and parts[1].startswith('encoderblock_'):
-    parts[2] = _BIG_VISION_BLOCK_NAMES.get(parts[2], parts[2])
-  return '/'.join(parts)
-
-
 def save_npz(params: Mapping[str, Any], path: str) -> str:
-  """Writes params (numpy or jax arrays, sharded ones included) as a flat float32 `.npz` with
-  `/`-joined keys, atomically (`write_atomically`). Returns `path`."""
+  """Writes params (numpy or jax arrays, sharded ones included) atomically as a flat float32
+  `.npz` with `/`-joined keys. Returns `path`."""
   flat = traverse_util.flatten_dict(jax.device_get(params), sep='/')
   buffer = io.BytesIO()
   np.savez(buffer, **{k: np.asarray(v, dtype=np.float32) for k, v in flat.items()})
@@ -208,10 +187,9 @@ def save_npz(params: Mapping[str, Any], path: str) -> str:
 
 
 def write_atomically(path: str, data) -> None:
-  """Writes `data` (bytes or str) to `path` (a local path, without importing TensorFlow, or any
-  tf.io.gfile URL) so that a reader finds the old file or the new one, never a part: written
-  beside it and renamed into place, except on an object store (_OBJECT_STORES), which publishes an
-  object only when its upload completes."""
+  """Writes `data` (bytes or str) to `path` (local, without TensorFlow, or a tf.io.gfile URL) so
+  that a reader finds the old file or the new one, never a part: written beside it and renamed,
+  except on an object store, which publishes an object only when its upload completes."""
   local = '://' not in path
   fs = _LOCAL_FILES if local else gfile()
   directory = os.path.dirname(path)
@@ -242,14 +220,12 @@ def load_pretrained(*, pretrained_path: str, init_params: Any,
                     model_config: ml_collections.ConfigDict, keep_head: bool = False) -> Any:
   """Checkpoint params adapted to a model, as numpy arrays in the structure of `init_params`.
 
-  The head is the model's own (from `init_params`), or with `keep_head` the checkpoint's (which
-  must then match; `init_params` may then be jax.ShapeDtypeStructs). `pre_logits` is kept when
-  `model_config.representation_size` is set (and must then match) and dropped when it is None;
-  the position-embedding grid is resized linearly when the resolution differs; legacy GroupNorm
-  params of shape (1, 1, 1, C) become (C,). Everything else must match exactly, otherwise one
-  ValueError lists every missing, unexpected and mis-shaped key.
+  The head is the model's (`init_params`) or with `keep_head` the checkpoint's; `pre_logits` is
+  dropped when `representation_size` is None; the position-embedding grid is resized; legacy
+  GroupNorm params (1, 1, 1, C) become (C,). Anything else that does not match is one ValueError
+  listing every missing, unexpected and mis-shaped key.
   """
-  model = _flatten_with_paths(init_params)
+  model = traverse_util.flatten_dict(init_params, sep='/')
   checkpoint = traverse_util.flatten_dict(load(pretrained_path), sep='/')
   adapted, legacy_group_norm = {}, 0
   for key, value in checkpoint.items():
@@ -275,8 +251,8 @@ def load_pretrained(*, pretrained_path: str, init_params: Any,
     logging.info('Resized position embeddings %s -> %s.', old.shape, model[POSEMB_KEY].shape)
   logging.info('Loaded %s; head %s.', pretrained_path,
                'from the checkpoint' if keep_head else 'from the model initialisation')
-  return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: np.asarray(adapted[_path_key(path)], dtype=leaf.dtype), init_params)
+  return traverse_util.unflatten_dict(
+      {k: np.asarray(adapted[k], dtype=leaf.dtype) for k, leaf in model.items()}, sep='/')
 
 
 def _check_fits(checkpoint: Mapping[str, Any], model: Mapping[str, Any], path: str,
@@ -313,12 +289,15 @@ def _check_fits(checkpoint: Mapping[str, Any], model: Mapping[str, Any], path: s
 
 def resize_posemb(posemb: np.ndarray, num_tokens: int, *, has_class_token: bool) -> np.ndarray:
   """Resizes (1, tokens, D) position embeddings to `num_tokens` tokens by linear interpolation
-  of the square patch grid (the class token's row, if any, is kept as is)."""
+  of the square patch grid, as the official code (zoom, order 1), keeping the class token's row.
+  mode='nearest' keeps the last row where rounding puts a coordinate a hair past the grid
+  (e.g. 8 -> 26), which zoom's default mode='constant' zeroes."""
   prefix = 1 if has_class_token else 0
   old_size = _grid_size(posemb.shape[1] - prefix, 'checkpoint', has_class_token)
   new_size = _grid_size(num_tokens - prefix, 'model', has_class_token)
   grid = np.asarray(posemb[0, prefix:], np.float64).reshape(old_size, old_size, -1)
-  grid = _resize_linear(_resize_linear(grid, new_size, axis=0), new_size, axis=1)
+  zoom = new_size / old_size
+  grid = scipy.ndimage.zoom(grid, (zoom, zoom, 1), order=1, mode='nearest')
   grid = grid.reshape(1, new_size * new_size, -1).astype(posemb.dtype)
   return np.concatenate([posemb[:, :prefix], grid], axis=1)
 
@@ -333,37 +312,8 @@ def _grid_size(num_patches: int, whose: str, has_class_token: bool) -> int:
   return size
 
 
-def _resize_linear(x: np.ndarray, new: int, *, axis: int) -> np.ndarray:
-  """Linear interpolation along `axis` with the coordinate mapping of
-  `scipy.ndimage.zoom(order=1)` (grid_mode=False): output i samples input i*(old-1)/(new-1).
-
-  Coordinates are clamped to the grid. Where rounding puts the last one a hair past the edge
-  (e.g. 8 -> 26), zoom's default mode='constant' returns 0 for the whole last row; here it stays
-  the input's last row.
-  """
-  old = x.shape[axis]
-  if old == new:
-    return x
-  step = (old - 1) / (new - 1) if new > 1 else 0.0
-  coords = np.arange(new) * step
-  lo = np.clip(np.floor(coords).astype(int), 0, max(old - 2, 0))
-  hi = np.minimum(lo + 1, old - 1)
-  weight_shape = [1] * x.ndim
-  weight_shape[axis] = new
-  frac = (coords - lo).reshape(weight_shape)
-  return np.take(x, lo, axis=axis) * (1 - frac) + np.take(x, hi, axis=axis) * frac
-
-
 def _is_legacy_group_norm(key: str, shape: Sequence[int]) -> bool:
   return bool(_GROUP_NORM_PARAM.search(key)) and len(shape) == 4 and tuple(shape[:3]) == (1, 1, 1)
-
-
-def _path_key(path) -> str:
-  return '/'.join(str(p.key) for p in path)
-
-
-def _flatten_with_paths(tree: Any) -> Dict[str, Any]:
-  return {_path_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,8 +323,8 @@ def _flatten_with_paths(tree: Any) -> Dict[str, Any]:
 def match_model_config(
     flat_shapes: Mapping[str, Sequence[int]]) -> Optional[Tuple[str, Optional[int], Optional[int]]]:
   """(name, num_classes, resolution) of the first MODEL_CONFIGS entry whose parameter shapes the
-  flat tree has, ignoring the head, pre_logits and the position-embedding length; num_classes is
-  None without a head, resolution None when the position embedding is not a square grid."""
+  flat tree has, ignoring the head, pre_logits and the position-embedding length (None for
+  num_classes without a head, for resolution off a square grid)."""
   shapes = {k: tuple(s[-1:]) if _is_legacy_group_norm(k, s) else tuple(s)
             for k, s in flat_shapes.items()
             if not k.startswith(('head/', 'pre_logits/'))}
@@ -446,14 +396,13 @@ def checkpoint_url(name: str, bucket: str, base_url: str = DEFAULT_BASE_URL) -> 
 
 def fetch(name: str, *, bucket: str = 'imagenet21k', dest: str = 'checkpoints',
           base_url: str = DEFAULT_BASE_URL, timeout: float = 10.0) -> str:
-  """Downloads `<base_url>/<bucket>/<name>.npz` to `<dest>/<name>.npz` unless it is already
-  there; returns the local path. 'augreg:SPEC' is the AugReg checkpoint `resolve_augreg` names,
-  downloaded to `<dest>/augreg/`."""
+  """Downloads `<base_url>/<bucket>/<name>.npz` to `<dest>/<name>.npz` unless it is there;
+  returns the local path. 'augreg:SPEC' (`resolve_augreg`) goes to `<dest>/augreg/`."""
   if name.startswith(AUGREG_PREFIX):
     filename, _ = resolve_augreg(name, augreg_index_path(dest, base_url))
     return fetch(filename, bucket=AUGREG, dest=os.path.join(dest, AUGREG), base_url=base_url,
                  timeout=timeout)
-  name = name[:-len('.npz')] if name.endswith('.npz') else name
+  name = name.removesuffix('.npz')
   url = checkpoint_url(name, bucket, base_url)
   path = os.path.join(dest, f'{name}.npz')
   if os.path.exists(path):
@@ -501,14 +450,10 @@ def download(url: str, path: str, *, timeout: float = 10.0, chunk_size: int = 1 
 
 
 # ---------------------------------------------------------------------------------------------
-# AugReg checkpoints ("How to train your ViT?") by short model name, through the bucket's index.
-#
-# `gs://vit_models/augreg/index.csv` has one row per (pre-training, fine-tuning) pair; its columns
-# include `name` ("B/16"), `ds` (pre-training data: i1k, i21k, i21k_30), `final_val` (the
-# pre-training's final validation accuracy), `filename` (the pre-trained checkpoint,
-# `augreg/<filename>.npz`) and `adapt_filename`. A short name ('B_16', 'R26_S_32') stands, as in
-# the official configs/augreg.py, for the i21k pre-training of that model with the best
-# `final_val`; a full filename ('B_16-i21k-300ep-lr_0.001-...') stands for itself.
+# AugReg checkpoints ("How to train your ViT?"). As in the official configs/augreg.py, a short
+# name ('B_16', 'R26_S_32') stands for that model's i21k pre-training (`ds`) with the best
+# `final_val` in the bucket's index.csv (`filename`: augreg/<filename>.npz); a full filename
+# ('B_16-i21k-300ep-lr_0.001-...') stands for itself.
 
 AUGREG_PREFIX = 'augreg:'
 
@@ -552,59 +497,8 @@ def _best_augreg_i21k(index: str, short: str) -> str:
 
 def resolve_augreg(spec: str, index: Optional[str] = None) -> tuple[str, str]:
   """('augreg:')SHORT or a full filename -> (filename without .npz, our model name)."""
-  spec = spec[len(AUGREG_PREFIX):] if spec.startswith(AUGREG_PREFIX) else spec
+  spec = spec.removeprefix(AUGREG_PREFIX)
   short = spec.split('-')[0]
   name = augreg_model_name(short)
   filename = spec if '-' in spec else _best_augreg_i21k(index or augreg_index_path(), short)
   return filename, name
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-
-def describe(path: str) -> str:
-  """Human-readable summary: each array with its shape, the parameter count and the config."""
-  flat = traverse_util.flatten_dict(load(path), sep='/')
-  width = max(len(k) for k in flat)
-  lines = [path]
-  lines += [f'  {k:<{width}}  {str(tuple(v.shape)):<20} {v.dtype}' for k, v in sorted(flat.items())]
-  lines.append(f'Parameters: {sum(v.size for v in flat.values()):,} in {len(flat)} arrays')
-  match = match_model_config({k: v.shape for k, v in flat.items()})
-  if match:
-    name, num_classes, resolution = match
-    lines.append(f'Model config: {name} (num_classes={num_classes}, resolution={resolution})')
-  else:
-    lines.append('Model config: no entry of vit_jax.model_configs.MODEL_CONFIGS matches')
-  return '\n'.join(lines)
-
-
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """Flags of the `fetch` command; defined only when this module runs as the program, so that
-  importing the library adds no flags to other programs."""
-  flags.DEFINE_enum('bucket', 'imagenet21k', BUCKETS, 'Bucket of the released checkpoint.',
-                    flag_values=flag_values)
-  flags.DEFINE_string('dest', 'checkpoints', 'Directory to download into.',
-                      flag_values=flag_values)
-  flags.DEFINE_string('base_url', DEFAULT_BASE_URL, 'HTTPS root of the vit_models bucket.',
-                      flag_values=flag_values)
-  flags.DEFINE_float('timeout', 10.0, 'Network timeout in seconds.', flag_values=flag_values)
-
-
-def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """`inspect PATH` or `fetch NAME`; errors (OSError includes DownloadError) are the user's."""
-  commands = ('inspect', 'fetch')
-  if len(argv) != 3 or argv[1] not in commands:
-    raise cli.UserError(f'Expected one of: {" | ".join(c + " ARG" for c in commands)}; '
-                        f'got {" ".join(argv[1:]) or "nothing"}.')
-  command, arg = argv[1:]
-  if command == 'inspect':
-    print(describe(arg))
-  else:
-    fetch(arg, bucket=flag_values.bucket, dest=flag_values.dest,
-          base_url=flag_values.base_url, timeout=flag_values.timeout)
-
-
-if __name__ == '__main__':
-  define_flags()
-  cli.run(main)

@@ -1,33 +1,11 @@
-"""Exports a ViT classifier as a TensorFlow SavedModel and checks it against the JAX model.
+"""Exports a ViT classifier as a TensorFlow SavedModel, verified against the JAX model.
 
-Usage:
+  python -m vit_jax.export --checkpoint=WORKDIR --out=DIR
   python -m vit_jax.export --model=ViT-B_16 --checkpoint=model.npz --out=DIR [--resolution=384]
-  python -m vit_jax.export --checkpoint=WORKDIR --out=DIR   # model, resolution from config.json
 
-The checkpoint is read by `vit_jax.inference.load_model`, which names every parameter that does
-not fit the model (missing, unexpected or mis-shaped, with both shapes).
-
-Signatures of the SavedModel (the batch size is dynamic; R is the resolution, C the classes):
-  serving_default  images: uint8   [batch, R, R, 3]  RGB values 0..255
-  serving_float    images: float32 [batch, R, R, 3]  RGB already scaled to [-1, 1]
-both returning
-  logits:          float32 [batch, C]
-  probabilities:   float32 [batch, C]  softmax of the logits.
-Images must already be R x R (resize / crop before calling, e.g. with
-`vit_jax.preprocessing.eval_preprocess`). uint8 images are scaled as in evaluation,
-(x - 127.5) / 127.5.
-
-The JAX computation is serialised as StableHLO (jax2tf native serialisation) for each of
---platforms; the parameters are SavedModel variables, so models of any size can be saved. With
---dtype=bfloat16 the model computes in bfloat16 (parameters stay float32, outputs are float32).
-
-The SavedModel is written next to --out, loaded back with `tf.saved_model.load` and both
-signatures are compared with the JAX model on deterministic random images (on this machine's
-platform): logits within 1e-4 (float32) or 5e-2 (bfloat16, whose rounding differs between XLA
-builds) of max(1, largest |logit|), probabilities equal to their softmax. Only a model that
-matches is moved to --out; on a mismatch (a NaN difference is one) the command fails and --out
-is left as it was. Before anything is written, the JAX model's logits of those images must be
-finite (vit_jax.output_check).
+The model is serialised as StableHLO (jax2tf) for each of --platforms, its parameters as
+variables. The signatures, and how the reloaded SavedModel is compared with the JAX model before
+it replaces --out: README "Exporting a SavedModel".
 """
 import uuid
 from typing import Any, Mapping, Sequence
@@ -38,6 +16,7 @@ import jax
 from jax.experimental import jax2tf
 import jax.numpy as jnp
 import numpy as np
+import scipy.special
 import tensorflow as tf
 
 from vit_jax import cli
@@ -58,12 +37,6 @@ NUM_VERIFICATION_IMAGES = 3
 
 class VerificationError(cli.UserError):
   """The reloaded SavedModel does not compute what the JAX model computes."""
-
-
-def preprocess_uint8(images: tf.Tensor) -> tf.Tensor:
-  """uint8 RGB 0..255 -> float32 in [-1, 1]: the eval pipeline's scaling (of an image already at
-  the resolution, which its resize leaves as it is)."""
-  return preprocessing.normalize(images)
 
 
 def build_serving_module(model: models.VisionTransformer, params: Mapping[str, Any],
@@ -89,7 +62,8 @@ def build_serving_module(model: models.VisionTransformer, params: Mapping[str, A
   @tf.function(input_signature=[tf.TensorSpec(shape, tf.uint8, name='images')],
                autograph=False)
   def serving_default(images):
-    return serving_float(preprocess_uint8(images))
+    # The eval pipeline's scaling (its resize leaves an image already at the resolution as is).
+    return serving_float(preprocessing.normalize(images))
 
   module = tf.Module()
   module.params = param_vars
@@ -98,10 +72,12 @@ def build_serving_module(model: models.VisionTransformer, params: Mapping[str, A
   return module
 
 
-def verification_images(resolution: int) -> np.ndarray:
-  """Deterministic uint8 [3, R, R, 3] noise images."""
+def verification_images(resolution: int) -> tuple[np.ndarray, np.ndarray]:
+  """Deterministic noise images: uint8 [3, R, R, 3], and scaled to [-1, 1] as serving_default
+  scales them."""
   rng = np.random.default_rng(0)
-  return rng.integers(0, 256, (NUM_VERIFICATION_IMAGES, resolution, resolution, 3), np.uint8)
+  images = rng.integers(0, 256, (NUM_VERIFICATION_IMAGES, resolution, resolution, 3), np.uint8)
+  return images, preprocessing.normalize(tf.constant(images)).numpy()
 
 
 def jax_logits(model: models.VisionTransformer, params: Mapping[str, Any],
@@ -111,23 +87,12 @@ def jax_logits(model: models.VisionTransformer, params: Mapping[str, Any],
       params, images))
 
 
-def check_outputs(model: models.VisionTransformer, params: Mapping[str, Any], resolution: int,
-                  source: str) -> None:
-  """NonFiniteOutputError (vit_jax.output_check) unless the model's logits of the verification
-  images are finite: a SavedModel of it would serve Inf logits and NaN probabilities."""
-  scaled = preprocess_uint8(tf.constant(verification_images(resolution))).numpy()
-  output_check.check_finite(jax_logits(model, params, scaled), source, model=model,
-                            params=params, images=scaled)
-
-
 def verify_saved_model(path: str, model: models.VisionTransformer, params: Mapping[str, Any],
                        resolution: int, logit_tolerance: float) -> float:
-  """Loads the SavedModel at `path` and runs both signatures on `verification_images`: the
-  logits must match the JAX model's within `logit_tolerance` * max(1, largest |logit|), and the
-  probabilities must be their softmax. Returns the largest logit difference; raises
-  VerificationError otherwise."""
-  images = verification_images(resolution)
-  scaled = preprocess_uint8(tf.constant(images)).numpy()
+  """Runs both signatures of the SavedModel at `path` on `verification_images`: VerificationError
+  unless the logits match the JAX model's within `logit_tolerance` * max(1, largest |logit|) and
+  the probabilities are their softmax. Returns the largest logit difference."""
+  images, scaled = verification_images(resolution)
   want = jax_logits(model, params, scaled)
   bound = logit_tolerance * max(1.0, float(np.max(np.abs(want))))
   loaded = tf.saved_model.load(path)
@@ -144,8 +109,7 @@ def verify_saved_model(path: str, model: models.VisionTransformer, params: Mappi
       raise VerificationError(
           f'The SavedModel at {path} does not match the JAX model: {name} logits differ by up to '
           f'{error:.3g} (allowed {bound:.3g}).')
-    softmax = np.exp(logits - logits.max(-1, keepdims=True))
-    softmax /= softmax.sum(-1, keepdims=True)
+    softmax = scipy.special.softmax(logits.astype(np.float64), axis=-1)
     probability_error = float(np.max(np.abs(probabilities - softmax)))
     if not probability_error <= PROBABILITY_TOLERANCE:
       raise VerificationError(
@@ -169,33 +133,29 @@ def check_out_dir(out: str, overwrite: bool) -> None:
                           'it even with --overwrite.')
 
 
-def export(model: models.VisionTransformer, params: Mapping[str, Any], resolution: int,
-           out: str, *, overwrite: bool, platforms: Sequence[str],
-           logit_tolerance: float, source: str = 'The model') -> None:
-  """Checks the model's outputs (`check_outputs`; `source` names it), writes the SavedModel next
-  to `out`, verifies it and only then moves it to `out`."""
-  check_out_dir(out, overwrite)
-  check_outputs(model, params, resolution, source)
-  staging = f'{out.rstrip("/")}.partial-{uuid.uuid4().hex[:8]}'
+def write_verified(model: models.VisionTransformer, params: Mapping[str, Any], resolution: int,
+                   fv: flags.FlagValues) -> None:
+  """Writes the SavedModel next to --out, verifies it and only then moves it to --out."""
+  staging = f'{fv.out.rstrip("/")}.partial-{uuid.uuid4().hex[:8]}'
   try:
-    module = build_serving_module(model, params, resolution, platforms)
+    module = build_serving_module(model, params, resolution, fv.platforms)
     tf.saved_model.save(module, staging, signatures={name: getattr(module, name)
                                                      for name in SIGNATURES})
     logging.info('Wrote %s; verifying it.', staging)
-    difference = verify_saved_model(staging, model, params, resolution, logit_tolerance)
+    difference = verify_saved_model(staging, model, params, resolution,
+                                    LOGIT_TOLERANCES[fv.dtype])
     logging.info('Verified: largest logit difference to JAX %.3g on %d images.', difference,
                  NUM_VERIFICATION_IMAGES)
-    if tf.io.gfile.exists(out):
-      tf.io.gfile.rmtree(out)
-    tf.io.gfile.rename(staging, out)
+    if tf.io.gfile.exists(fv.out):
+      tf.io.gfile.rmtree(fv.out)
+    tf.io.gfile.rename(staging, fv.out)
   finally:
     if tf.io.gfile.exists(staging):
       tf.io.gfile.rmtree(staging)
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """The command's flags; defined only when this module runs as the program, so that importing
-  it adds no flags to other programs."""
+  """Defined by the program only, so that importing this module adds no flags elsewhere."""
   flags.DEFINE_string('model', None, 'Model name (vit_jax.model_configs); needed for an .npz, and '
                       'for a workdir it must be the one in its config.json.',
                       flag_values=flag_values)
@@ -224,9 +184,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       flag_values=flag_values)
 
 
-def run(flag_values: flags.FlagValues) -> None:
-  """Loads the checkpoint, builds the model and exports it, as the flags say."""
-  fv = flag_values
+def run(fv: flags.FlagValues) -> None:
+  """Loads the checkpoint, checks that its logits of the verification images are finite (a
+  SavedModel of it would serve Inf logits and NaN probabilities) and exports it."""
   check_out_dir(fv.out, fv.overwrite)
   loaded = inference.load_model(fv.checkpoint, model_name=fv.model, resolution=fv.resolution)
   if not loaded.num_classes:
@@ -235,14 +195,14 @@ def run(flag_values: flags.FlagValues) -> None:
   if fv.num_classes and fv.num_classes != loaded.num_classes:
     raise ValueError(f'--num_classes={fv.num_classes} but the head of checkpoint {loaded.source} '
                      f'has {loaded.num_classes} classes.')
-  num_classes = loaded.num_classes
-  model = models.build_model(loaded.model_config, num_classes, dtype=jnp.dtype(fv.dtype))
+  model = models.build_model(loaded.model_config, loaded.num_classes, dtype=jnp.dtype(fv.dtype))
+  scaled = verification_images(loaded.resolution)[1]
+  output_check.check_finite(jax_logits(model, loaded.params, scaled), f'Checkpoint {loaded.source}',
+                            model=model, params=loaded.params, images=scaled)
   logging.info('Exporting %s (%s, %d classes, %dx%d, %s) for %s to %s.', loaded.source,
-               loaded.name, num_classes, loaded.resolution, loaded.resolution, fv.dtype,
+               loaded.name, loaded.num_classes, loaded.resolution, loaded.resolution, fv.dtype,
                ','.join(fv.platforms), fv.out)
-  export(model, loaded.params, loaded.resolution, fv.out, overwrite=fv.overwrite,
-         platforms=fv.platforms, logit_tolerance=LOGIT_TOLERANCES[fv.dtype],
-         source=f'Checkpoint {loaded.source}')
+  write_verified(model, loaded.params, loaded.resolution, fv)
   logging.info('Saved %s with signatures %s.', fv.out, ', '.join(SIGNATURES))
 
 

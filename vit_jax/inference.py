@@ -1,9 +1,8 @@
 """Inference, shared by the commands and the notebook API: a checkpoint argument -> a ready model;
 image files -> arrays; class names, probabilities and the top classes.
 
-A checkpoint argument is either a released-layout `.npz` (the model name must then be given) or a
-training workdir (vit_jax.workdir: its model.npz + config.json, which names the model, its config,
-the number of classes and the resolution), local or any tf.io.gfile URL (gs://...).
+A checkpoint argument is a released-layout `.npz` (with its model name) or a training workdir
+(whose config.json names the model, the classes and the resolution), local or gs://.
 """
 import dataclasses
 import functools
@@ -26,8 +25,6 @@ from vit_jax import models
 from vit_jax import output_check
 from vit_jax import preprocessing
 from vit_jax import workdir as workdir_lib
-
-
 
 LABELS_DIR = os.path.join(os.path.dirname(__file__), 'labels')
 # Datasets whose class names ship with the package: dataset name -> file in LABELS_DIR.
@@ -107,7 +104,7 @@ def _read_workdir(workdir: str, model_name: Optional[str]):
     resolution = run_config.pp.resolution
     if not isinstance(resolution, int) or resolution < 1:
       raise TypeError(f'pp.resolution={resolution!r} is not a positive integer')
-    models.abstract_params(model_config, 1, resolution)  # What load_model builds, named if it fails.
+    models.abstract_params(model_config, 1, resolution)  # load_model's build, named if it fails.
   except (TypeError, KeyError, AttributeError, ValueError) as e:
     raise ValueError(f'{workdir_lib.path(workdir, workdir_lib.CONFIG)} does not describe a model '
                      f'vit_jax can build (edited by hand?): {type(e).__name__}: {e}') from e
@@ -148,42 +145,23 @@ def list_image_files(paths: Sequence[str]) -> list[str]:
   return files
 
 
-def eval_pp(resolution: int, pp: Optional[ml_collections.ConfigDict] = None):
-  """The eval preprocessing settings of a run (`pp`, e.g. a workdir's config.pp; default: the
-  fine-tuning recipe's) at `resolution`."""
-  pp = ml_collections.ConfigDict((pp or config_lib.base_config().pp).to_dict())
-  pp.resolution = resolution
-  return pp
-
-
-def load_image(path: str, pp: ml_collections.ConfigDict) -> np.ndarray:
-  """float32 [R, R, 3] in [-1, 1]: the file decoded and preprocessed exactly as the eval pipeline
-  does (`vit_jax.preprocessing.eval_image`)."""
-  try:
-    with open(path, 'rb') as f:
-      encoded = f.read()
-    return preprocessing.eval_image(tf.constant(encoded), pp).numpy()
-  except (OSError, tf.errors.InvalidArgumentError) as e:
-    raise ValueError(f'Cannot decode image file {path}: {getattr(e, "message", e)}') from e
-
-
 def load_images(paths: Sequence[str], resolution: int,
                 pp: Optional[ml_collections.ConfigDict] = None) -> tuple[list[str], np.ndarray]:
-  """(image files, float32 [n, R, R, 3] in [-1, 1]) for files/directories, R = `resolution`,
-  preprocessed as `eval_pp(resolution, pp)` says.
-
-  A file that cannot be decoded (empty, not an image, a dangling link) is skipped with a warning
-  naming it; ValueError when none can be.
-  """
+  """(image files, float32 [n, R, R, 3] in [-1, 1]) for files/directories, decoded and
+  preprocessed exactly as the eval pipeline of the run (`pp`, default: the fine-tuning recipe's)
+  at R = `resolution` does. A file that cannot be decoded (empty, not an image, a dangling link)
+  is skipped with a warning naming it; ValueError when none can be."""
   files, images, errors = [], [], []
   candidates = list_image_files(paths)
-  pp = eval_pp(resolution, pp)
+  pp = ml_collections.ConfigDict((pp or config_lib.base_config().pp).to_dict())
+  pp.resolution = resolution
   for path in tqdm.tqdm(candidates, desc='images', disable=len(candidates) < 100):
     try:
-      images.append(load_image(path, pp))
-    except ValueError as e:
-      logging.warning('%s Skipping it.', e)
-      errors.append(e)
+      with open(path, 'rb') as f:
+        images.append(preprocessing.eval_image(tf.constant(f.read()), pp).numpy())
+    except (OSError, tf.errors.InvalidArgumentError) as e:
+      errors.append(f'Cannot decode image file {path}: {getattr(e, "message", e)}')
+      logging.warning('%s Skipping it.', errors[-1])
       continue
     files.append(path)
   if not images:
@@ -209,14 +187,6 @@ def map_batches(fn: Callable[[jax.Array], jax.Array], images: np.ndarray, batch_
   return np.concatenate(outputs)
 
 
-def read_labels(path: str) -> list[str]:
-  with open(path) as f:
-    labels = [line.strip() for line in f]
-  while labels and not labels[-1]:
-    labels.pop()
-  return labels
-
-
 def class_names(loaded: LoadedModel, labels_path: Optional[str]) -> list[str]:
   """Names of the model's classes; raises when a labels file has the wrong length."""
   if loaded.run_config is not None:
@@ -227,7 +197,8 @@ def class_names(loaded: LoadedModel, labels_path: Optional[str]) -> list[str]:
     labels_path = os.path.join(LABELS_DIR, DATASET_LABELS[dataset])
   if labels_path is None:
     return [str(i) for i in range(loaded.num_classes)]
-  labels = read_labels(labels_path)
+  with open(labels_path) as f:
+    labels = [line.strip() for line in f.read().rstrip().splitlines()]
   if len(labels) != loaded.num_classes:
     raise ValueError(f'Labels file {labels_path} has {len(labels)} names but the model has '
                      f'{loaded.num_classes} classes.')

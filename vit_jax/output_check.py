@@ -1,10 +1,7 @@
-"""What a model outputs is checked, not only what it stores: the one check of every command that
-computes outputs (evaluation, predict, export, analyze, report, the notebook API).
+"""The check that a model's outputs are finite, in every command that computes outputs.
 
-Finite weights can still give Inf or NaN outputs (a head of 1e38 overflows every logit), and
-those pass silently through an argmax (accuracy), a softmax (NaN probabilities) or a comparison
-(`nan > bound` is False). `check_finite` turns them into one error naming the checkpoint and,
-when it can run the model again, the first layer whose output is not finite.
+Finite weights can still give Inf or NaN outputs (a head of 1e38 overflows every logit), which
+pass silently through an argmax, a softmax or a comparison (`nan > bound` is False).
 """
 from typing import Any, Optional
 
@@ -16,12 +13,6 @@ import numpy as np
 
 class NonFiniteOutputError(ValueError):
   """A model with finite weights computed Inf or NaN outputs."""
-
-
-def nonfinite_rows(values: np.ndarray) -> np.ndarray:
-  """bool [n]: the rows (images) of `values` [n, ...] holding an Inf or NaN."""
-  values = np.asarray(values)
-  return ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
 
 
 def first_nonfinite_layer(model, params, images: np.ndarray) -> Optional[str]:
@@ -54,7 +45,8 @@ def check_finite(values: np.ndarray, source: str, *, what: str = 'logits', model
   """Raises NonFiniteOutputError when `values` [n, ...] (the outputs for n images) hold an Inf or
   NaN. `source` (the checkpoint) starts the message; with `model`, `params` and the `images` the
   values came from, the message names the first layer whose output is not finite."""
-  bad = nonfinite_rows(values)
+  values = np.asarray(values)
+  bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
   if not bad.any():
     return
   layer = None

@@ -11,7 +11,6 @@ workdir's dataset when there is one (vit_jax/labels/), else ImageNet-1k's for a 
 from typing import Sequence
 
 from absl import flags
-import numpy as np
 
 from vit_jax import cli
 from vit_jax import inference
@@ -34,23 +33,19 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.mark_flags_as_required(['checkpoint', 'images'], flag_values=fv)
 
 
-def format_predictions(names: Sequence[str], probs: np.ndarray, labels: Sequence[str],
-                       k: int) -> str:
-  lines = []
-  for name, row, best in zip(names, probs, inference.top_k(probs, k)):
-    lines.append(name)
-    lines.extend(f'  {row[c]:.4f}  {labels[c]}' for c in best)
-  return '\n'.join(lines)
-
-
 def run(fv: flags.FlagValues) -> str:
+  """Each image file's name, then its `top_k` classes: probability and name."""
   loaded = inference.load_model(fv.checkpoint, model_name=fv.model, resolution=fv.resolution)
   labels = inference.class_names(loaded, fv.labels)
   inference.check_head(loaded)
   run_pp = loaded.run_config.pp if loaded.run_config is not None else None
   names, images = inference.load_images(fv.images, loaded.resolution, run_pp)
-  return format_predictions(names, inference.probabilities(loaded, images, fv.batch_size), labels,
-                            fv.top_k)
+  probs = inference.probabilities(loaded, images, fv.batch_size)
+  lines = []
+  for name, row, best in zip(names, probs, inference.top_k(probs, fv.top_k)):
+    lines.append(name)
+    lines.extend(f'  {row[c]:.4f}  {labels[c]}' for c in best)
+  return '\n'.join(lines)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -1,31 +1,12 @@
 """Training-state checkpoints: the sharded train state, via orbax.
 
 Each checkpoint is a step directory `DIR/<step>/` holding one orbax item, `state` (the train-state
-pytree of jax.Arrays, written shard by shard by the processes that own them). The step is all a
-resumed run needs besides it: the input pipeline restarts from it, the RNG is part of the state.
-
-Atomicity is orbax's: a step is written under `<step>.orbax-checkpoint-tmp*` and renamed when
-complete (on GCS, where there is no atomic rename, a `commit_success.txt` marks it complete).
-Unfinished steps, e.g. from a killed process, are never listed or restored, and saving the same
-step again replaces them. They are deliberately not swept away when a checkpointer opens the
-directory: a reader (an evaluator) would then delete a running trainer's save in progress.
-
-Failures:
-  * A complete step that cannot be read back (files truncated or deleted afterwards) is skipped
-    by `restore()` with a warning naming it, falling back to the newest step that restores; when
-    none does, it raises ValueError listing every step's error. With `set_aside_unrestorable`
-    (a trainer, which will write these steps again) such steps are renamed to
-    `<step>.unrestorable` rather than deleted.
-  * Steps that hold another state layout (another model config) raise CheckpointMismatchError
-    listing the arrays that differ; they are intact and never set aside.
-  * A save that fails (e.g. the disk is full) raises CheckpointSaveError naming the step, when
-    the save is made or, for asynchronous saves, at the next save / `wait()` / `close()`; the
-    previous checkpoints are kept (orbax deletes old steps only after a successful save).
-
-PRNG keys may be raw `uint32[2]` arrays (`jax.random.PRNGKey`) or typed keys (`jax.random.key`);
-orbax stores typed keys as their key data and restores them with their implementation.
-
-Every process must make the same calls with the same arguments (they synchronise inside orbax).
+pytree, typed PRNG keys included, written shard by shard by the processes that own them).
+Atomicity is orbax's: unfinished steps are never listed or restored, and are deliberately not
+swept away when a checkpointer opens the directory, where a reader (an evaluator) would delete a
+running trainer's save in progress. Unreadable, mismatched and failed saves: README "When things
+go wrong". Every process must make the same calls with the same arguments (they synchronise
+inside orbax).
 """
 import re
 import textwrap
@@ -74,38 +55,27 @@ class TrainCheckpointer:
         max_to_keep=keep,
         # Also saves when the cluster announces a preemption (a no-op where JAX's preemption
         # service is not running, e.g. on CPU).
-        save_decision_policy=policies.AnySavePolicy(periodic + [
-            policies.PreemptionCheckpointingPolicy(),
-        ]),
+        save_decision_policy=policies.AnySavePolicy(
+            periodic + [policies.PreemptionCheckpointingPolicy()]),
         enable_async_checkpointing=async_save,
         create=True,
     )
     self._manager = ocp.CheckpointManager(directory, options=options, item_names=(_STATE,))
 
   def should_save(self, step: int) -> bool:
-    """Whether `step` is due: a multiple of `save_every`, or a preemption sync point.
-
-    Every process must call this at every step (the preemption check is collective).
-    """
+    """Whether `step` is due: a multiple of `save_every`, or a preemption sync point. Every
+    process must call this at every step (the preemption check is collective)."""
     return self._manager.should_save(step)
 
   def save(self, step: int, state: Any) -> bool:
-    """Saves `state` as `step` now, unless `step` is already saved.
-
-    Returns whether it saved (a step already saved is not written again, so saving the final
-    step is safe even when it was also a regular save). With `async_save` this returns once the
-    arrays are copied to host memory: the caller may then donate or delete them. Raises
-    CheckpointSaveError when this or the previous asynchronous save failed.
-    """
+    """Saves `state` as `step` now; returns False when `step` is already saved. With
+    `async_save` this returns once the arrays are on the host (the caller may then donate them).
+    Raises CheckpointSaveError when this or the previous asynchronous save failed."""
     if step in self._manager.all_steps():
       return False
-    self._finish_pending_save()
+    self.wait()
     if not self._steps_on_disk():
-      self._save_failed = True
-      raise CheckpointSaveError(
-          f'Cannot save the training checkpoint for step {step}: {self._directory} was deleted '
-          '(or replaced by a file) during the run, and with it the checkpoints of earlier steps. '
-          'Run the same command to start again from the last checkpoint left, if any.')
+      raise self._save_error(step)
     try:
       self._manager.save(
           step,
@@ -118,14 +88,13 @@ class TrainCheckpointer:
     return True
 
   def finish_overdue_save(self, step: int) -> None:
-    """Waits for the pending asynchronous save at `step` = its step + save_every // 2 (at least
-    1), so that a kill -9 loses at most 1.5 intervals of steps, not 2: a save competing with the
-    steps for the host can take longer than an interval. Every process must call this at every
-    step (the wait is collective)."""
+    """Waits for the pending asynchronous save at its step + save_every // 2 (at least 1), so
+    that a kill -9 loses at most 1.5 intervals, not 2 (a save competing with the steps for the
+    host can outlast an interval). Every process calls this at every step (it is collective)."""
     if self._pending_step is None or step < self._pending_step + max(1, self._save_every // 2):
       return
     pending, started, waited = self._pending_step, self._pending_since, time.monotonic()
-    self._finish_pending_save()
+    self.wait()
     now = time.monotonic()
     logging.info('The checkpoint of step %d is complete (%.2f s after it started; waited %.2f s '
                  'for it at step %d).', pending, now - started, now - waited, step)
@@ -138,12 +107,9 @@ class TrainCheckpointer:
               set_aside_unrestorable: bool = False) -> Tuple[Any, int]:
     """Restores `(state, step)`: `step`, or by default the newest step that restores.
 
-    `abstract_state` has the structure of the saved state and, on every leaf, the shape, dtype
-    and `sharding` to restore into (e.g. `jax.eval_shape` output given the trainer's
-    shardings); the sharding may differ from the one the state was saved with.
-
-    Without `step`, a step that fails to restore is logged as a warning and the previous one
-    tried; ValueError when none restores. With `set_aside_unrestorable`, the steps that failed
+    `abstract_state` gives every leaf's shape, dtype and `sharding` to restore into (which may
+    differ from the saved one). Without `step`, a step that fails is a warning and the previous
+    one is tried; ValueError when none restores. With `set_aside_unrestorable`, the failed steps
     are renamed to `<step>.unrestorable` so that they can be saved again.
     """
     _check_has_shardings(abstract_state)
@@ -187,22 +153,18 @@ class TrainCheckpointer:
           step,
           args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)}))
     except Exception as e:  # pylint: disable=broad-except
-      if not _is_io_error(e):
-        raise
+      # orbax wraps tensorstore's ValueError for truncated data in a bare Exception.
       error = e if isinstance(e, _IO_ERRORS) else e.__cause__
+      if not isinstance(error, _IO_ERRORS):
+        raise
     if not _on_all_processes(error is None):
       raise error or ValueError(f'Restoring step {step} failed on another process.')
     return restored[_STATE], step
 
   def saved_device_count(self, step: int) -> Optional[int]:
-    """The number of devices of the mesh `step` was saved from (orbax's sharding metadata);
-    None when its metadata does not say."""
-    try:
-      metadata = ocp.StandardCheckpointHandler().metadata(
-          epath.Path(self._directory) / str(step) / _STATE)
-    except _IO_ERRORS:
-      return None
-    for leaf in jax.tree.leaves(metadata):
+    """The number of devices of the mesh `step` was saved from; None when its metadata does not
+    say."""
+    for leaf in jax.tree.leaves(self._metadata(step)):
       mesh_shape = getattr(getattr(leaf, 'sharding', None), 'shape', None)
       if mesh_shape is not None:
         return int(np.prod(mesh_shape))
@@ -211,12 +173,10 @@ class TrainCheckpointer:
   def _layout_differences(self, abstract_state: Any, step: int, shown: int = 8) -> list:
     """How the arrays saved at `step` differ from `abstract_state` in names or shapes (at most
     `shown` lines); [] when they agree or the step's metadata cannot be read."""
-    try:
-      saved = _shapes(ocp.StandardCheckpointHandler().metadata(
-          epath.Path(self._directory) / str(step) / _STATE))
-    except _IO_ERRORS:
+    metadata = self._metadata(step)
+    if metadata is None:
       return []
-    wanted = _shapes(abstract_state)
+    saved, wanted = _shapes(metadata), _shapes(abstract_state)
     lines = [f'{key}: {saved[key]} -> {wanted[key]}'
              for key in sorted(saved.keys() & wanted.keys()) if saved[key] != wanted[key]]
     lines += [f'{key}: (absent) -> {wanted[key]}' for key in sorted(wanted.keys() - saved.keys())]
@@ -224,6 +184,14 @@ class TrainCheckpointer:
     params = [line for line in lines if line.startswith('params.')]
     lines = params or lines  # The optimizer state mirrors the params.
     return lines[:shown] + ([f'... and {len(lines) - shown} more'] if len(lines) > shown else [])
+
+  def _metadata(self, step: int) -> Any:
+    """orbax's metadata of the state saved at `step` (shapes, shardings); None if unreadable."""
+    try:
+      return ocp.StandardCheckpointHandler().metadata(
+          epath.Path(self._directory) / str(step) / _STATE)
+    except _IO_ERRORS:
+      return None
 
   def _set_aside(self, steps) -> None:
     if jax.process_index() == 0:
@@ -238,7 +206,8 @@ class TrainCheckpointer:
     multihost_utils.sync_global_devices('TrainCheckpointer:set_aside')
     self._manager.reload()
 
-  def _finish_pending_save(self) -> None:
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are written and committed."""
     step, self._pending_step = self._pending_step, None
     try:
       self._manager.wait_until_finished()
@@ -251,13 +220,15 @@ class TrainCheckpointer:
     return epath.Path(self._directory).is_dir() and all(
         epath.Path(self._directory, str(s)).is_dir() for s in self._manager.all_steps())
 
-  def _save_error(self, step: Optional[int], cause: Exception) -> CheckpointSaveError:
+  def _save_error(self, step: Optional[int],
+                  cause: Optional[Exception] = None) -> CheckpointSaveError:
     self._save_failed = True
     what = f'the training checkpoint for step {step}' if step is not None else 'a checkpoint'
     if not self._steps_on_disk():
       return CheckpointSaveError(
           f'Saving {what} failed: {self._directory} was deleted (or replaced by a file) during '
-          'the run, and with it the checkpoints of earlier steps.')
+          'the run, and with it the checkpoints of earlier steps. Run the same command to start '
+          'again from the last checkpoint left, if any.')
     self._manager.reload()  # The steps on disk: orbax's own list may be off after a failure.
     latest = self._manager.latest_step()
     kept = (f'The last complete checkpoint (step {latest}) is kept.' if latest is not None
@@ -265,18 +236,12 @@ class TrainCheckpointer:
     return CheckpointSaveError(f'Saving {what} to {self._directory} failed: '
                                f'{describe_error(cause)} {kept}')
 
-  def wait(self) -> None:
-    """Blocks until pending asynchronous saves are written and committed."""
-    self._finish_pending_save()
-
   def close(self) -> None:
-    """Finishes pending saves and releases orbax's resources.
-
-    After a CheckpointSaveError (already raised) it does nothing: orbax would raise it again.
-    """
+    """Finishes pending saves and releases orbax's resources; after a CheckpointSaveError
+    (already raised) it does nothing, since orbax would raise it again."""
     if self._save_failed:
       return
-    self._finish_pending_save()
+    self.wait()
     self._manager.close()
 
   def __enter__(self) -> 'TrainCheckpointer':
@@ -298,19 +263,8 @@ def describe_error(error: BaseException, limit: int = 300) -> str:
 def _shapes(tree: Any) -> dict:
   """`a.b.0.c` -> shape for each array of a state pytree or of its orbax metadata (which stores
   named tuples as dicts and tuples as lists, so keys are compared by name or index only)."""
-  def name(key) -> str:
-    for attribute in ('key', 'idx', 'name'):
-      if hasattr(key, attribute):
-        return str(getattr(key, attribute))
-    return str(key)
-  return {'.'.join(map(name, path)): tuple(leaf.shape)
+  return {jax.tree_util.keystr(path, simple=True, separator='.'): tuple(leaf.shape)
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _is_io_error(error: BaseException) -> bool:
-  """Whether `error` is, or wraps, an unreadable-file error (orbax raises a bare Exception
-  around tensorstore's ValueError when an array's data is truncated)."""
-  return isinstance(error, _IO_ERRORS) or isinstance(error.__cause__, _IO_ERRORS)
 
 
 def _on_all_processes(ok: bool) -> bool:

@@ -294,7 +294,7 @@ def _c8_evaluate(ctx: Context) -> Finding:
 # --- C9: the headline tables -------------------------------------------------------------------
 
 HEADLINE_COMMANDS = (
-    'python -m vit_jax.checkpoint fetch ViT-L_16 --dest=checkpoints',
+    'python -m vit_jax.weights fetch ViT-L_16 --dest=checkpoints',
     'python -m vit_jax.main --workdir=/tmp/l16_cifar10 --config=configs/vit.py:l16,cifar10 '
     '--config.pretrained_dir=checkpoints',
     'python -m vit_jax.main --workdir=/tmp/l16_imagenet --config=configs/vit.py:l16,imagenet2012 '
