@@ -96,9 +96,8 @@ def model_config(spec: RunSpec, scale: Scale) -> ml_collections.ConfigDict:
   config.update(model_name=f'ViT-mini_{PATCH}' if spec.arch == 'vit' else 'R+ViT-mini_1',
                 hidden_size=scale.hidden, classifier=spec.classifier, posemb=spec.posemb)
   config.transformer.update(mlp_dim=4 * scale.hidden, num_heads=2, num_layers=scale.layers)
-  config.patches.size = (PATCH, PATCH)
+  config.patches.size = (1, 1) if spec.arch == 'hybrid' else (PATCH, PATCH)
   if spec.arch == 'hybrid':
-    config.patches.size = (1, 1)
     config.resnet = ml_collections.ConfigDict({'num_layers': (), 'width_factor': 0.5})
   return config
 
