@@ -1,16 +1,8 @@
 r"""The paper's analyses as one command; each writes PNG and/or JSON files into --out_dir.
 
-  python -m vit_jax.analyze --analysis=attention_maps --checkpoint=WORKDIR --images=DIR \
-      --out_dir=out/
-  python -m vit_jax.analyze --analysis=posemb_similarity --checkpoint=ViT-B_16.npz \
-      --model=ViT-B_16 --out_dir=out/
-  python -m vit_jax.analyze --analysis=filters --checkpoint=... --out_dir=out/
-  python -m vit_jax.analyze --analysis=attention_distance --checkpoint=WORKDIR --out_dir=out/
-  python -m vit_jax.analyze --analysis=fewshot --checkpoint=ViT-B_16.npz --model=ViT-B_16 \
-      --config=configs/vit.py:b16,cifar10 --out_dir=out/
-  python -m vit_jax.analyze --analysis=speed --speed_models=ViT-B_16,ViT-L_16 \
-      --resolutions=224,384 --batch_sizes=1,64 --out_dir=out/
+  python -m vit_jax.analyze --analysis=attention_maps --checkpoint=WORKDIR --out_dir=out/
 
+--analysis names an entry of vit_jax.analysis.outputs.ANALYSES, or speed (examples: README).
 Images for attention_maps / attention_distance: --images, else the first --num_images of the eval
 split of the dataset config (--config, or the workdir's own). Few-shot uses the dataset config's
 train split (the first --fewshot_pool examples) and eval split.
@@ -84,8 +76,7 @@ def _ints(values: Sequence[str], flag: str) -> list[int]:
 def _load(fv: flags.FlagValues) -> inference.LoadedModel:
   if not fv.checkpoint:
     raise ValueError(f'--analysis={fv.analysis} needs --checkpoint.')
-  config = fv.config
-  resolution = fv.resolution or (config.pp.resolution if config is not None else None)
+  resolution = fv.resolution or (fv.config.pp.resolution if fv.config is not None else None)
   return inference.load_model(fv.checkpoint, model_name=fv.model, resolution=resolution)
 
 
@@ -131,19 +122,15 @@ def run(fv: flags.FlagValues) -> dict:
   return outputs.run(fv.analysis, loaded, inputs)
 
 
-def run_and_list_files(fv: flags.FlagValues) -> str:
-  """Runs --analysis; returns the paths of the files it wrote, one per line."""
-  summary = run(fv)
+def main(argv: Sequence[str]) -> None:
+  """Runs --analysis and prints the paths of the files it wrote, one per line."""
+  cli.check_no_arguments(argv)
+  summary = run(flags.FLAGS)
   files = []
   for kind in ('png', 'json'):
     written = summary.get(kind, [])
     files += [written] if isinstance(written, str) else written
-  return '\n'.join(files)
-
-
-def main(argv: Sequence[str]) -> None:
-  cli.check_no_arguments(argv)
-  print(run_and_list_files(flags.FLAGS))
+  print('\n'.join(files))
 
 
 if __name__ == '__main__':

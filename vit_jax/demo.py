@@ -5,7 +5,8 @@
 1. pre-trains `configs/demo.py:pretrain` at 21x21 into WORKDIR/pretrain (-> model.npz);
 2. fine-tunes `configs/demo.py:finetune` at 28x28 from that model.npz into WORKDIR/finetune,
    through `vit_jax.checkpoint.load_pretrained` exactly as with released weights;
-3. prints the minival (2% of train) and test-set top-1 of both stages. Re-running resumes whatever was interrupted.
+3. prints the minival (2% of train) and test-set top-1 of both stages.
+Re-running resumes whatever was interrupted.
 """
 import os
 import time
@@ -26,37 +27,24 @@ _FINETUNE = config_flags.DEFINE_config_file(
     'finetune_config', 'configs/demo.py:finetune', 'Fine-tuning config.', lock_config=False)
 
 
-def run(pretrain_config, finetune_config, workdir: str) -> dict:
-  pretrain_dir = os.path.join(workdir, 'pretrain')
-  finetune_dir = os.path.join(workdir, 'finetune')
-  logging.info('Stage 1/2: pre-training at %dpx in %s', pretrain_config.pp.resolution,
-               pretrain_dir)
-  start = time.perf_counter()
-  pretrained = train_loop.train_and_evaluate(pretrain_config, pretrain_dir)
-  middle = time.perf_counter()
-  finetune_config.pretrained_path = workdir_lib.path(pretrain_dir, workdir_lib.MODEL)
-  logging.info('Stage 2/2: fine-tuning at %dpx in %s', finetune_config.pp.resolution,
-               finetune_dir)
-  finetuned = train_loop.train_and_evaluate(finetune_config, finetune_dir)
-  return {'pretrain': pretrained, 'finetune': finetuned, 'pretrain_s': middle - start,
-          'finetune_s': time.perf_counter() - middle,
-          'model': workdir_lib.path(finetune_dir, workdir_lib.MODEL)}
-
-
-def _accuracies(metrics: dict) -> str:
-  return (f'minival top-1 {metrics["eval_top1"]:.2%}, test top-1 '
-          f'{metrics["test_top1"]:.2%}')
-
-
 def main(argv):
   cli.check_no_arguments(argv)
   logging_util.quiet_libraries()
-  results = run(_PRETRAIN.value, _FINETUNE.value, _WORKDIR.value)
-  print(f'Pre-trained at {_PRETRAIN.value.pp.resolution}px: '
-        f'{_accuracies(results["pretrain"])} ({results["pretrain_s"]:.0f} s)')
-  print(f'Fine-tuned at {_FINETUNE.value.pp.resolution}px: '
-        f'{_accuracies(results["finetune"])} ({results["finetune_s"]:.0f} s; model: '
-        f'{results["model"]})')
+  pretrain_dir = os.path.join(_WORKDIR.value, 'pretrain')
+  _FINETUNE.value.pretrained_path = workdir_lib.path(pretrain_dir, workdir_lib.MODEL)
+  stages = ((_PRETRAIN.value, pretrain_dir, 'pre-training', 'Pre-trained'),
+            (_FINETUNE.value, os.path.join(_WORKDIR.value, 'finetune'), 'fine-tuning',
+             'Fine-tuned'))
+  lines = []
+  for i, (config, workdir, doing, done) in enumerate(stages):
+    logging.info('Stage %d/2: %s at %dpx in %s', i + 1, doing, config.pp.resolution, workdir)
+    start = time.perf_counter()
+    metrics = train_loop.train_and_evaluate(config, workdir)
+    seconds = time.perf_counter() - start
+    model = f'; model: {workdir_lib.path(workdir, workdir_lib.MODEL)}' if i else ''
+    lines.append(f'{done} at {config.pp.resolution}px: minival top-1 {metrics["eval_top1"]:.2%}, '
+                 f'test top-1 {metrics["test_top1"]:.2%} ({seconds:.0f} s{model})')
+  print('\n'.join(lines))
 
 
 if __name__ == '__main__':

@@ -3,10 +3,8 @@ r"""A shareable Markdown report of one or more training runs, figures next to it
   python -m vit_jax.report --workdir=runs/finetune [--workdir=runs/other ...] \
       --out=report/report.md
 
-For each finished run (a vit_jax.workdir with its model.npz, local or gs://): its model
-(parameters counted from the model, analytic FLOPs), training curves from metrics.jsonl, final
-accuracies and the analyses of --analyses on its model, with images from --images or the run's
-eval split.
+For each finished run (a workdir with its model.npz, local or gs://): its model's parameters and
+FLOPs, training curves, final accuracies and the analyses of --analyses (vit_jax.analysis.outputs).
 """
 import datetime
 import math
@@ -30,7 +28,6 @@ from vit_jax.analysis import plots
 # Paper, Table 1 (parameters in millions).
 PAPER_PARAMS_M = {'B': 86, 'L': 307, 'H': 632}
 TABLE1_MODELS = ('ViT-B_16', 'ViT-L_16', 'ViT-H_14')
-REPORT_ANALYSES = tuple(outputs.ANALYSES)
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -41,10 +38,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       flag_values=fv)
   flags.DEFINE_list('analyses', ['posemb_similarity', 'filters', 'attention_distance',
                                  'attention_maps'],
-                    f'Analyses run on each run\'s model, of {", ".join(REPORT_ANALYSES)} '
+                    f'Analyses run on each run\'s model, of {", ".join(outputs.ANALYSES)} '
                     '(fewshot reads the train split).', flag_values=fv)
-  flags.register_validator('analyses', lambda names: set(names) <= set(REPORT_ANALYSES),
-                           f'--analyses takes names of {", ".join(REPORT_ANALYSES)}.',
+  flags.register_validator('analyses', lambda names: set(names) <= set(outputs.ANALYSES),
+                           f'--analyses takes names of {", ".join(outputs.ANALYSES)}.',
                            flag_values=fv)
   flags.DEFINE_list('images', [], 'Image files/directories for the attention analyses (default: '
                     'the run\'s eval split).', flag_values=fv)
@@ -99,17 +96,10 @@ class Run:
     self.config = self.loaded.run_config
     self.events = workdir_lib.read_metrics(workdir)
 
-  def last(self, key: str) -> Optional[float]:
+  def metric(self, key: str, pattern: str, pick=lambda values: values[-1]) -> str:
+    """`pick` (default: the last) of the logged values of `key`, formatted; '—' if none."""
     values = [e[key] for e in self.events if key in e]
-    return values[-1] if values else None
-
-  def best(self, key: str) -> Optional[float]:
-    values = [e[key] for e in self.events if key in e]
-    return max(values) if values else None
-
-
-def _fmt(value: Optional[float], pattern: str) -> str:
-  return '—' if value is None else format(value, pattern)
+    return format(pick(values), pattern) if values else '—'
 
 
 def runs_table(runs: Sequence[Run]) -> str:
@@ -121,19 +111,15 @@ def runs_table(runs: Sequence[Run]) -> str:
     paper = paper_params_m(loaded.name)
     forward_flops = flops.forward_flops(loaded.model_config, loaded.resolution,
                                         loaded.num_classes)
-    steps = max((e['step'] for e in run.events), default=None)
+    steps = max((e['step'] for e in run.events), default='—')
     rows.append(
         f'| {run.name} | {loaded.name} | {run.config.get("dataset", "—")} | '
         f'{loaded.resolution} | '
         f'{_si(count_params(loaded.model_config, loaded.num_classes, loaded.resolution))} | '
-        f'{f"{paper}M" if paper else "—"} | {_si(forward_flops)} | {_fmt(steps, "d")} | '
-        f'{_fmt(run.last("loss"), ".4f")} | {_fmt(run.last("eval_top1"), ".2%")} | '
-        f'{_fmt(run.best("eval_top1"), ".2%")} |')
+        f'{f"{paper}M" if paper else "—"} | {_si(forward_flops)} | {steps} | '
+        f'{run.metric("loss", ".4f")} | {run.metric("eval_top1", ".2%")} | '
+        f'{run.metric("eval_top1", ".2%", max)} |')
   return '\n'.join(rows)
-
-
-def _image(path: str, out_dir: str, alt: str) -> str:
-  return f'![{alt}]({os.path.relpath(path, out_dir)})'
 
 
 def run_section(run: Run, out_dir: str, fv: flags.FlagValues) -> str:
@@ -141,12 +127,12 @@ def run_section(run: Run, out_dir: str, fv: flags.FlagValues) -> str:
   figures = os.path.join(out_dir, run.name)
   os.makedirs(figures, exist_ok=True)
   loaded = run.loaded
+  image = lambda path, alt: f'![{alt}]({os.path.relpath(path, out_dir)})'
   lines = [f'## Run `{run.name}`', '', f'Workdir `{run.workdir}`: {loaded.name} on '
            f'{run.config.get("dataset", "?")} at {loaded.resolution}px.', '',
            '### Training curves', '',
-           _image(plots.training_curves(run.events, os.path.join(figures, 'training_curves.png'),
-                                        title=run.name), out_dir, 'training curves'), '']
-  image = lambda path, alt: _image(path, out_dir, alt)
+           image(plots.training_curves(run.events, os.path.join(figures, 'training_curves.png'),
+                                       title=run.name), 'training curves'), '']
   for analysis in fv.analyses:
     # The attention maps show a few images; the attention distance averages over more.
     count = fv.num_attention_maps if analysis == 'attention_maps' else fv.num_images

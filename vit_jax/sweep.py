@@ -1,18 +1,13 @@
-r"""The paper's fine-tuning protocol as one command: sweep the learning rate, pick it on minival.
+r"""The paper's fine-tuning protocol (appendix B.1.1) as one command: sweep the learning rate.
 
-    python -m vit_jax.sweep --config=configs/vit.py:b16,cifar10 \
-        --base_lrs=0.001,0.003,0.01,0.03 --workdir=/tmp/b16_cifar10_sweep
+    python -m vit_jax.sweep --config=configs/vit.py:b16,cifar10 --workdir=/tmp/sweep
 
-Appendix B.1.1: each base learning rate is fine-tuned (one after another) into its own workdir
-WORKDIR/lr_<base_lr>; the one with the best minival top-1 (`eval_top1` on config.eval_split at
-the last step; a tie goes to the smaller rate) is chosen, and its `test_top1` (config.test_split,
-evaluated once at the end of every run) is the result reported. The table of all runs, the chosen
-rate and its test top-1 are printed and written to WORKDIR/sweep.md and WORKDIR/sweep.json.
-
-Rerunning the command resumes the sweep: finished runs are read back from their metrics.jsonl,
-an interrupted one resumes from its checkpoint. A run whose loss turns non-finite
-(config.nonfinite='stop') is listed as diverged and never chosen. Any config field can be
-overridden as with `vit_jax.main` (`--config.total_steps=500`); a single process only.
+Each of --base_lrs fine-tunes, one after another, in WORKDIR/lr_<base_lr>; the best minival top-1
+(`eval_top1` at the last step; a tie goes to the smaller rate) is chosen and its `test_top1`
+reported, printed and written to WORKDIR/sweep.md and sweep.json. A rerun resumes: finished runs
+are reused (workdir.final_result), an interrupted one resumes from its checkpoint. A run whose loss
+turns non-finite is listed as diverged, never chosen. Config fields are overridden as with
+`vit_jax.main`; a single process only.
 """
 import json
 import math

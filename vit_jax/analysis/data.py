@@ -24,26 +24,21 @@ def batches(config: ml_collections.ConfigDict, split: str,
       return
 
 
-def images(config: ml_collections.ConfigDict, split: str, count: int) -> np.ndarray:
-  """The first `count` images of `split`, float32 [n, R, R, 3] in [-1, 1] (n <= count)."""
-  kept = [b['image'][b['mask']] for b in batches(config, split, count)]
-  if not kept:
-    raise ValueError(f'Split {split!r} of {config.dataset} has no examples.')
-  return np.concatenate(kept)
-
-
 def analysis_images(resolution: int, image_paths: Sequence[str],
                     config: Optional[ml_collections.ConfigDict],
-                    num_images: int) -> tuple[list[str], np.ndarray]:
-  """(names, images) to analyse: the given image files/directories if any, else the first
-  `num_images` of the dataset config's eval split, at `resolution`, both with the config's eval
-  preprocessing."""
+                    count: int) -> tuple[list[str], np.ndarray]:
+  """(names, images), at most `count`, to analyse: the given image files/directories if any, else
+  the first of the dataset config's eval split; at `resolution`, with its eval preprocessing."""
   if image_paths:
-    return inference.load_images(image_paths, resolution, config.pp if config else None)
+    names, found = inference.load_images(image_paths, resolution, config.pp if config else None)
+    return names[:count], found[:count]
   if config is None:
     raise ValueError('Give images (--images) or a dataset config (--config, or a workdir as the '
                      'checkpoint) to take them from.')
   config = config.copy_and_resolve_references()
   config.pp.resolution = resolution
-  found = images(config, config.eval_split, num_images)
+  kept = [b['image'][b['mask']] for b in batches(config, config.eval_split, count)]
+  if not kept:
+    raise ValueError(f'Split {config.eval_split!r} of {config.dataset} has no examples.')
+  found = np.concatenate(kept)
   return [f'{config.eval_split}_{i:05d}' for i in range(len(found))], found

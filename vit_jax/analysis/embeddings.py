@@ -16,11 +16,6 @@ def cosine_similarity(vectors: np.ndarray) -> np.ndarray:
   return unit @ unit.T
 
 
-def has_pixel_patch_embedding(model_config) -> bool:
-  """Whether the patch embedding sees pixels (pure ViT) rather than ResNet features (hybrid)."""
-  return model_config.get('resnet') is None
-
-
 def principal_components(kernel: np.ndarray, num_components: int):
   """Top principal components of the patch-embedding filters.
 

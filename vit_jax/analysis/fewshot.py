@@ -20,12 +20,6 @@ def fit_least_squares(features: np.ndarray, labels: np.ndarray, num_classes: int
   return weights, y_mean - x_mean @ weights
 
 
-def accuracy(weights: np.ndarray, bias: np.ndarray, features: np.ndarray,
-             labels: np.ndarray) -> float:
-  predictions = np.argmax(np.asarray(features, np.float64) @ weights + bias, axis=-1)
-  return float(np.mean(predictions == labels))
-
-
 def sample_shots(labels: np.ndarray, num_classes: int, shots: int,
                  rng: np.random.Generator) -> np.ndarray:
   """Indices of `shots` distinct examples of every class, drawn at random."""
@@ -51,7 +45,8 @@ def evaluate(train_features: np.ndarray, train_labels: np.ndarray, eval_features
       chosen = sample_shots(train_labels, num_classes, n, np.random.default_rng(seed))
       weights, bias = fit_least_squares(train_features[chosen], train_labels[chosen],
                                         num_classes, l2_reg)
-      accuracies.append(accuracy(weights, bias, eval_features, eval_labels))
+      predictions = np.argmax(np.asarray(eval_features, np.float64) @ weights + bias, axis=-1)
+      accuracies.append(float(np.mean(predictions == eval_labels)))
     results[n] = {'mean': float(np.mean(accuracies)), 'std': float(np.std(accuracies)),
                   'accuracies': accuracies}
   return results

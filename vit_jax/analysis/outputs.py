@@ -45,8 +45,7 @@ class Inputs:
   num_eval: Optional[int] = None
 
   def analysis_images(self, resolution: int) -> tuple[list[str], np.ndarray]:
-    names, images = data.analysis_images(resolution, self.images, self.config, self.num_images)
-    return names[:self.num_images], images[:self.num_images]
+    return data.analysis_images(resolution, self.images, self.config, self.num_images)
 
 
 def write_json(obj, path: str) -> str:
@@ -55,34 +54,32 @@ def write_json(obj, path: str) -> str:
   return path
 
 
+def _of_attention(loaded: inference.LoadedModel, inputs: Inputs, images: np.ndarray,
+                  fn: Callable, what: str) -> np.ndarray:
+  """`fn(attention weights)` of every image, jitted over batches, checked finite."""
+  apply = jax.jit(lambda params, batch: fn(attention.attention_weights(loaded.model, params,
+                                                                       batch)))
+  values = inference.map_batches(functools.partial(apply, loaded.params), images,
+                                 inputs.batch_size, desc=what)
+  output_check.check_finite(values, f'Checkpoint {loaded.source}', what=what,
+                            model=loaded.model, params=loaded.params, images=images)
+  return values
+
+
 def attention_maps(loaded: inference.LoadedModel, inputs: Inputs) -> dict:
   """Fig. 6: the rollout map of each image overlaid on it, one PNG per image."""
   names, images = inputs.analysis_images(loaded.resolution)
-  model, out_dir = loaded.model, inputs.out_dir
-
-  @jax.jit
-  def rollout_maps(params, batch):
-    weights = attention.attention_weights(model, params, batch)
-    return attention.rollout_map(weights, loaded.grid, loaded.has_class_token)
-
-  maps = inference.map_batches(functools.partial(rollout_maps, loaded.params), images,
-                               inputs.batch_size, desc='attention rollout')
-  _check_finite(maps, loaded, images, 'attention maps')
+  maps = _of_attention(loaded, inputs, images, lambda weights: attention.rollout_map(
+      weights, loaded.grid, loaded.has_class_token), 'attention maps')
   pngs = []
   for i, (name, image, heat) in enumerate(zip(names, images, maps)):
     stem = os.path.splitext(os.path.basename(name))[0]
-    pngs.append(plots.attention_overlay(
-        image, heat, os.path.join(out_dir, f'attention_map_{i:03d}_{stem}.png'), title=name))
+    pngs.append(plots.attention_overlay(image, heat, os.path.join(
+        inputs.out_dir, f'attention_map_{i:03d}_{stem}.png'), title=name))
   path = write_json({'grid': list(loaded.grid),
                      'maps': {name: heat.tolist() for name, heat in zip(names, maps)}},
-                    os.path.join(out_dir, 'attention_maps.json'))
+                    os.path.join(inputs.out_dir, 'attention_maps.json'))
   return {'png': pngs, 'json': path, 'names': names}
-
-
-def _check_finite(values: np.ndarray, loaded: inference.LoadedModel, images: np.ndarray,
-                  what: str) -> None:
-  output_check.check_finite(values, f'Checkpoint {loaded.source}', what=what,
-                            model=loaded.model, params=loaded.params, images=images)
 
 
 def posemb_similarity(loaded: inference.LoadedModel, inputs: Inputs) -> dict:
@@ -98,6 +95,7 @@ def posemb_similarity(loaded: inference.LoadedModel, inputs: Inputs) -> dict:
                                        os.path.join(inputs.out_dir, 'posemb_similarity.png')),
       'json': write_json({'grid': list(grid), 'similarity': similarity.tolist()},
                          os.path.join(inputs.out_dir, 'posemb_similarity.json')),
+      'similarity': similarity,
   }
 
 
@@ -118,19 +116,10 @@ def filters(loaded: inference.LoadedModel, inputs: Inputs) -> dict:
 def attention_distance(loaded: inference.LoadedModel, inputs: Inputs) -> dict:
   """Fig. 7 right: mean attention distance per layer and head, averaged over the images."""
   _, images = inputs.analysis_images(loaded.resolution)
-  model, out_dir = loaded.model, inputs.out_dir
+  out_dir = inputs.out_dir
   patch_px = model_configs.token_stride(loaded.model_config)
-
-  @jax.jit
-  def distances(params, batch):
-    weights = attention.attention_weights(model, params, batch)
-    return attention.mean_attention_distance(weights, loaded.grid, patch_px,
-                                             loaded.has_class_token)
-
-  per_image = inference.map_batches(functools.partial(distances, loaded.params), images,
-                                    inputs.batch_size, desc='attention distance')
-  _check_finite(per_image, loaded, images, 'attention distances')
-  mean = per_image.mean(axis=0)
+  mean = _of_attention(loaded, inputs, images, lambda weights: attention.mean_attention_distance(
+      weights, loaded.grid, patch_px, loaded.has_class_token), 'attention distances').mean(axis=0)
   return {
       'png': plots.attention_distance(mean, os.path.join(out_dir, 'attention_distance.png'),
                                       image_size=loaded.resolution),
@@ -216,7 +205,7 @@ class Analysis:
 
 
 def _hybrid(loaded) -> Optional[str]:
-  if embeddings.has_pixel_patch_embedding(loaded.model_config):
+  if loaded.model_config.get('resnet') is None:  # The patch embedding sees pixels.
     return None
   return (f'{loaded.name} is a hybrid: its patch embedding sees ResNet features, not pixels, so '
           'its filters cannot be shown as image patches.')

@@ -1,4 +1,5 @@
-"""Matplotlib figures (Agg backend) of the analyses and of training curves, saved as PNG."""
+"""Matplotlib figures (Agg backend), saved as PNG: the analyses', training curves and the claims
+report's curves (mean over seeds with a +- one standard deviation band) and scatter plots."""
 from typing import Mapping, Optional, Sequence
 
 import matplotlib
@@ -11,7 +12,11 @@ from PIL import Image
 _DPI = 120
 
 
-def _save(fig, path: str) -> str:
+def _save(fig, path: str, ax=None, xlabel: str = '', ylabel: str = '', title: str = '') -> str:
+  """Writes the figure (labelling `ax` first if given) and closes it."""
+  if ax is not None:
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
   fig.savefig(path, dpi=_DPI, bbox_inches='tight')
   plt.close(fig)
   return path
@@ -46,13 +51,13 @@ def attention_overlay(image: np.ndarray, attention_map: np.ndarray, path: str,
   heat = upsample(attention_map, image.shape[:2])
   heat = heat / max(heat.max(), 1e-12)
   fig, axes = plt.subplots(1, 3, figsize=(8, 3.0))
-  axes[0].imshow(_to_display(image), interpolation='nearest')
-  axes[0].set_title('input')
-  axes[1].imshow(heat, cmap='inferno', vmin=0.0, vmax=1.0)
-  axes[1].set_title('attention rollout')
-  axes[2].imshow(_to_display(image) * heat[..., None], interpolation='nearest')
-  axes[2].set_title('input x attention')
-  for ax in axes:
+  shown = _to_display(image)
+  for ax, picture, label, style in (
+      (axes[0], shown, 'input', {'interpolation': 'nearest'}),
+      (axes[1], heat, 'attention rollout', {'cmap': 'inferno', 'vmin': 0.0, 'vmax': 1.0}),
+      (axes[2], shown * heat[..., None], 'input x attention', {'interpolation': 'nearest'})):
+    ax.imshow(picture, **style)
+    ax.set_title(label)
     ax.axis('off')
   fig.suptitle(title, fontsize=8)
   return _save(fig, path)
@@ -65,11 +70,8 @@ def position_similarity(similarity: np.ndarray, grid: Sequence[int], path: str) 
   cmap = matplotlib.colormaps['viridis'].with_extremes(bad='white')
   shown = ax.imshow(mosaic(tiles, grid[1]), cmap=cmap, vmin=-1.0, vmax=1.0,
                     interpolation='nearest')
-  ax.set_xticks([])
-  ax.set_yticks([])
-  ax.set_xlabel('Input patch column')
-  ax.set_ylabel('Input patch row')
-  ax.set_title('Position embedding similarity')
+  ax.set(xticks=[], yticks=[], xlabel='Input patch column', ylabel='Input patch row',
+         title='Position embedding similarity')
   fig.colorbar(shown, ax=ax, label='Cosine similarity', fraction=0.046)
   return _save(fig, path)
 
@@ -98,13 +100,10 @@ def attention_distance(distances: np.ndarray, path: str, image_size: Optional[in
   depth = np.arange(1, layers + 1)
   for h in range(heads):
     ax.scatter(depth, distances[:, h], s=14, label=f'head {h + 1}')
-  ax.set_xlabel('Network depth (layer)')
-  ax.set_ylabel('Mean attention distance (pixels)')
-  ax.set_xticks(depth)
-  ax.set_ylim(0, image_size or None)
+  ax.set(xlabel='Network depth (layer)', ylabel='Mean attention distance (pixels)',
+         xticks=depth, ylim=(0, image_size or None), title='Mean attention distance')
   if heads <= 16:
     ax.legend(fontsize=6, ncol=2, loc='lower right')
-  ax.set_title('Mean attention distance')
   return _save(fig, path)
 
 
@@ -118,8 +117,33 @@ def training_curves(events: Sequence[Mapping[str, float]], path: str, title: str
       ax.plot(steps, values, marker='o' if len(points) < 30 else None, markersize=3)
     else:
       ax.text(0.5, 0.5, f'no {key} recorded', ha='center', va='center', transform=ax.transAxes)
-    ax.set_xlabel('step')
-    ax.set_ylabel(label)
+    ax.set(xlabel='step', ylabel=label)
     ax.grid(alpha=0.3)
   fig.suptitle(title)
   return _save(fig, path)
+
+
+def curves(series: Mapping[str, tuple], path: str, *, xlabel: str, ylabel: str, title: str,
+           logx: bool = True) -> str:
+  """One line per series {label: (x [n], values [seeds, n])}: the mean over seeds, with a band
+  of +- one standard deviation."""
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  for label, (x, values) in series.items():
+    values = np.asarray(values, np.float64).reshape(-1, len(x))
+    mean, std = values.mean(axis=0), values.std(axis=0)
+    ax.plot(x, mean, marker='o', markersize=4, label=label)
+    ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+  if logx:
+    ax.set_xscale('log')
+  ax.legend(fontsize=8)
+  return _save(fig, path, ax, xlabel, ylabel, title)
+
+
+def scatter(x: Sequence[float], y: Sequence[float], labels: Sequence[str], path: str, *,
+            xlabel: str, ylabel: str, title: str) -> str:
+  """Labelled points."""
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  ax.scatter(x, y)
+  for xi, yi, label in zip(x, y, labels):
+    ax.annotate(label, (xi, yi), fontsize=7, xytext=(3, 3), textcoords='offset points')
+  return _save(fig, path, ax, xlabel, ylabel, title)

@@ -2,5 +2,5 @@
 
 `experiments`: models, recipe, scales and run configs; `runner`: trains the runs (resumable,
 reusing finished ones); `measure`: numbers and analyses of finished runs; `verdicts`: the rules;
-`catalog`: the claims; `plots` and `report`: figures, claims.md and claims.json.
+`catalog`: the claims; `report`: claims.md and claims.json (figures: vit_jax.analysis.plots).
 """

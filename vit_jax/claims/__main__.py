@@ -1,14 +1,10 @@
-r"""Checks the paper's claims with miniature experiments and writes a report.
+r"""Checks the paper's claims with miniature experiments and writes a report (see the README).
 
     python -m vit_jax.claims --out_dir=/tmp/claims [--claims=C1,C3] [--scale=quick|full] \
         [--dataset=fashion_mnist]
 
-Each claim's experiment is ordinary training runs (vit_jax.train) in workdirs under
-OUT_DIR/runs/DATASET-SCALE/: rerun the same command after an interruption and it resumes,
-reusing the finished runs. Then OUT_DIR/claims.md and OUT_DIR/claims.json give, per claim, the
-paper's statement and numbers, the runs, our numbers with their spread over seeds, figures and
-a verdict from the rule printed with it. `--scale=quick` checks the machinery in minutes;
-`--scale=full` is the reported experiment (its measured run time is in the README).
+Training runs go to workdirs under OUT_DIR/runs/DATASET-SCALE/ (a rerun resumes, reusing the
+finished ones); OUT_DIR/claims.md and claims.json give each claim's numbers and verdict.
 """
 import datetime
 import os

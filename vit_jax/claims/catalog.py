@@ -10,12 +10,12 @@ from typing import Callable
 
 import numpy as np
 
-from vit_jax import models
 from vit_jax import cli
+from vit_jax import models
+from vit_jax.analysis import plots
 from vit_jax.claims import compute
 from vit_jax.claims import experiments
 from vit_jax.claims import measure
-from vit_jax.claims import plots
 from vit_jax.claims import verdicts
 
 RunSpec = experiments.RunSpec
@@ -64,9 +64,14 @@ class Claim:
 
 def _paired(ctx: Context, a: Callable, b: Callable) -> tuple:
   """(top-1 of a per seed, top-1 of b per seed, a - b per seed)."""
-  xa, xb = measure.top1s(ctx.results, a, ctx.scale.seeds), measure.top1s(ctx.results, b,
-                                                                           ctx.scale.seeds)
+  xa, xb = (measure.top1s(ctx.results, make, ctx.scale.seeds) for make in (a, b))
   return xa, xb, [p - q for p, q in zip(xa, xb)]
+
+
+def _grid(ctx: Context, make: Callable, values) -> np.ndarray:
+  """[seeds, values] top-1 of `make(seed, value)`."""
+  return np.array([measure.top1s(ctx.results, lambda s, v=v: make(s, v), ctx.scale.seeds)
+                   for v in values]).T
 
 
 # --- C1: data size ---------------------------------------------------------------------------
@@ -82,10 +87,9 @@ def _c1_runs(scale):
 
 
 def _c1_evaluate(ctx: Context) -> Finding:
-  seeds, sizes = ctx.scale.seeds, _sizes(ctx.scale)
-  acc = {arch: np.array([measure.top1s(ctx.results, lambda s, n=n, a=arch: RunSpec(a, s,
-                                                                                   examples=n),
-                                      seeds) for n in sizes]).T for arch in ('vit', 'resnet')}
+  sizes = _sizes(ctx.scale)
+  acc = {a: _grid(ctx, lambda s, n, a=a: RunSpec(a, s, examples=n), sizes)
+         for a in ('vit', 'resnet')}
   gap = acc['vit'] - acc['resnet']  # [seeds, sizes]
   counts = [n or ctx.num_train for n in sizes]
   small = verdicts.positive(list(-gap[:, 0]), f'ResNet - ViT top-1 at {counts[0]} examples',
@@ -107,15 +111,12 @@ def _c1_evaluate(ctx: Context) -> Finding:
 
 # --- C2: position embeddings -------------------------------------------------------------------
 
-_POSEMBS = models.POSEMB_TYPES
-
-
 def _c2_runs(scale):
-  return [RunSpec(posemb=p, seed=s) for p in _POSEMBS for s in scale.seeds]
+  return [RunSpec(posemb=p, seed=s) for p in models.POSEMB_TYPES for s in scale.seeds]
 
 
 def _c2_evaluate(ctx: Context) -> Finding:
-  make = {p: (lambda s, p=p: RunSpec(posemb=p, seed=s)) for p in _POSEMBS}
+  make = {p: (lambda s, p=p: RunSpec(posemb=p, seed=s)) for p in models.POSEMB_TYPES}
   learn, none, worse = _paired(ctx, make['learn'], make['none'])
   parts = [verdicts.positive(worse, '1-D learned - none', ctx.floor(learn))]
   table = ['| position embedding | top-1 |', '|---|---|',
@@ -125,7 +126,7 @@ def _c2_evaluate(ctx: Context) -> Finding:
     other, _, diff = _paired(ctx, make[p], make['learn'])
     parts.append(verdicts.equal(diff, f'{p} - 1-D learned', EQUAL_TOLERANCE, ctx.floor(other)))
     table.append(f'| {p} | {measure.mean_std(other)} |')
-  numbers = {p: measure.top1s(ctx.results, make[p], ctx.scale.seeds) for p in _POSEMBS}
+  numbers = {p: measure.top1s(ctx.results, make[p], ctx.scale.seeds) for p in make}
   return Finding(numbers, table, verdicts.all_of(parts))
 
 
@@ -139,9 +140,8 @@ def _c3_runs(scale):
 
 def _c3_evaluate(ctx: Context) -> Finding:
   lrs = ctx.scale.lr_scales
-  acc = {c: np.array([measure.top1s(
-      ctx.results, lambda s, c=c, lr=lr: RunSpec(classifier=c, lr_scale=lr, seed=s),
-      ctx.scale.seeds) for lr in lrs]).T for c in ('token', 'gap')}  # [seeds, lrs]
+  acc = {c: _grid(ctx, lambda s, lr, c=c: RunSpec(classifier=c, lr_scale=lr, seed=s), lrs)
+         for c in ('token', 'gap')}  # [seeds, lrs]
   best = {c: int(np.argmax(acc[c].mean(axis=0))) for c in acc}
   diff = list(acc['token'][:, best['token']] - acc['gap'][:, best['gap']])
   verdict = verdicts.equal(diff, 'class token - GAP, each at its best learning rate',
@@ -208,9 +208,8 @@ def _c5_runs(scale):
 
 
 def _c5_evaluate(ctx: Context) -> Finding:
-  pre = lambda s: _c5_specs(s)[0]
   fine, single, diff = _paired(ctx, lambda s: _c5_specs(s)[1], lambda s: _c5_specs(s)[2])
-  low = measure.top1s(ctx.results, pre, ctx.scale.seeds)
+  low = measure.top1s(ctx.results, lambda s: _c5_specs(s)[0], ctx.scale.seeds)
   verdict = verdicts.positive(diff, f'{LOW_RESOLUTION}px pre-training + 28px fine-tuning - '
                               '28px only, same total compute', ctx.floor(fine))
   table = ['| schedule (same total FLOPs) | top-1 |', '|---|---|',
@@ -268,11 +267,6 @@ def _c7_evaluate(ctx: Context) -> Finding:
 
 _C8_MODELS = (RunSpec(), RunSpec('resnet'), RunSpec('hybrid'), RunSpec(classifier='gap'),
               RunSpec(posemb='none'), RunSpec(posemb='learn2d'), RunSpec(posemb='sincos2d'))
-
-
-def _c8_runs(scale):
-  del scale
-  return list(_C8_MODELS)
 
 
 def _c8_evaluate(ctx: Context) -> Finding:
@@ -386,7 +380,7 @@ CLAIMS = (
           'like their fine-tuning accuracy.',
           'Used throughout Fig. 3-6 (ImageNet 5-shot / 10-shot linear); no single number.',
           'The models are trained on the same dataset the few-shot probe uses, not pre-trained '
-          'on another one.', _c8_runs, _c8_evaluate),
+          'on another one.', lambda scale: list(_C8_MODELS), _c8_evaluate),
     Claim('C9', 'Headline tables', 'Table 2, Table 5, Fig. 12',
           'ViT-H/14 and ViT-L/16 (JFT) match or beat BiT-L at less pre-training compute; '
           'ViT inference speed is comparable to ResNets of similar accuracy.',

@@ -1,14 +1,13 @@
 """C10: Table 2's pre-training compute (TPUv3-core-days) against the FLOPs of our compiled steps.
 
-Each Table 2 run's total training FLOPs = FLOPs per image of the pre-training train step (the
-TPU compiler's count for `configs/pretrain.py`'s step at 224px, compiled for a v3-8:
-`vit_jax.tpu_compile.counted_cost`, which compiles 1 and 2 blocks at 1 and 2 images per core and
-extrapolates linearly to batch 4096, a linearity tests/test_plan.py checks) x epochs x dataset
-images. The implied utilization of a figure is those FLOPs over what its core-days could do at
-the v3 core's bf16 peak (61.5e12 FLOP/s). The paper says BiT-L took ~4x ViT-H/14's core-days;
-the ratio of their FLOPs says how much of that is work and how much is speed.
+A Table 2 run's training FLOPs = FLOPs per image of `configs/pretrain.py`'s step at 224px as
+XLA:TPU counts them for a v3-8 (`vit_jax.tpu_compile.counted_cost`) x epochs x dataset images; its
+implied utilization is those FLOPs over what its core-days could do at the v3 core's bf16 peak.
+The paper says BiT-L took ~4x ViT-H/14's core-days; the ratio of their FLOPs says how much of that
+is work and how much is speed.
 """
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 from vit_jax import config_lib
@@ -67,10 +66,6 @@ def compiled_flops_per_image(config, topology: str = 'v3-8') -> float:
   return cost['train']['flops_per_device'] * len(devices) / config.batch
 
 
-def implied_utilization(total_flops: float, core_days: float) -> float:
-  return total_flops / (core_days * SECONDS_PER_DAY * V3_CORE_PEAK)
-
-
 def rule(rows: list) -> verdicts.Verdict:
   """Consistent when every figure is physically possible (implied utilization in (0, 100%]) and
   BiT-L's FLOPs exceed ViT-H/14's (the paper's "less compute" holds in work, not only in
@@ -94,17 +89,14 @@ def rule(rows: list) -> verdicts.Verdict:
 def check(flops_per_image: Optional[Callable] = None) -> tuple:
   """(rows, verdict) for TABLE2; `flops_per_image(model, classes)` defaults to the compiled
   count."""
-  flops_per_image = flops_per_image or (
-      lambda model, classes: compiled_flops_per_image(pretrain_config(model, classes)))
-  rows, per_image = [], {}
+  per_image = functools.cache(flops_per_image or (
+      lambda model, classes: compiled_flops_per_image(pretrain_config(model, classes))))
+  rows = []
   for run in TABLE2:
-    key = (run.model, run.classes)
-    if key not in per_image:
-      per_image[key] = flops_per_image(*key)
-    total = per_image[key] * run.epochs * run.images
-    rows.append({'name': run.name, 'model': run.model, 'flops_per_image': per_image[key],
-                 'epochs': run.epochs, 'images': run.images, 'total_flops': total,
-                 'core_days': run.core_days,
-                 'utilization': implied_utilization(total, run.core_days),
+    total = per_image(run.model, run.classes) * run.epochs * run.images
+    rows.append({'name': run.name, 'model': run.model,
+                 'flops_per_image': per_image(run.model, run.classes), 'epochs': run.epochs,
+                 'images': run.images, 'total_flops': total, 'core_days': run.core_days,
+                 'utilization': total / (run.core_days * SECONDS_PER_DAY * V3_CORE_PEAK),
                  'epochs_source': run.epochs_source})
   return rows, rule(rows)

@@ -93,16 +93,11 @@ def model_config(spec: RunSpec, scale: Scale) -> ml_collections.ConfigDict:
   if spec.arch not in ARCHITECTURES:
     raise ValueError(f'Unknown architecture {spec.arch!r}; expected one of {ARCHITECTURES}.')
   config = model_configs.get_model_config('micro')
-  config.model_name = f'ViT-mini_{PATCH}' if spec.arch == 'vit' else 'R+ViT-mini_1'
-  config.hidden_size = scale.hidden
-  config.transformer.mlp_dim = 4 * scale.hidden
-  config.transformer.num_heads = 2
-  config.transformer.num_layers = scale.layers
-  config.classifier = spec.classifier
-  config.posemb = spec.posemb
-  config.patches.size = (PATCH, PATCH)
+  config.update(model_name=f'ViT-mini_{PATCH}' if spec.arch == 'vit' else 'R+ViT-mini_1',
+                hidden_size=scale.hidden, classifier=spec.classifier, posemb=spec.posemb)
+  config.transformer.update(mlp_dim=4 * scale.hidden, num_heads=2, num_layers=scale.layers)
+  config.patches.size = (1, 1) if spec.arch == 'hybrid' else (PATCH, PATCH)
   if spec.arch == 'hybrid':
-    config.patches.size = (1, 1)
     config.resnet = ml_collections.ConfigDict({'num_layers': (), 'width_factor': 0.5})
   return config
 

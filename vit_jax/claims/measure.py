@@ -9,7 +9,6 @@ from vit_jax import benchmark_lib
 from vit_jax import inference
 from vit_jax import model_configs
 from vit_jax.analysis import attention
-from vit_jax.analysis import embeddings
 from vit_jax.analysis import outputs
 from vit_jax.claims import experiments
 from vit_jax.claims import runner
@@ -43,10 +42,12 @@ def mean_std(values: Sequence[float]) -> str:
   return f'{np.mean(values):.2f} +- {np.std(values):.2f}'
 
 
-def analysis_dir(out_dir: str, result: runner.RunResult) -> str:
+def _analyse(result: runner.RunResult, out_dir: str, analysis: Callable, **options) -> tuple:
+  """(the run's model, `analysis` of it writing into OUT_DIR/analysis/<run>)."""
+  loaded = inference.load_model(result.workdir)
   path = os.path.join(out_dir, 'analysis', os.path.basename(result.workdir))
   os.makedirs(path, exist_ok=True)
-  return path
+  return loaded, analysis(loaded, outputs.Inputs(path, loaded.run_config, **options))
 
 
 def uniform_attention_distance(grid: Sequence[int], patch_px: float) -> float:
@@ -58,9 +59,8 @@ def attention_distance(result: runner.RunResult, scale: experiments.Scale,
                        out_dir: str) -> dict:
   """Mean attention distance per layer and head (Fig. 7 right) on the eval images, its slope
   against depth and the fraction of global heads per layer."""
-  loaded = inference.load_model(result.workdir)
-  summary = outputs.attention_distance(loaded, outputs.Inputs(
-      analysis_dir(out_dir, result), loaded.run_config, num_images=scale.analysis_images))
+  loaded, summary = _analyse(result, out_dir, outputs.attention_distance,
+                             num_images=scale.analysis_images)
   distances = np.asarray(summary['mean_distance_px'])  # [layers, heads]
   per_layer = distances.mean(axis=1)
   uniform = uniform_attention_distance(loaded.grid, model_configs.token_stride(loaded.model_config))
@@ -89,20 +89,15 @@ def grid_structure(similarity: np.ndarray, grid: Sequence[int]) -> dict:
 def posemb_structure(result: runner.RunResult, out_dir: str) -> dict:
   """Fig. 7 centre on a trained model: `grid_structure` of its position embeddings' cosine
   similarity, and the figure."""
-  loaded = inference.load_model(result.workdir)
-  similarity = embeddings.cosine_similarity(
-      embeddings.patch_position_embeddings(loaded.params, loaded.has_class_token))
-  png = outputs.posemb_similarity(loaded, outputs.Inputs(analysis_dir(out_dir, result)))['png']
-  return {**grid_structure(similarity, loaded.grid), 'png': png}
+  loaded, summary = _analyse(result, out_dir, outputs.posemb_similarity)
+  return {**grid_structure(summary['similarity'], loaded.grid), 'png': summary['png']}
 
 
 def fewshot_accuracy(result: runner.RunResult, scale: experiments.Scale, out_dir: str,
                      shots: int = 5) -> float:
   """`shots`-shot linear accuracy (percent) of the frozen features, 3 draws."""
-  loaded = inference.load_model(result.workdir)
-  summary = outputs.fewshot(loaded, outputs.Inputs(
-      analysis_dir(out_dir, result), loaded.run_config, shots=(shots,), fewshot_seeds=3,
-      fewshot_pool=scale.fewshot_pool, num_eval=scale.eval_examples or 2000))
+  _, summary = _analyse(result, out_dir, outputs.fewshot, shots=(shots,), fewshot_seeds=3,
+                        fewshot_pool=scale.fewshot_pool, num_eval=scale.eval_examples or 2000)
   return 100.0 * summary['results'][shots]['mean']
 
 

@@ -48,15 +48,11 @@ def read_curve(workdir: str) -> list:
 def ordered(specs: Sequence[experiments.RunSpec]) -> list:
   """The distinct runs, every run after the run it is initialised from."""
   result = []
-
-  def add(spec):
-    if spec.init_from is not None:
-      add(spec.init_from)
-    if spec not in result:
-      result.append(spec)
-
   for spec in specs:
-    add(spec)
+    chain = [spec]
+    while chain[-1].init_from is not None:
+      chain.append(chain[-1].init_from)
+    result += [s for s in reversed(chain) if s not in result]
   return result
 
 

@@ -1,14 +1,12 @@
 """Verdict rules: a claim's verdict comes from the measured numbers through one of these.
 
-Every rule returns a `Verdict` carrying the rule in words (printed by the report) and the
-numbers it was applied to. The spread of an effect is its standard deviation over seeds, never
-below `floor` (for accuracies: the binomial standard error of a difference of two accuracies on
-the eval set, `accuracy_noise`); with one seed and no floor there is no spread and the verdict is
-inconclusive.
+Each returns a `Verdict`: the rule in words (printed by the report) and the numbers it was applied
+to. An effect's spread is its standard deviation over seeds, at least `floor` (for accuracies:
+`accuracy_noise`); with one seed and no floor there is none and the verdict is inconclusive.
 """
 import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -31,54 +29,37 @@ def accuracy_noise(accuracy: float, num_examples: int) -> float:
   return math.sqrt(2.0 * accuracy * (1.0 - accuracy) / max(num_examples, 1))
 
 
-def spread(samples: Sequence[float], floor: Optional[float] = None) -> Optional[float]:
-  """Standard deviation over seeds, at least `floor`; None with one sample and no floor."""
-  std = float(np.std(samples)) if len(samples) > 1 else None
-  if floor is None:
-    return std
-  return max(std or 0.0, floor)
-
-
-def _summary(effects: Sequence[float], s: Optional[float], what: str) -> str:
+def _decide(effects: Sequence[float], what: str, floor: Optional[float], rule: str,
+            consistent: Callable, not_consistent: Callable) -> Verdict:
+  """`consistent(mean, spread)`, else `not_consistent(mean, spread)`, else inconclusive."""
+  s = float(np.std(effects)) if len(effects) > 1 else None
+  if floor is not None:
+    s = max(s or 0.0, floor)
+  mean = float(np.mean(effects))
+  verdict = (INCONCLUSIVE if s is None else CONSISTENT if consistent(mean, s)
+             else NOT_CONSISTENT if not_consistent(mean, s) else INCONCLUSIVE)
   values = ', '.join(f'{e:+.4g}' for e in effects)
   s_text = 'none (one seed)' if s is None else f'{s:.4g}'
-  return f'{what}: mean {np.mean(effects):+.4g} over seeds [{values}], spread {s_text}'
+  return Verdict(verdict, rule,
+                 f'{what}: mean {mean:+.4g} over seeds [{values}], spread {s_text}')
 
 
 def positive(effects: Sequence[float], what: str, floor: Optional[float] = None) -> Verdict:
   """The claim: `what` > 0."""
-  rule = (f'{what} > 0 claimed: consistent if its mean exceeds 2x its spread, not consistent if '
-          'it is below -2x its spread, else inconclusive (spread larger than the effect)')
-  s = spread(effects, floor)
-  mean = float(np.mean(effects))
-  if s is None:
-    verdict = INCONCLUSIVE
-  elif mean > 2 * s:
-    verdict = CONSISTENT
-  elif mean < -2 * s:
-    verdict = NOT_CONSISTENT
-  else:
-    verdict = INCONCLUSIVE
-  return Verdict(verdict, rule, _summary(effects, s, what))
+  return _decide(effects, what, floor, f'{what} > 0 claimed: consistent if its mean exceeds 2x '
+                 'its spread, not consistent if it is below -2x its spread, else inconclusive '
+                 '(spread larger than the effect)',
+                 lambda m, s: m > 2 * s, lambda m, s: m < -2 * s)
 
 
 def equal(effects: Sequence[float], what: str, tolerance: float,
           floor: Optional[float] = None) -> Verdict:
   """The claim: `what` is about 0 (|what| <= tolerance)."""
-  rule = (f'{what} ~ 0 claimed: consistent if |mean| <= {tolerance:g} and 2x spread <= '
-          f'{tolerance:g}, not consistent if |mean| > {tolerance:g} + 2x spread, else '
-          'inconclusive')
-  s = spread(effects, floor)
-  mean = abs(float(np.mean(effects)))
-  if s is None:
-    verdict = INCONCLUSIVE
-  elif mean <= tolerance and 2 * s <= tolerance:
-    verdict = CONSISTENT
-  elif mean > tolerance + 2 * s:
-    verdict = NOT_CONSISTENT
-  else:
-    verdict = INCONCLUSIVE
-  return Verdict(verdict, rule, _summary(effects, s, what))
+  return _decide(effects, what, floor, f'{what} ~ 0 claimed: consistent if |mean| <= '
+                 f'{tolerance:g} and 2x spread <= {tolerance:g}, not consistent if |mean| > '
+                 f'{tolerance:g} + 2x spread, else inconclusive',
+                 lambda m, s: abs(m) <= tolerance and 2 * s <= tolerance,
+                 lambda m, s: abs(m) > tolerance + 2 * s)
 
 
 def rank_correlation(x: Sequence[float], y: Sequence[float], what: str, threshold: float = 0.5,
@@ -103,13 +84,9 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 def all_of(verdicts: Sequence[Verdict]) -> Verdict:
   """A claim of several parts: not consistent if one part is, consistent if all are."""
-  labels = [v.verdict for v in verdicts]
-  if NOT_CONSISTENT in labels:
-    verdict = NOT_CONSISTENT
-  elif all(label == CONSISTENT for label in labels):
-    verdict = CONSISTENT
-  else:
-    verdict = INCONCLUSIVE
+  labels = {v.verdict for v in verdicts}
+  verdict = (NOT_CONSISTENT if NOT_CONSISTENT in labels else CONSISTENT
+             if labels <= {CONSISTENT} else INCONCLUSIVE)
   return Verdict(verdict, ' AND '.join(f'({v.rule})' for v in verdicts),
                  '; '.join(v.evidence for v in verdicts))
 
