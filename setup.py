@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     'ml-collections==1.1.0',
     'absl-py==2.5.1',
     'numpy>=2.0,<3',
+    'scipy>=1.11',
     'tqdm==4.70.1',
     'matplotlib==3.11.2',
     'pillow>=10',
@@ -30,7 +31,6 @@ ACCELERATOR_EXTRAS = {name: [f'jax[{name}]=={JAX_VERSION}'] for name in ('tpu', 
 TESTS_REQUIRE = [
     'pytest>=8',
     'pytest-xdist>=3.5',
-    'scipy>=1.11',
     *ACCELERATOR_EXTRAS['tpu'],
 ]
 
