@@ -29,8 +29,8 @@ def _minival(steps: int, classes: int, test: str = 'test', held_out: int = 2,
               test_split=test, total_steps=steps, num_classes=classes)
 
 
-def _vtab(classes: int, test: str = 'test') -> dict:
-  return dict(train_split='train[:800]', eval_split='train[800:1000]', test_split=test,
+def _vtab(classes: int) -> dict:
+  return dict(train_split='train[:800]', eval_split='train[800:1000]', test_split='test',
               total_steps=2_500, num_classes=classes)
 
 
@@ -55,9 +55,7 @@ DATASETS = {
 DEFAULT_DATASET = _minival(10_000, None)
 
 # Fields a resumed run may change without changing what it computes (besides accumulation's
-# rounding): logging, evaluation, checkpointing, input plumbing, sharding and where the initial
-# weights came from (a resumed run reads its training checkpoint instead). Any other difference
-# from WORKDIR/config.json (model, data, recipe, total_steps, ...) is refused unless
+# rounding); any other difference from WORKDIR/config.json is refused unless
 # config.allow_config_change is set.
 RESUMABLE_FIELDS = frozenset({
     'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints', 'progress', 'prefetch',
@@ -66,17 +64,15 @@ RESUMABLE_FIELDS = frozenset({
     'tfds_manual_dir', 'profile_steps', 'compilation_cache_dir',
 })
 
-# Fields of older config.json files that base_config no longer has (the model's name is
-# config.model.model_name); ignored when comparing configs.
+# Fields of older config.json files that base_config no longer has; ignored in comparisons.
 REMOVED_FIELDS = frozenset({'model_name'})
 
 
 # The smallest crop of 'inception' preprocessing, as a fraction of the image area: `pp.area_min`
 # here, and input_pipeline's value for a `pp` without the field.
 DEFAULT_AREA_MIN = 0.05
-# The names of vit_jax.preprocessing.TRAIN_CROPS (config.pp.train) and EVAL_RESIZES
-# (config.pp.eval), here because validation must not import TensorFlow (the benchmark runs
-# where there is none); tests/test_train.py checks that the two agree.
+# The names of vit_jax.preprocessing.TRAIN_CROPS and EVAL_RESIZES, here because validation must
+# not import TensorFlow (the benchmark runs without it); tests/test_train.py checks they agree.
 PP_TRAIN = ('inception', 'resize_crop')
 PP_EVAL = ('resize', 'central_crop')
 
@@ -88,24 +84,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_configs.get_model_config('ViT-B_16')  # Its name: config.model.model_name.
   c.num_classes = ml_collections.FieldReference(None, field_type=int)
   c.head_bias_init = 0.0
-  # Data (vit_jax.input_pipeline).
+  # Data (vit_jax.input_pipeline; the fields: docs/ARCHITECTURE.md, "Configuration").
   c.dataset = 'cifar10'
   c.data_dir = ml_collections.FieldReference(None, field_type=str)
-  # For a `folder:` dataset without train/ and test/ folders: the fraction of each class held
-  # out as 'test'.
   c.folder_test_fraction = 0.1
-  # Decode the split once and keep it in memory: None (when it fits, see input_pipeline), or
-  # True / False to force it.
   c.cache = ml_collections.FieldReference(None, field_type=bool)
   # Where the files of datasets that TFDS cannot download (imagenet2012) were put by hand.
   c.tfds_manual_dir = ml_collections.FieldReference(None, field_type=str)
   c.train_split = 'train'
   c.eval_split = 'test'
-  c.test_split = ''  # Evaluated once at the end as `test_top1`; '' for none.
-  # The official fine-tuning pipeline: train 'inception' (crop of `area_min` to all of the area,
-  # any aspect ratio, resize, flip), eval 'resize' (see vit_jax.input_pipeline for the others).
-  # `resize`: the size before the random (train) or central (eval) crop; None: resolution * 8/7.
-  # `area_min`: see DEFAULT_AREA_MIN.
+  c.test_split = ''
+  # The official fine-tuning pipeline. `resize`: the size before the random (train) or central
+  # (eval) crop; None: resolution * 8/7.
   c.pp = ml_collections.ConfigDict({'train': 'inception', 'eval': 'resize', 'resolution': 384,
                                     'resize': ml_collections.FieldReference(None, field_type=int),
                                     'area_min': DEFAULT_AREA_MIN})
@@ -202,29 +192,16 @@ RANGES = {
 _COMPARISONS = {'>=': operator.ge, '>': operator.gt, '<=': operator.le, '<': operator.lt}
 
 
-_ABSENT = object()
-
-
-def _field(config: ml_collections.ConfigDict, name: str):
-  """The value of a dotted field; _ABSENT where the config has no such field (the ResNet alone
-  has no model.posemb: the model's default applies)."""
-  for part in name.split('.'):
-    if part not in config:
-      return _ABSENT
-    config = config[part]
-  return config
-
-
 def _check_choices_and_ranges(config: ml_collections.ConfigDict) -> None:
-  for name, value in _flatten(config.to_dict()).items():  # Inf and NaN pass every comparison.
+  flat = _flatten(config.to_dict())
+  for name, value in flat.items():  # Inf and NaN pass every comparison.
     if isinstance(value, float) and not math.isfinite(value):
       raise ValueError(f'config.{name}={value!r} must be a finite number.')
-  for name, table in CHOICES.items():
-    value = _field(config, name)
-    if value is not _ABSENT and value not in table:
-      raise ValueError(f'config.{name}={value!r}; expected one of {tuple(table)}.')
+  for name, table in CHOICES.items():  # A field the config lacks (BiT's model.posemb) is unset.
+    if name in flat and flat[name] not in table:
+      raise ValueError(f'config.{name}={flat[name]!r}; expected one of {tuple(table)}.')
   for name, bounds in RANGES.items():
-    value = _field(config, name)
+    value = flat.get(name)
     for bound in bounds.split(', '):
       op, limit = bound.split()
       if value is not None and not _COMPARISONS[op](value, float(limit)):
@@ -281,12 +258,6 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
 
 # Fields that decide the train state's arrays (names and shapes) in a training checkpoint.
 STATE_FIELDS = ('model.', 'model_name', 'num_classes', 'pp.resolution', 'optimizer')
-
-
-def state_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-  """The `config_changes` of the fields in STATE_FIELDS (a checkpoint of `saved` does not
-  restore into a run of `current` when there are any)."""
-  return [change for change in config_changes(saved, current) if change.startswith(STATE_FIELDS)]
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict:

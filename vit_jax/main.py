@@ -1,25 +1,12 @@
 """Command line: train (fine-tune or pre-train) or evaluate.
 
     python -m vit_jax.main --workdir=/tmp/b16_cifar10 --config=configs/vit.py:b16,cifar10
-    python -m vit_jax.main --mode=eval --workdir=/tmp/b16_cifar10 --config=configs/vit.py:b16,cifar10
     python -m vit_jax.main --mode=eval --checkpoint=checkpoints/ViT-B_16.npz --config=...
 
-Any config field can be overridden, e.g. `--config.batch=4096 --config.accum_steps=8`.
-
-Training resumes from WORKDIR: rerun the same command after a crash, `kill -9` or preemption.
-
-Exit codes:
-  0      done.
-  1      an unexpected error (a bug): Python's traceback.
-  2      `Error: <message>` on stderr (vit_jax.cli): a bad flag, config, dataset, path or
-         checkpoint, a workdir holding a run with another config or held by another run
-         (vit_jax.workdir.lock; --take_over_lock takes over the lock of a run that is gone
-         on another host), a training checkpoint that could not be saved (disk full).
-         A start that fails so leaves the workdir as it was. Add --verbosity=1 to log the
-         traceback too.
-  3      training stopped on a non-finite loss or gradient (config.nonfinite='stop').
-  128+N  stopped by signal N (143: SIGTERM, 130: SIGINT) after saving a checkpoint of the last
-         finished step; the same command resumes.
+Any config field can be overridden, e.g. `--config.batch=4096 --config.accum_steps=8`. Training
+resumes from WORKDIR: rerun the same command after a crash, `kill -9` or preemption. Exit codes:
+those of every command (vit_jax.cli; 2 also for a workdir held by another run, see
+--take_over_lock), and 3 when training stopped on a non-finite loss (config.nonfinite='stop').
 """
 import os
 import threading
@@ -116,11 +103,6 @@ def _train(config, workdir: str) -> dict:
     cli.fail(e, EXIT_NONFINITE)
 
 
-def _evaluate(config, path: str) -> dict:
-  check_remote_paths(config, [path])
-  return evaluate.run(config, path)
-
-
 def main(argv):
   cli.check_no_arguments(argv)
   logging_util.quiet_libraries()
@@ -139,7 +121,8 @@ def main(argv):
     path = _CHECKPOINT.value or _WORKDIR.value
     if not path:
       raise cli.UserError('--mode=eval needs --checkpoint or --workdir.')
-    metrics = _evaluate(config, path)
+    check_remote_paths(config, [path])
+    metrics = evaluate.run(config, path)
   if jax.process_index() == 0:
     print(' '.join(f'{k}={v:.4f}' for k, v in metrics.items()), flush=True)
 

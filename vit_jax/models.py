@@ -1,45 +1,13 @@
 """Vision Transformer, ResNet+ViT hybrid and ResNet alone (BiT baseline) as Flax Linen modules.
 
-Modules are named explicitly so that the in-memory parameter tree is the layout of the released
-`.npz` checkpoints, name for name and shape for shape (including the pre-Linen numbering
-`LayerNorm_0`, `MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3` inside each encoder
-block). `vit_jax.checkpoint` therefore only (un)flattens keys; nothing is renamed anywhere.
-
-Attention probabilities are sown into the `intermediates` collection as `attention_weights`
-(shape [batch, heads, queries, keys]); apply with `mutable=['intermediates']` to read them.
-
-Position embeddings (`posemb`, appendix D.4): 'learn' (default; the released
-`Transformer/posembed_input/pos_embedding` of shape (1, tokens, D)), 'none', 'learn2d' (learned
-row and column embeddings of D/2 each, concatenated: `pos_embedding_row` (rows, D/2),
-`pos_embedding_col` (cols, D/2) and, with a class token, `pos_embedding_cls` (1, D)) or
-'sincos2d' (fixed sine-cosine of the row and column, no parameters; zero for the class token).
-
-Speed switches (module fields of `VisionTransformer`, settable through `build_model` overrides or
-the model config; the defaults are the plain model above, and docs/PERFORMANCE.md has numbers):
-
-  * `attention_impl`: 'xla' (default) spells attention out as einsums + softmax and sows the
-    weights; 'fused' calls `jax.nn.dot_product_attention`, which never materialises the weights,
-    so nothing is sown (analysis must use 'xla'). On a CUDA GPU with bf16/fp16 compute it uses
-    cuDNN flash attention; elsewhere (CPU, TPU, float32) JAX's XLA implementation.
-  * `remat_policy`: 'none' (default) | 'full' | 'dots_saveable' |
-    'dots_with_no_batch_dims_saveable': `nn.remat` around every encoder block with that
-    `jax.checkpoint_policies` policy (activations are recomputed in the backward pass, which
-    fits larger batches). Parameters, outputs and gradients are unchanged.
-  * `scan_layers`: False (default) | True: `nn.scan` over the encoder blocks, which compiles one
-    block instead of `num_layers`. The parameters then differ: one `Transformer/encoderblock`
-    whose leaves carry a leading layer axis (and sown attention weights likewise). The released
-    layout stays the contract at load and save time: convert with `stack_encoder_blocks` /
-    `unstack_encoder_blocks` (below).
-  * `layout`: 'auto' (default) | 'flat' | 'tokens': how the matmuls lay out their operands
-    (`LAYOUTS`, below); 'auto' is the backend's best (`BACKEND_LAYOUTS`: 'flat' on XLA:CPU,
-    'tokens' on TPU). The training program resolves it for its mesh's devices.
-
-Layout: the patch embeddings and every encoder block's input carry the logical axis names
-(`BATCH`, None, None) (`nn.with_logical_constraint`). Outside `nn.logical_axis_rules` this is a
-no-op, so the model knows no mesh; the training program maps `BATCH` to its batch sharding
-(`vit_jax.sharding.with_activation_layout`), so that with FSDP-sharded weights XLA gathers the
-weights and keeps each device's activations to its own images. Left free, XLA's partitioner
-gathers the activations of the whole global batch instead (docs/PERFORMANCE.md, "FSDP").
+Modules are named explicitly so that the parameter tree is the released `.npz` layout, name for
+name and shape for shape (pre-Linen `LayerNorm_0`, `MultiHeadDotProductAttention_1`, ... inside
+each encoder block): `vit_jax.checkpoint` only (un)flattens keys. Attention probabilities are sown
+into `intermediates` as `attention_weights` [batch, heads, queries, keys] (apply with
+`mutable=['intermediates']`). The speed switches `attention_impl`, `remat_policy`, `scan_layers`
+and `layout` change speed and memory, never the function (docs/PERFORMANCE.md, "The switches");
+with `scan_layers` the blocks are held stacked (`stack_encoder_blocks`). Activations name their
+batch axis `BATCH` for the training program's sharding (docs/ARCHITECTURE.md, "Sharding").
 """
 import math
 import re
@@ -60,26 +28,17 @@ Dtype = Any
 _XAVIER = nn.initializers.xavier_uniform()
 _MLP_BIAS = nn.initializers.normal(stddev=1e-6)
 
-__all__ = ['MODEL_CONFIGS', 'VisionTransformer', 'Encoder', 'Encoder1DBlock', 'resnet_stem',
-           'ATTENTION_IMPLS', 'LAYOUTS', 'REMAT_POLICIES', 'DTYPES', 'BATCH', 'abstract_params',
-           'POSEMB_TYPES', 'sincos2d', 'PatchEmbedding',
-           'stack_encoder_blocks', 'unstack_encoder_blocks']
-
 ATTENTION_IMPLS = ('xla', 'fused', 'pallas')
-# How the model lays out its matmuls' operands; both compute the same function with the same
-# parameters (docs/PERFORMANCE.md, "TPU, by the compiler"):
-#   'flat'   the dense layers (and the patch embedding's matmul) as 2-D matmuls over flattened
-#            tokens, attention heads-first: fastest on XLA:CPU;
-#   'tokens' [batch, tokens, ...] operands into dot_generals, attention on [b, n, h, d] as it
-#            comes, attention probabilities kept in the compute dtype for the backward pass: on
-#            XLA:TPU the flattening and transposes are relayout copies (197 tokens are not a
-#            multiple of its 8-row tiles).
-# 'auto' picks the backend's entry of BACKEND_LAYOUTS ('tokens' for backends not listed).
+# How the matmuls lay out their operands (same function, same parameters): 'flat' 2-D matmuls
+# over flattened tokens, attention heads-first (fastest on XLA:CPU); 'tokens' dot_generals on
+# [batch, tokens, ...] as they come (on XLA:TPU flattening costs relayout copies: docs/
+# PERFORMANCE.md, "TPU, by the compiler"); 'auto' the backend's entry of BACKEND_LAYOUTS.
 LAYOUTS = ('auto', 'flat', 'tokens')
 BACKEND_LAYOUTS = {'cpu': 'flat', 'tpu': 'tokens'}
 # Compute dtypes (`dtype=jnp.dtype(name)`); parameters stay float32.
 DTYPES = ('float32', 'bfloat16')
-# The logical name of the batch axis of activations (see the module docstring).
+# The logical name of the activations' batch axis (nn.with_logical_constraint; a no-op outside
+# nn.logical_axis_rules, so the model knows no mesh).
 BATCH = 'batch'
 # Name of the stacked encoder block under `Transformer` with scan_layers=True.
 SCANNED_BLOCK = 'encoderblock'
@@ -138,11 +97,8 @@ def abstract_params(model_config: ml_collections.ConfigDict, num_classes: Option
 
 
 class StdConv(nn.Conv):
-  """Convolution with weight standardisation over the kernel's spatial and input axes (BiT).
-
-  `(w - mean) / (std + 1e-5)`, the released hybrids' formula (not `/ sqrt(var + 1e-5)`, which
-  differs by percents on the logits at the small scale of trained kernels).
-  """
+  """Convolution with weight standardisation over the kernel's spatial and input axes (BiT):
+  `(w - mean) / (std + 1e-5)`, the released hybrids' formula (not `/ sqrt(var + 1e-5)`)."""
 
   def param(self, name, *args, **kwargs):
     param = super().param(name, *args, **kwargs)
@@ -209,17 +165,10 @@ def resnet_stem(x, *, num_layers: Sequence[int], width_factor: int, dtype, param
 def token_matmul(module: nn.Module, x, features: Tuple[int, ...], in_axes: int,
                  kernel_init: Callable, bias_init: Callable, layout: str = 'flat'):
   """x's last `in_axes` axes times `module`'s `kernel` [*in, *features], plus its `bias`
-  [*features].
-
-  The parameters are created on `module` (in its scope, under its name), with its `dtype` and
-  `param_dtype`; the initialisers see the flat [in, out] and [out] shapes, so a fresh init is
-  the same bit for bit as `nn.DenseGeneral`'s (and `nn.Conv`'s for the patch embedding).
-  layout 'flat': one 2-D matmul over all leading axes flattened into one. So flattened, XLA:CPU
-  computes the weight gradient x^T dy straight from x and dy, where with [batch, tokens, ...]
-  operands it first transposes dy into a copy (docs/PERFORMANCE.md, "Dense layers as 2-D
-  matmuls"). layout 'tokens': one dot_general on x as it is, which XLA:TPU tiles without the
-  relayout copies that flattening costs it ("TPU, by the compiler").
-  """
+  [*features], both created on `module`; the initialisers see the flat [in, out] and [out]
+  shapes, so a fresh init is `nn.DenseGeneral`'s (`nn.Conv`'s for the patch embedding) bit for
+  bit. layout 'flat': one 2-D matmul over the leading axes flattened (docs/PERFORMANCE.md, "Dense
+  layers as 2-D matmuls"); 'tokens': one dot_general on x as it is."""
   lead, in_shape = x.shape[:x.ndim - in_axes], x.shape[x.ndim - in_axes:]
   n_in, n_out = math.prod(in_shape), math.prod(features)
   flat = lambda init, shape: lambda rng, full, dtype: init(rng, shape, dtype).reshape(full)
@@ -290,12 +239,10 @@ class MultiHeadDotProductAttention(nn.Module):
 def einsum_attention(module: nn.Module, query, key, value, *, deterministic: bool):
   """softmax(q k^T / sqrt(d)) v spelled out; [batch, tokens, heads, d] in and out.
 
-  The query is scaled before q.k, as in Flax's `dot_product_attention` (the released models).
-  Heads move in front of the tokens first: XLA:CPU runs the two batched matmuls several times
-  faster on [b, h, n, d] than on [b, n, h, d] operands (docs/PERFORMANCE.md, "Attention, heads
-  first"). The softmax's division is
-  deferred to the [b, h, q, d] output (dropout commutes with it), which spares XLA a
-  [b, h, q, k] broadcast forward and backward; the normalised weights are sown for analysis.
+  The query is scaled before q.k, as Flax's `dot_product_attention` (the released models). Heads
+  go in front of the tokens, and the softmax's division is deferred to the [b, h, q, d] output
+  (dropout commutes with it): both faster on XLA:CPU (docs/PERFORMANCE.md, "Attention, heads
+  first"). The normalised weights are sown for analysis.
   """
   query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
   q, k, v = (t.transpose(0, 2, 1, 3) for t in (query, key, value))
@@ -341,11 +288,8 @@ def tokens_attention(module: nn.Module, query, key, value, *, deterministic: boo
 
 def fused_attention(query, key, value):
   """softmax(q k^T / sqrt(d)) v with `jax.nn.dot_product_attention`; [batch, tokens, heads, d].
-
-  On a CUDA GPU with bf16/fp16 inputs this asks for cuDNN flash attention explicitly: in this JAX
-  version `implementation=None` still always means XLA. Where cuDNN refuses at trace time (no
-  cuDNN, unsupported head dim or dtype) it falls back to the XLA implementation.
-  """
+  On a CUDA GPU with bf16/fp16 inputs it asks for cuDNN (`implementation=None` means XLA in this
+  JAX version), falling back to XLA where cuDNN refuses at trace time."""
   if (jax.default_backend() == 'gpu' and query.dtype in (jnp.bfloat16, jnp.float16)):
     try:
       return jax.nn.dot_product_attention(query, key, value, implementation='cudnn')
@@ -361,13 +305,10 @@ PALLAS_BLOCK = 128
 def pallas_attention(query, key, value):
   """softmax(q k^T / sqrt(d)) v with Pallas' TPU flash attention; [batch, tokens, heads, d].
 
-  The kernel never writes the [b, h, q, k] logits or probabilities to memory, forward or
-  backward. It takes [b, h, n, d] operands and a token count that its blocks divide: the tokens
-  are padded up to a multiple of PALLAS_BLOCK, the padding in a segment of its own so that no
-  real token attends to it. Compiles for TPU only (elsewhere: under
-  `jax.experimental.pallas.tpu.force_tpu_interpret_mode()`, which runs the kernel on the CPU).
-  XLA cannot partition the kernel: inside a step laid out over a mesh (`BATCH` mapped by the
-  logical axis rules) it runs per device on that device's images (`shard_map`).
+  The kernel never writes the [b, h, q, k] logits or probabilities to memory. The tokens are
+  padded to a multiple of PALLAS_BLOCK, the padding in a segment of its own that no real token
+  attends to. TPU only (on the CPU under `force_tpu_interpret_mode()`). XLA cannot partition the
+  kernel: over a mesh (`BATCH` mapped by the logical axis rules) it runs per device (`shard_map`).
   """
   mesh = jax.sharding.get_abstract_mesh()
   spec = nn.logical_to_mesh_axes((BATCH, None, None, None))
@@ -490,7 +431,8 @@ def sincos2d(grid: Sequence[int], dim: int, temperature: float = 10_000.0) -> np
   return np.concatenate([np.sin(c), np.cos(c), np.sin(r), np.cos(r)], axis=1).astype(np.float32)
 
 
-# config.model.posemb: 'learn' (released layout), 'none', 'learn2d' or 'sincos2d'.
+# config.model.posemb (appendix D.4): 'learn' (the released `posembed_input/pos_embedding`),
+# 'none', 'learn2d' (AddPositionEmbs2D) or 'sincos2d' (fixed; zero for the class token).
 POSEMB_TYPES = ('learn', 'none', 'learn2d', 'sincos2d')
 
 
@@ -557,15 +499,10 @@ class Encoder(nn.Module):
 
 
 class PatchEmbedding(nn.Module):
-  """The `embedding` layer: a `patch_size` convolution with stride `patch_size` and 'VALID'
-  padding (the released `embedding/kernel` [ph, pw, C, D] and `embedding/bias` [D], initialised
-  as `nn.Conv` initialises them), computed as `token_matmul` over the flattened patches.
-
-  Rows and columns beyond the last whole patch are dropped, as the convolution drops them. On
-  XLA:CPU the matmul is faster than the strided convolution forward and backward
-  (docs/PERFORMANCE.md, "Patch embedding as a matmul"); on XLA:TPU the patches' dot_general
-  (layout 'tokens') moves fewer bytes than the convolution too ("TPU, by the compiler").
-  """
+  """The `embedding` layer: the released `patch_size` convolution with stride `patch_size`,
+  'VALID' padding (kernel [ph, pw, C, D], bias [D], `nn.Conv`'s init), computed as `token_matmul`
+  over the patches: faster on XLA:CPU, fewer bytes on XLA:TPU (docs/PERFORMANCE.md, "Patch
+  embedding as a matmul"). Rows and columns beyond the last whole patch are dropped."""
   features: int
   patch_size: Tuple[int, int]
   dtype: Optional[Dtype] = None
@@ -640,6 +577,7 @@ class VisionTransformer(nn.Module):
   def _encode(self, x, *, train: bool):
     """Patch grid [batch, h, w, D] -> (class token +) tokens through the `Transformer` encoder."""
     batch, height, width, channels = x.shape
+    fields = ('num_layers', 'mlp_dim', 'num_heads', 'dropout_rate', 'attention_dropout_rate')
     x = _constrain_batch(jnp.reshape(x, (batch, height * width, channels)))
     if model_configs.CLASSIFIERS[self.classifier][0]:  # A class token.
       cls = self.param('cls', nn.initializers.zeros, (1, 1, channels), self.param_dtype)
@@ -648,12 +586,7 @@ class VisionTransformer(nn.Module):
                    remat_policy=self.remat_policy, scan_layers=self.scan_layers,
                    posemb=self.posemb, layout=resolve_layout(self.layout),
                    grid=(height, width), dtype=self.dtype, param_dtype=self.param_dtype,
-                   **_transformer_kwargs(self.transformer))(x, train=train)
-
-
-def _transformer_kwargs(transformer) -> dict:
-  keys = ('num_layers', 'mlp_dim', 'num_heads', 'dropout_rate', 'attention_dropout_rate')
-  return {k: transformer[k] for k in keys}
+                   **{k: self.transformer[k] for k in fields})(x, train=train)
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: Optional[int],
@@ -670,14 +603,10 @@ _BLOCK_NAME = re.compile(r'^encoderblock_(\d+)$')
 
 
 def stack_encoder_blocks(params: Mapping[str, Any]) -> dict:
-  """Released layout -> `scan_layers=True` layout.
-
-  `Transformer/encoderblock_0 .. encoderblock_{L-1}` become one `Transformer/encoderblock` whose
-  leaves have a leading layer axis of size L; every other entry is passed through as is. Leaves
-  may be numpy arrays, jax.Arrays or `jax.ShapeDtypeStruct`s (shape only; their sharding is
-  dropped). A tree without numbered blocks (already stacked, or no transformer) is returned
-  unchanged.
-  """
+  """Released layout -> `scan_layers=True` layout: `Transformer/encoderblock_0 .. _{L-1}`
+  become one `Transformer/encoderblock` whose leaves have a leading layer axis of size L. Leaves
+  may be arrays or `jax.ShapeDtypeStruct`s (their sharding dropped); a tree without numbered
+  blocks (already stacked, or no transformer) is returned unchanged."""
   transformer = params.get('Transformer', {})
   numbered = {int(m.group(1)): name for name in transformer
               if (m := _BLOCK_NAME.match(name))}
@@ -698,11 +627,8 @@ def stack_encoder_blocks(params: Mapping[str, Any]) -> dict:
 
 
 def unstack_encoder_blocks(params: Mapping[str, Any]) -> dict:
-  """`scan_layers=True` layout -> released layout (the inverse of `stack_encoder_blocks`).
-
-  A tree without a stacked `Transformer/encoderblock` (already released, or no transformer) is
-  returned unchanged.
-  """
+  """`scan_layers=True` layout -> released layout (the inverse of `stack_encoder_blocks`); a
+  tree without a stacked `Transformer/encoderblock` is returned unchanged."""
   transformer = params.get('Transformer', {})
   if SCANNED_BLOCK not in transformer:
     return dict(params)

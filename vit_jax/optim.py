@@ -15,12 +15,8 @@ DECAYS = {
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up from 0 to `base_lr`, then cosine decay to 0 or linear decay to
-  LINEAR_DECAY_END at `total_steps`.
-
-  `config` is validated (config_lib.validate): a known decay_type, warmup >= 0 (at
-  least total_steps: the rate never reaches base_lr).
-  """
+  """Linear warm-up from 0 to `base_lr`, then `DECAYS[config.decay_type]` until `total_steps`
+  (a warm-up of at least total_steps never reaches base_lr)."""
   base_lr, warmup, total = config.base_lr, config.warmup_steps, config.total_steps
   decay = DECAYS[config.decay_type]
 

@@ -54,13 +54,8 @@ def fsdp_spec(shape, num_shards: int) -> P:
   return P()
 
 
-def replicated_spec(shape, num_shards: int) -> P:
-  del shape, num_shards
-  return P()
-
-
 # config.sharding -> (leaf shape, number of devices) -> the leaf's PartitionSpec.
-STRATEGIES = {'replicate': replicated_spec, 'fsdp': fsdp_spec}
+STRATEGIES = {'replicate': lambda shape, num_shards: P(), 'fsdp': fsdp_spec}
 
 
 def state_shardings(abstract_state, mesh: Mesh, strategy: str):

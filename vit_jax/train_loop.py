@@ -1,34 +1,10 @@
 """The training loop: fine-tuning and pre-training with periodic evaluation and checkpoints.
 
-`prepare(config, workdir)` does everything before the first step (config and workdir checks,
-restore or initialisation): its errors are the user's to fix. `Run.train()` runs the steps.
-
-Fault tolerance:
-  * Resuming: the same command continues from the newest checkpoint that restores (see
-    vit_jax.state_checkpoint for unreadable ones), with the same data order (the input pipeline
-    starts at the restored step) and RNG (part of the state), so it follows the loss curve of an
-    uninterrupted run. metrics.jsonl is first cut back to the restored step.
-  * SIGTERM / SIGINT: the current step finishes, its checkpoint is saved and TrainingInterrupted
-    is raised (the CLI exits with 128 + the signal number). A second signal acts as usual.
-    During an evaluation (the final one included) the evaluation stops after its current batch,
-    the step is saved and the same holds: the resumed command evaluates again (and writes the
-    final accuracies and model.npz of a run stopped in its last evaluation). With
-    several processes SIGTERM goes through JAX's preemption service (all processes stop at the
-    same step) and SIGINT is not intercepted.
-  * Non-finite loss or gradients: the train step does not apply the update (on device) and
-    reports `is_finite`; the loop reads these flags at log steps and before every save, so no
-    host sync is added per step. config.nonfinite='stop' raises NonFiniteError naming the step
-    before anything else is saved; 'skip' logs the skipped steps and goes on.
-  * kill -9: the loop waits for each asynchronous save half an interval after its step
-    (TrainCheckpointer.finish_overdue_save), so a kill loses less than 1.5 checkpoint intervals.
-  * Memory: `prepare` compiles the train step and refuses one that does not fit
-    (`check_step_memory`) instead of letting the kernel kill the run.
-  * Workdir reuse: a config differing from WORKDIR/config.json outside
-    config_lib.RESUMABLE_FIELDS is refused (ValueError listing the differences) unless
-    config.allow_config_change; a workdir another run holds is refused (vit_jax.workdir.lock).
-  * A start that fails (bad config or data, a restore that fails) changes nothing on disk:
-    config.json and metrics.jsonl are written only once the state is restored and the input
-    pipeline built.
+`prepare(config, workdir)` does everything before the first step (config and workdir checks, the
+step's memory check, restore or initialisation) and writes nothing before all of it has passed:
+its errors are the user's to fix. `Run.train()` runs the steps. Resuming follows the loss curve
+of an uninterrupted run (the data order starts at the restored step; the RNG is in the state).
+What a signal, a kill, a non-finite loss or a reused workdir do: README.md, "When things go wrong".
 """
 import dataclasses
 import math
@@ -266,7 +242,6 @@ class Run:
     profile.close(step, state)
     return state, eval_metrics
 
-
   def _evaluate(self, state, step: int, stop: _StopSignals) -> dict:
     """`evaluate.accuracies` after `step` (with the test split after the last step); a signal
     during it saves `step` (if not yet saved) and raises TrainingInterrupted, as during the
@@ -312,23 +287,21 @@ def _restore_or_init(trainer: trainer_lib.Trainer, ckpt: state_checkpoint.TrainC
   return state, step
 
 
-def _check_device_count(saved: Optional[int], now: int, step: int) -> bool:
+def _check_device_count(saved: Optional[int], now: int, step: int) -> None:
   """Warns when a run resumes on another number of devices than it saved its state from."""
   if saved is None or saved == now:
-    return True
+    return
   logging.warning(
       'Resuming step %d on %d devices; it was saved by a run on %d. The run goes on correctly, '
       'but its loss curve departs from an uninterrupted run on %d devices: the training data '
       'is read as one shard per device (another order) and the batch is reduced in another '
       'order. Resume on %d devices to follow that curve.', step, now, saved, saved, saved)
-  return False
 
 
 def check_step_memory(trainer: trainer_lib.Trainer) -> None:
-  """Compiles the train step (the loop reuses the executable) and checks XLA's memory analysis
-  against hardware.memory_budget (hardware.check_step_memory): ValueError when it does not fit, a
-  warning when it nearly does. A step that does not fit would otherwise be killed by the kernel
-  (exit 137) or the device allocator without a word."""
+  """Compiles the train step (the loop reuses the executable) and checks its memory against
+  hardware.memory_budget: ValueError when it does not fit (rather than a silent kill, exit 137),
+  a warning when it nearly does."""
   compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch).compile()
   memory = hardware.xla_memory(compiled)
   if memory is None:

@@ -1,13 +1,9 @@
-"""The training program: the train state, the pure train and eval steps, and `Trainer`, which
-compiles them for a run (model, mesh, optimizer, jitted steps, the sharded state's layout,
-released-layout .npz in and out).
-
-The train state is a plain pytree `{'step', 'params', 'opt_state', 'rng'}`; the steps are jitted
-once over the mesh with the shardings from `vit_jax.sharding` (batch over `data`; state
-replicated or FSDP), the state buffers donated.
+"""The training program: the train state (a plain pytree `{'step', 'params', 'opt_state',
+'rng'}`), the pure train and eval steps, and `Trainer`, which jits them once over the mesh with
+the shardings of `vit_jax.sharding` (the state donated) and reads and writes released .npz.
 """
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 import flax.linen as nn
 import jax
@@ -64,8 +60,7 @@ def _microbatches(batch, accum_steps: int, mesh):
   """
   def split(x):
     x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1)
-    return jax.lax.with_sharding_constraint(
-        x, NamedSharding(mesh, P(None, sharding.DATA)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, sharding.DATA)))
   return jax.tree.map(split, batch)
 
 
@@ -95,10 +90,6 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     (grads, loss, acc), _ = jax.lax.scan(body, zeros, (micro, rngs))
     return jax.tree.map(lambda g: g / accum_steps, (grads, loss, acc))
 
-  def apply_update(grads, opt_state, params):
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
   def train_step(state: State, batch) -> tuple:
     rng, step_rng = jax.random.split(state['rng'])
     step_rng = jax.random.fold_in(step_rng, state['step'])
@@ -107,16 +98,14 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     else:
       grads, loss, acc = accumulated_grads(state['params'], batch, step_rng)
     grad_norm = optax.tree.norm(grads)
-    # A non-finite loss or gradient leaves params and optimizer state as they were (no host sync:
-    # the loop reads `is_finite` with the other metrics and applies config.nonfinite). A select
-    # fuses into the update's one pass over the state, where a lax.cond would stop the gradients'
-    # conversion from fusing into it and copy the state in its other branch (docs/PERFORMANCE.md,
-    # "TPU, by the compiler").
+    # A non-finite loss or gradient leaves params and optimizer state as they were, with no host
+    # sync (the loop reads `is_finite` with the metrics). A select, not a lax.cond, fuses into the
+    # update's one pass over the state (docs/PERFORMANCE.md, "TPU, by the compiler").
     is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep_if_finite = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(is_finite, n, o), new, old)
-    params, opt_state = keep_if_finite(
-        apply_update(grads, state['opt_state'], state['params']),
+    updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(is_finite, new, old),
+        (optax.apply_updates(state['params'], updates), opt_state),
         (state['params'], state['opt_state']))
     metrics = {'loss': loss, 'accuracy': acc, 'grad_norm': grad_norm, 'is_finite': is_finite}
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
@@ -141,27 +130,6 @@ def make_eval_step(model: nn.Module) -> Callable:
   return eval_step
 
 
-def jit_train_step(train_step, state_shardings, mesh):
-  batch = sharding.batch_sharding(mesh)
-  return jax.jit(sharding.with_activation_layout(train_step, mesh),
-                 in_shardings=(state_shardings, batch),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
-
-
-def jit_eval_step(eval_step, params_shardings, mesh):
-  return jax.jit(sharding.with_activation_layout(eval_step, mesh),
-                 in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
-
-
-def pretrained_path(config: ml_collections.ConfigDict) -> Optional[str]:
-  if config.pretrained_path:
-    return config.pretrained_path
-  if config.pretrained_dir:
-    return os.path.join(config.pretrained_dir, f'{config.model.model_name}.npz')
-  return None
-
-
 class Trainer:
   """Holds what the loop needs: model, mesh, optimizer, jitted steps and the sharded state's
   layout."""
@@ -184,30 +152,34 @@ class Trainer:
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract, self.state_shardings)
-    batch_sharding = sharding.batch_sharding(self.mesh)
+    batch, replicated = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
     self.abstract_batch = {  # One global train batch, laid out as the train step takes it.
-        'image': jax.ShapeDtypeStruct((config.batch, *image_shape), jnp.float32,
-                                      sharding=batch_sharding),
-        'label': jax.ShapeDtypeStruct((config.batch,), jnp.int32, sharding=batch_sharding)}
-    self.train_step = jit_train_step(
-        make_train_step(self.model, self.optimizer, config, num_classes, self.mesh),
-        self.state_shardings, self.mesh)
-    self.eval_step = jit_eval_step(
-        make_eval_step(self.model), self.state_shardings['params'], self.mesh)
+        'image': jax.ShapeDtypeStruct((config.batch, *image_shape), jnp.float32, sharding=batch),
+        'label': jax.ShapeDtypeStruct((config.batch,), jnp.int32, sharding=batch)}
+    with_layout = lambda step: sharding.with_activation_layout(step, self.mesh)
+    self.train_step = jax.jit(
+        with_layout(make_train_step(self.model, self.optimizer, config, num_classes, self.mesh)),
+        in_shardings=(self.state_shardings, batch),
+        out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+    self.eval_step = jax.jit(with_layout(make_eval_step(self.model)),
+                             in_shardings=(self.state_shardings['params'], batch),
+                             out_shardings=replicated)
 
   def initial_state(self):
     """Fresh (or pre-trained) state, created directly in its sharded layout."""
     init = jax.jit(self._init, out_shardings=self.state_shardings)
     state = init(jax.random.PRNGKey(self.config.seed))
-    path = pretrained_path(self.config)
-    if path is None:
+    path = self.config.pretrained_path  # Else pretrained_dir/<model_name>.npz, else scratch.
+    if not path and self.config.pretrained_dir:
+      path = os.path.join(self.config.pretrained_dir, f'{self.config.model.model_name}.npz')
+    if not path:
       return state
     params = self.load_released(path, init_params=jax.device_get(state['params']))
     state = state_from_params(params, self.optimizer, state['rng'])
     return jax.device_put(state, self.state_shardings)
 
-  # The released layout is the contract of every .npz read or written; a model with
-  # `scan_layers` holds its encoder blocks stacked, converted here and nowhere else.
+  # A model with `scan_layers` holds its encoder blocks stacked: converted to and from the
+  # released layout (of every .npz) here and nowhere else.
 
   def load_released(self, path: str, *, init_params=None, keep_head: bool = False):
     """A released-layout .npz adapted to this model (checkpoint.load_pretrained), in the

@@ -1,24 +1,7 @@
-"""The training workdir: what a run writes where, and how every command reads it back.
-
-    WORKDIR/config.json    the run's full config, model included; written once a start has
-                           validated the config and restored (or initialised) the state
-    WORKDIR/metrics.jsonl  one JSON event per line: {"step": ..., "loss": ..., "eval_top1": ...}
-    WORKDIR/checkpoints/   orbax training state: params, optimizer, RNG, step (state_checkpoint)
-    WORKDIR/model.npz      the final params in the released layout, written when training ends
-    WORKDIR/tensorboard/   TensorBoard event files
-    WORKDIR/lock           the run that holds the workdir: host, pid, start time
-
-Every read and write goes through tf.io.gfile, so a workdir may be a gs:// (or any tf.io.gfile)
-URL; only orbax's checkpoints/ needs a filesystem tensorstore knows (local or gs://).
-
-"A workdir as checkpoint" means two things, by what the command needs:
-  * predict, analyze, report, export (`inference.load_model`): model.npz + config.json. They
-    want the finished model in the released layout, on one device, with no optimizer state and
-    no trainer (mesh, shardings): model.npz is exactly that and needs no orbax.
-  * `main --mode=eval --checkpoint=WORKDIR` (`evaluate.checkpoint_params`): the latest orbax
-    state in checkpoints/. Evaluation is how a run in progress or interrupted is checked, and
-    model.npz exists only once training has ended; the state restores in the run's own sharding.
-At the end of a run both hold the same parameters.
+"""The training workdir: what a run writes where (the names below; docs/ARCHITECTURE.md, "A
+training workdir"), and how every command reads it back. Every read and write goes through
+tf.io.gfile, so a workdir may be a gs:// URL. Inference reads the finished model (model.npz and
+config.json); `main --mode=eval` the latest orbax state in checkpoints/ (a run in progress).
 """
 import dataclasses
 import datetime
@@ -44,7 +27,7 @@ MODEL = 'model.npz'
 CHECKPOINTS = 'checkpoints'
 TENSORBOARD = 'tensorboard'
 LOCK = 'lock'
-COMPILATION_CACHE = 'compilation_cache'  # vit_jax.compilation_cache
+COMPILATION_CACHE = 'compilation_cache'
 
 
 def path(workdir: str, name: str) -> str:
@@ -102,7 +85,8 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Process 0 writes WORKDIR/config.json (replacing it in one rename)."""
   if jax.process_index() == 0:
-    checkpoint.write_atomically(path(workdir, CONFIG), config.to_json_best_effort(indent=2, sort_keys=True))
+    checkpoint.write_atomically(path(workdir, CONFIG),
+                                config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def read_model_files(workdir: str) -> tuple[ml_collections.ConfigDict, str]:
@@ -138,24 +122,6 @@ class _Line(NamedTuple):
   complete: bool  # Ends with a newline.
 
 
-def _parse(data: bytes) -> tuple[Optional[dict], bool]:
-  """(the event of a line, or None; whether the line is binary)."""
-  try:
-    text = data.decode('utf-8')
-  except UnicodeDecodeError:
-    return None, True
-  if '\0' in text:
-    return None, True
-  if not text.lstrip().startswith('{'):
-    return None, False
-  try:
-    event = json.loads(text)
-  except ValueError:
-    return None, False
-  ok = isinstance(event, dict) and isinstance(event.get('step'), int)
-  return (event if ok else None), False
-
-
 def _read_lines(metrics_path: str) -> Iterator[_Line]:
   """The lines of a metrics file, read in chunks: memory holds one chunk and the first
   _MAX_LINE_BYTES of one line, whatever the size of the file or of its lines."""
@@ -177,7 +143,20 @@ def _read_lines(metrics_path: str) -> Iterator[_Line]:
 
 
 def _line(number: int, start: int, length: int, head: bytes, complete: bool) -> _Line:
-  event, binary = _parse(head) if len(head) <= _MAX_LINE_BYTES else (None, False)
+  """The line whose first bytes are `head`, parsed (when it is not too long for an event)."""
+  event, binary = None, False
+  if len(head) <= _MAX_LINE_BYTES:
+    try:
+      text = head.decode('utf-8')
+      binary = '\0' in text
+      if not binary and text.lstrip().startswith('{'):
+        event = json.loads(text)
+    except UnicodeDecodeError:
+      binary = True
+    except ValueError:  # Not JSON.
+      pass
+  if not (isinstance(event, dict) and isinstance(event.get('step'), int)):
+    event = None
   return _Line(number, start, start + length, event, binary, complete)
 
 
@@ -246,16 +225,15 @@ class MetricsWriter:
   """Writes metrics to WORKDIR/metrics.jsonl and TensorBoard event files. Only process 0 writes;
   the others get a writer that does nothing, so callers need no checks."""
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None):
-    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+  def __init__(self, workdir: str):
     self._path = path(workdir, METRICS)
-    self._summary = None
-    if self.enabled:
+    self._summary = None  # None: a process other than 0.
+    if jax.process_index() == 0:
       tf.io.gfile.makedirs(workdir)
       self._summary = tf.summary.create_file_writer(path(workdir, TENSORBOARD))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
-    if not self.enabled:
+    if self._summary is None:
       return
     scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
     with tf.io.gfile.GFile(self._path, 'a') as f:
@@ -470,7 +448,9 @@ def mismatch_error(error: ValueError, config: ml_collections.ConfigDict,
     saved = read_config(workdir)
   except (ValueError, tf.errors.OpError):
     return error
-  changes = config_lib.state_changes(saved or {}, json.loads(config.to_json_best_effort()))
+  current = json.loads(config.to_json_best_effort())
+  changes = [change for change in config_lib.config_changes(saved or {}, current)
+             if change.startswith(config_lib.STATE_FIELDS)]
   if not changes:
     return error
   return ValueError(f'{error}\nThe fields that differ from {path(workdir, CONFIG)} (there -> '
