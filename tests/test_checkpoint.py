@@ -230,9 +230,12 @@ def _grid_and_posemb(size, hidden, class_token, seed=0):
   return grid, cls_row, posemb
 
 
-@pytest.mark.parametrize('old,new', [(2, 4), (4, 3), (3, 5), (7, 12), (14, 24), (24, 14)])
+@pytest.mark.parametrize('old,new', [(2, 4), (4, 3), (3, 5), (7, 12), (12, 16), (14, 24), (24, 14),
+                                     (16, 37)])
 @pytest.mark.parametrize('class_token', [True, False])
 def test_resize_posemb_equals_scipy_zoom(old, new, class_token):
+  # Bit for bit: the official code's zoom on float32 (a hand-written interpolation differed by
+  # an ulp in a few entries, e.g. 56 of 16 -> 37's).
   grid, cls_row, posemb = _grid_and_posemb(old, 6, class_token)
   resized = checkpoint.resize_posemb(posemb, new * new + class_token, has_class_token=class_token)
   expected = scipy.ndimage.zoom(grid, (new / old, new / old, 1), order=1)
@@ -240,8 +243,7 @@ def test_resize_posemb_equals_scipy_zoom(old, new, class_token):
   assert resized.dtype == np.float32
   if class_token:
     np.testing.assert_array_equal(resized[:, :1], cls_row)
-  np.testing.assert_allclose(resized[0, class_token:].reshape(new, new, 6), expected,
-                             rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(resized[0, class_token:].reshape(new, new, 6), expected)
 
 
 def test_resize_posemb_of_two_by_two_by_hand():
