@@ -4,8 +4,9 @@ objects as its --json_out), kept in docs/tpu_plan.json.
     python scripts/tpu_table.py            # compiles the missing cells, then writes docs/TPU.md
     python scripts/tpu_table.py --render   # only writes docs/TPU.md from docs/tpu_plan.json
 
-Cells are compiled in the order of CELLS and saved after each one, so an interrupted run goes on
-where it stopped. Configs are compiled as shipped (unrolled layers), except models deeper than
+Cells are compiled in the order of CELLS, each in a child process, and saved after each one, so
+an interrupted run goes on where it stopped. A child killed by a signal (libtpu 0.0.42.1 overflows
+its stack compiling R26+ViT-S/32 for v6e-8) is recorded as a compiler crash and the run goes on. Configs are compiled as shipped (unrolled layers), except models deeper than
 SCAN_ABOVE_LAYERS blocks, compiled with `model.scan_layers=True` (one block compiled instead of all:
 minutes instead of hours on a small machine). Without remat a scanned step can need much more memory
 on TPU than the unrolled one (ViT-B/16, 384px, 16 images per v3 core: 15.4 GiB of temporaries
@@ -16,6 +17,8 @@ without recomputing work (max_batch).
 import importlib.util
 import json
 import os
+import signal
+import subprocess
 import sys
 
 import jax
@@ -73,18 +76,37 @@ def _save(results: dict) -> None:
   checkpoint.write_atomically(JSON, json.dumps(results, indent=1))
 
 
+def compile_cell(model: str, recipe: str, topology: str) -> dict:
+  config = recipe_config(model, recipe)
+  result = plan_lib.plan(config, topology, utilization=0.5, with_eval=False,
+                         max_candidates=MAX_CANDIDATES)
+  return {'model': model, 'recipe': recipe, 'scan_layers': config.model.scan_layers, **result}
+
+
+def _cell_in_child(model: str, recipe: str, topology: str) -> dict:
+  """compile_cell in a child process (`--cell`), whose last stdout line is the result's JSON; a
+  compiler that kills its process comes back as {'compiler_crash': signal name}."""
+  child = subprocess.run([sys.executable, __file__, '--cell', model, recipe, topology],
+                         stdout=subprocess.PIPE, check=False, text=True)
+  if child.returncode < 0:
+    return {'model': model, 'recipe': recipe, 'topology': topology,
+            'compiler_crash': signal.Signals(-child.returncode).name}
+  if child.returncode:
+    raise RuntimeError(f'Compiling {model} {recipe} on {topology} failed '
+                       f'(exit {child.returncode}); its output is above.')
+  return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def compile_cells(results: dict) -> None:
   done = {(c['model'], c['recipe'], c['topology']) for c in results['cells']}
   for model, recipe, topology in CELLS:
     if (model, recipe, topology) in done:
       continue
-    config = recipe_config(model, recipe)
-    result = plan_lib.plan(config, topology, utilization=0.5, with_eval=False,
-                           max_candidates=MAX_CANDIDATES)
-    results['cells'].append({'model': model, 'recipe': recipe,
-                             'scan_layers': config.model.scan_layers, **result})
+    result = _cell_in_child(model, recipe, topology)
+    results['cells'].append(result)
     _save(results)
-    print(model, recipe, topology, result['train']['fits'], result['suggestion'], flush=True)
+    print(model, recipe, topology, result.get('compiler_crash') or result['train']['fits'],
+          flush=True)
 
 
 def _train_report(model: str, resolution: int, topology: str, per_device: int):
@@ -144,6 +166,8 @@ def compile_max_batch(results: dict) -> None:
 
 
 def _cell(result: dict) -> str:
+  if 'compiler_crash' in result:
+    return f'compiler crashed ({result["compiler_crash"]})'
   train = result['train']
   gib = lambda b: f'{b / 2**30:.1f}'
   if train['fits']:
@@ -217,6 +241,8 @@ Each cell gives:
   counted), marked when over {recompute}x vit_jax.flops' forward + backward count: the compiled
   step then does more work per image, e.g. recomputing to fit the HBM;
 - the train step's compile time on this machine (2 shared CPU cores, so slow).
+"compiler crashed (SIGSEGV)": this libtpu's compiler killed its process on that cell (each cell
+is compiled in a process of its own).
 
 {table}
 
@@ -273,6 +299,9 @@ def _libtpu_version() -> str:
 
 def main(argv):
   jax.config.update('jax_platforms', 'cpu')
+  if argv[:1] == ['--cell']:
+    print(json.dumps(compile_cell(*argv[1:4])), flush=True)
+    return
   results = _load()
   if '--render' not in argv:
     compile_cells(results)

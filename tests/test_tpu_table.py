@@ -1,7 +1,10 @@
-"""scripts/tpu_table.py writes docs/TPU.md from plan results (rendering only: no compile here)."""
+"""scripts/tpu_table.py: docs/TPU.md rendered from plan results, and each cell compiled in a child
+process (here a fake child: no compile)."""
 import importlib.util
 import json
 import pathlib
+
+import pytest
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _FINE_TUNE = 'fine-tune 384px, batch 512'
@@ -50,3 +53,35 @@ def test_cells_and_largest_batches_are_rendered_from_the_results(tmp_path):
   batch_row = next(line for line in doc.splitlines() if line.startswith('| ViT-B_16 | 224 |'))
   assert batch_row == ('| ViT-B_16 | 224 | 160-167 (211 at 1.25x FLOPs) | 115 | '
                        'not compiled yet |')
+
+
+_FAKE_CHILD = '''
+import json, os, signal, sys
+model, recipe, topology = sys.argv[2:5]
+if topology == 'v6e-8':
+  os.kill(os.getpid(), signal.SIGSEGV)
+if topology == 'v4-32':
+  sys.exit(3)
+print('a line the compile printed')
+print(json.dumps({'model': model, 'recipe': recipe, 'topology': topology, 'train': {'fits': 1}}))
+'''
+
+
+def test_a_cell_whose_compiler_crashes_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+  table = _script()
+  table.JSON, table.DOC = str(tmp_path / 'plan.json'), str(tmp_path / 'TPU.md')
+  child = tmp_path / 'child.py'
+  child.write_text(_FAKE_CHILD)
+  monkeypatch.setattr(table, '__file__', str(child))
+  table.CELLS = [('R26+ViT-S_32', _FINE_TUNE, 'v6e-8'), ('ViT-Ti_16', _FINE_TUNE, 'v3-8')]
+  results = {'cells': [], 'max_batch': []}
+  table.compile_cells(results)
+  assert results['cells'] == [
+      {'model': 'R26+ViT-S_32', 'recipe': _FINE_TUNE, 'topology': 'v6e-8',
+       'compiler_crash': 'SIGSEGV'},
+      {'model': 'ViT-Ti_16', 'recipe': _FINE_TUNE, 'topology': 'v3-8', 'train': {'fits': 1}}]
+  assert json.loads(pathlib.Path(table.JSON).read_text()) == results
+  assert table._cell(results['cells'][0]) == 'compiler crashed (SIGSEGV)'
+  table.CELLS = [('ViT-Ti_16', _FINE_TUNE, 'v4-32')]
+  with pytest.raises(RuntimeError, match='exit 3'):
+    table.compile_cells(results)
