@@ -83,15 +83,18 @@ def compile_cell(model: str, recipe: str, topology: str) -> dict:
   return {'model': model, 'recipe': recipe, 'scan_layers': config.model.scan_layers, **result}
 
 
+_CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
+
+
 def _cell_in_child(model: str, recipe: str, topology: str) -> dict:
   """compile_cell in a child process (`--cell`), whose last stdout line is the result's JSON; a
   compiler that kills its process comes back as {'compiler_crash': signal name}."""
   child = subprocess.run([sys.executable, __file__, '--cell', model, recipe, topology],
                          stdout=subprocess.PIPE, check=False, text=True)
-  if child.returncode < 0:
+  if -child.returncode in _CRASH_SIGNALS:
     return {'model': model, 'recipe': recipe, 'topology': topology,
             'compiler_crash': signal.Signals(-child.returncode).name}
-  if child.returncode:
+  if child.returncode:  # Including SIGKILL / SIGTERM: this machine's OOM killer or a user.
     raise RuntimeError(f'Compiling {model} {recipe} on {topology} failed '
                        f'(exit {child.returncode}); its output is above.')
   return json.loads(child.stdout.strip().splitlines()[-1])

@@ -62,6 +62,8 @@ if topology == 'v6e-8':
   os.kill(os.getpid(), signal.SIGSEGV)
 if topology == 'v4-32':
   sys.exit(3)
+if topology == 'v5p-8':
+  os.kill(os.getpid(), signal.SIGKILL)
 print('a line the compile printed')
 print(json.dumps({'model': model, 'recipe': recipe, 'topology': topology, 'train': {'fits': 1}}))
 '''
@@ -85,3 +87,7 @@ def test_a_cell_whose_compiler_crashes_is_recorded_and_the_run_goes_on(tmp_path,
   table.CELLS = [('ViT-Ti_16', _FINE_TUNE, 'v4-32')]
   with pytest.raises(RuntimeError, match='exit 3'):
     table.compile_cells(results)
+  table.CELLS = [('ViT-Ti_16', _FINE_TUNE, 'v5p-8')]  # The OOM killer's signal: not a crash.
+  with pytest.raises(RuntimeError, match='exit -9'):
+    table.compile_cells(results)
+  assert len(results['cells']) == 2
