@@ -5,8 +5,9 @@ objects as its --json_out), kept in docs/tpu_plan.json.
     python scripts/tpu_table.py --render   # only writes docs/TPU.md from docs/tpu_plan.json
 
 Cells are compiled in the order of CELLS, each in a child process, and saved after each one, so
-an interrupted run goes on where it stopped. A child killed by a signal (libtpu 0.0.42.1 overflows
-its stack compiling R26+ViT-S/32 for v6e-8) is recorded as a compiler crash and the run goes on. Configs are compiled as shipped (unrolled layers), except models deeper than
+an interrupted run goes on where it stopped. A child killed by a crash signal (libtpu 0.0.42.1
+overflows its stack compiling the ResNet hybrids for v6e-8) is recorded as a compiler crash and
+the run goes on. Configs are compiled as shipped (unrolled layers), except models deeper than
 SCAN_ABOVE_LAYERS blocks, compiled with `model.scan_layers=True` (one block compiled instead of all:
 minutes instead of hours on a small machine). Without remat a scanned step can need much more memory
 on TPU than the unrolled one (ViT-B/16, 384px, 16 images per v3 core: 15.4 GiB of temporaries
@@ -96,7 +97,7 @@ def _cell_in_child(model: str, recipe: str, topology: str) -> dict:
             'compiler_crash': signal.Signals(-child.returncode).name}
   if child.returncode:  # Including SIGKILL / SIGTERM: this machine's OOM killer or a user.
     raise RuntimeError(f'Compiling {model} {recipe} on {topology} failed '
-                       f'(exit {child.returncode}); its output is above.')
+                       f'(exit {child.returncode}); its log (stderr) is above.')
   return json.loads(child.stdout.strip().splitlines()[-1])
 
 
@@ -109,7 +110,7 @@ def compile_cells(results: dict) -> None:
     results['cells'].append(result)
     _save(results)
     print(model, recipe, topology, result.get('compiler_crash') or result['train']['fits'],
-          flush=True)
+          result.get('suggestion'), flush=True)
 
 
 def _train_report(model: str, resolution: int, topology: str, per_device: int):
