@@ -7,7 +7,7 @@ loss curves can be compared step by step.
 """
 from vit_jax import config_lib
 
-TOTAL_STEPS = 100
+TOTAL_STEPS = 250  # Not a multiple of CHECKPOINT_EVERY: tests count on a last, extra save.
 CHECKPOINT_EVERY = 30
 
 

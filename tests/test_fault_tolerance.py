@@ -86,32 +86,40 @@ class _Cli:
   def stderr(self) -> str:
     return self._err.read_text()
 
-  def wait_for_step(self, step: int) -> None:
-    """Returns once metrics.jsonl shows `step` (or a later one)."""
-    self._wait_for(lambda: any(e['step'] >= step for e in _events(self.workdir)), f'step {step}')
-
-  def wait_for_checkpoint(self, step: int) -> None:
-    """Returns once the checkpoint of `step` is complete."""
-    self._wait_for(lambda: (self.workdir / 'checkpoints' / str(step)).is_dir(),
-                   f'the checkpoint of step {step}')
-
-  def _wait_for(self, condition, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-      if condition():
-        return
-      if self.process.poll() is not None:
-        pytest.fail(f'{self.name} exited ({self.process.returncode}) before {what}:\n'
-                    f'{self.stderr[-3000:]}')
-      time.sleep(0.02)
-    pytest.fail(f'{self.name} did not reach {what} in {TIMEOUT_S} s.')
-
   def finish(self) -> int:
     try:
       return self.process.wait(TIMEOUT_S)
     except subprocess.TimeoutExpired:
       self.process.kill()
       pytest.fail(f'{self.name} did not finish in {TIMEOUT_S} s:\n{self.stderr[-3000:]}')
+
+
+def _last_step(workdir: pathlib.Path) -> int:
+  events = _events(workdir)
+  return events[-1]['step'] if events else 0
+
+
+def _has_checkpoint(workdir: pathlib.Path, step: int) -> bool:
+  """Whether the checkpoint of `step`, or a later one, is complete."""
+  folder = workdir / 'checkpoints'
+  return folder.is_dir() and any(s >= step for s in _checkpoint_steps(workdir))
+
+
+def _signal_when(actions: dict, runs: dict) -> None:
+  """Polls every run named in `actions` = {name: (condition, action)} and calls a run's action
+  once its condition holds; fails if a run exits first or TIMEOUT_S passes."""
+  deadline, pending = time.monotonic() + TIMEOUT_S, dict(actions)
+  while pending:
+    for name, (condition, action) in list(pending.items()):
+      if condition():
+        action()
+        del pending[name]
+      elif runs[name].process.poll() is not None:
+        pytest.fail(f'{name} exited ({runs[name].process.returncode}) before its signal:\n'
+                    f'{runs[name].stderr[-3000:]}')
+    if time.monotonic() > deadline:
+      pytest.fail(f'{sorted(pending)} did not reach their signal in {TIMEOUT_S} s.')
+    time.sleep(0.005)
 
 
 def _env(cache_dir: pathlib.Path) -> dict:
@@ -148,11 +156,14 @@ def cli(tmp_path_factory):
   env = _env(tmp / 'jax_cache')
   runs = {name: _Cli(tmp, name, workdir, env=env)
           for name, workdir in [('sigterm', 'interrupted'), ('kill9', 'killed')]}
-  runs['sigterm'].wait_for_step(3)
-  runs['sigterm'].process.send_signal(signal.SIGTERM)
-  runs['kill9'].wait_for_checkpoint(CHECKPOINT_EVERY)
-  runs['kill9'].wait_for_step(CHECKPOINT_EVERY + 2)
-  runs['kill9'].process.kill()
+  # Both runs are watched in one loop: a run is fast once compiled (about 10 ms a step here), so
+  # waiting for one while the other goes unwatched let the other finish before its signal.
+  _signal_when({
+      'sigterm': (lambda: _last_step(runs['sigterm'].workdir) >= 3,
+                  lambda: runs['sigterm'].process.send_signal(signal.SIGTERM)),
+      'kill9': (lambda: _has_checkpoint(runs['kill9'].workdir, CHECKPOINT_EVERY)
+                and _last_step(runs['kill9'].workdir) >= CHECKPOINT_EVERY + 2,
+                runs['kill9'].process.kill)}, runs)
   for run in runs.values():
     run.finish()
     run.events, run.checkpoints = _events(run.workdir), _checkpoint_steps(run.workdir)
