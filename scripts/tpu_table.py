@@ -4,10 +4,10 @@ objects as its --json_out), kept in docs/tpu_plan.json.
     python scripts/tpu_table.py            # compiles the missing cells, then writes docs/TPU.md
     python scripts/tpu_table.py --render   # only writes docs/TPU.md from docs/tpu_plan.json
 
-Cells are compiled in the order of CELLS, each in a child process, and saved after each one, so
-an interrupted run goes on where it stopped. A child killed by a crash signal (libtpu 0.0.42.1
-overflows its stack compiling the ResNet hybrids for v6e-8) is recorded as a compiler crash and
-the run goes on. Configs are compiled as shipped (unrolled layers), except models deeper than
+Cells are compiled in the order of CELLS, each in a child process (as is each probe of the
+largest-batch search), and saved after each one, so an interrupted run goes on where it stopped.
+A child killed by a crash signal (libtpu 0.0.42.1 overflows its stack compiling the ResNet
+hybrids for v6e-8) is recorded as a compiler crash and the run goes on. Configs are compiled as shipped (unrolled layers), except models deeper than
 SCAN_ABOVE_LAYERS blocks, compiled with `model.scan_layers=True` (one block compiled instead of all:
 minutes instead of hours on a small machine). Without remat a scanned step can need much more memory
 on TPU than the unrolled one (ViT-B/16, 384px, 16 images per v3 core: 15.4 GiB of temporaries
@@ -87,18 +87,26 @@ def compile_cell(model: str, recipe: str, topology: str) -> dict:
 _CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
 
 
-def _cell_in_child(model: str, recipe: str, topology: str) -> dict:
-  """compile_cell in a child process (`--cell`), whose last stdout line is the result's JSON; a
+def _run_child(*args: str) -> dict:
+  """This script with ARGS (`--cell ...` or `--probe ...`) in a child process, one compile per
+  process: host memory grows from compile to compile in one process (a ViT-L/16 batch search
+  reached 24 GB and the OOM killer). The child's last stdout line is the result's JSON; a
   compiler that kills its process comes back as {'compiler_crash': signal name}."""
-  child = subprocess.run([sys.executable, __file__, '--cell', model, recipe, topology],
-                         stdout=subprocess.PIPE, check=False, text=True)
+  child = subprocess.run([sys.executable, __file__, *args], stdout=subprocess.PIPE, check=False,
+                         text=True)
   if -child.returncode in _CRASH_SIGNALS:
-    return {'model': model, 'recipe': recipe, 'topology': topology,
-            'compiler_crash': signal.Signals(-child.returncode).name}
+    return {'compiler_crash': signal.Signals(-child.returncode).name}
   if child.returncode:  # Including SIGKILL / SIGTERM: this machine's OOM killer or a user.
-    raise RuntimeError(f'Compiling {model} {recipe} on {topology} failed '
-                       f'(exit {child.returncode}); its log (stderr) is above.')
+    raise RuntimeError(f'Compiling {" ".join(args[1:])} failed (exit {child.returncode}); its '
+                       'log (stderr) is above.')
   return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def _cell_in_child(model: str, recipe: str, topology: str) -> dict:
+  result = _run_child('--cell', model, recipe, topology)
+  if 'compiler_crash' in result:
+    return {'model': model, 'recipe': recipe, 'topology': topology, **result}
+  return result
 
 
 def compile_cells(results: dict) -> None:
@@ -124,6 +132,14 @@ def _train_report(model: str, resolution: int, topology: str, per_device: int):
                                             count_cost=False)['train']
 
 
+def _train_report_in_child(model: str, resolution: int, topology: str, per_device: int):
+  result = _run_child('--probe', model, str(resolution), topology, str(per_device))
+  if 'compiler_crash' in result:
+    raise RuntimeError(f'The compiler crashed ({result["compiler_crash"]}) on {model}, '
+                       f'{resolution}px, {per_device} per device on {topology}.')
+  return tpu_compile.StepReport(**result)
+
+
 def max_batch(model: str, resolution: int, topology: str, start: int = 4) -> dict:
   """The largest per-device batch whose train step the compiler fits without recomputing:
   XLA:TPU rematerialises on its own to fit a large unrolled step into HBM (ViT-B/16, 224px, v3:
@@ -139,7 +155,7 @@ def max_batch(model: str, resolution: int, topology: str, start: int = 4) -> dic
   per_image = lambda b: reports[b].flops_per_device / b
 
   def probe(per_device: int) -> tuple:
-    report = reports[per_device] = _train_report(model, resolution, topology, per_device)
+    report = reports[per_device] = _train_report_in_child(model, resolution, topology, per_device)
     first = min(reports)
     fits = report.fits and per_image(per_device) <= (1 + RECOMPUTE_TOLERANCE) * per_image(first)
     print(f'  {model} {resolution}px {topology}: {per_device} per device: compiles within HBM '
@@ -187,7 +203,8 @@ def _cell(result: dict) -> str:
   if ratio and ratio > plan_lib.RECOMPUTE_RATIO:
     flops += f' ({ratio:.2f}x the analytic count)'
   scanned = ' (scanned)' if result['scan_layers'] else ''
-  return f'{text}{scanned}; {flops} FLOP/step; {train["compile_s"]:.0f} s'
+  shown = result.get('suggested_train') or train  # The step a user would run.
+  return f'{text}{scanned}; {flops} FLOP/step; {shown["compile_s"]:.0f} s'
 
 
 def _max_batch_cell(result: dict) -> str:
@@ -244,7 +261,8 @@ Each cell gives:
 - FLOPs per step of the whole slice (the fitting step's; XLA's count, each loop iteration
   counted), marked when over {recompute}x vit_jax.flops' forward + backward count: the compiled
   step then does more work per image, e.g. recomputing to fit the HBM;
-- the train step's compile time on this machine (2 shared CPU cores, so slow).
+- the compile time on this machine (2 shared CPU cores, so slow) of the train step shown: the
+  change's where the configured step does not fit.
 "compiler crashed (SIGSEGV)": this libtpu's compiler killed its process on that cell (each cell
 is compiled in a process of its own).
 
@@ -305,6 +323,11 @@ def main(argv):
   jax.config.update('jax_platforms', 'cpu')
   if argv[:1] == ['--cell']:
     print(json.dumps(compile_cell(*argv[1:4])), flush=True)
+    return
+  if argv[:1] == ['--probe']:
+    model, resolution, topology, per_device = argv[1:5]
+    report = _train_report(model, int(resolution), topology, int(per_device))
+    print(json.dumps(report.to_json()), flush=True)
     return
   results = _load()
   if '--render' not in argv:

@@ -31,7 +31,7 @@ def test_cells_and_largest_batches_are_rendered_from_the_results(tmp_path):
             whole_run={'flops_per_image': 1e10, 'analytic_flops_per_image': 1e10}),
       _cell('v4-8', scan_layers=True, suggestion='--config.accum_steps=2',
             train={'fits': False, 'total_bytes': 20 * gib, 'compile_s': 30.0},
-            suggested_train={'total_bytes': 10 * gib},
+            suggested_train={'total_bytes': 10 * gib, 'compile_s': 45.2},
             whole_run={'flops_per_image': 1.3e10, 'analytic_flops_per_image': 1e10})],
              'max_batch': [
       {'model': 'ViT-B_16', 'resolution': 224, 'topology': 'v3-8', 'max_batch_per_device': 160,
@@ -47,7 +47,7 @@ def test_cells_and_largest_batches_are_rendered_from_the_results(tmp_path):
   cells = [c.strip() for c in row.strip('|').split('|')][2:]
   assert cells[0] == 'yes, 3.0 GiB; 5.12e+12 FLOP/step; 12 s'
   assert cells[1] == ('no, 20.0 GiB; `--config.accum_steps=2`: 10.0 GiB (scanned); 6.66e+12 '
-                      '(1.30x the analytic count) FLOP/step; 30 s')
+                      '(1.30x the analytic count) FLOP/step; 45 s')
   assert cells[2:] == ['not compiled yet'] * 4
   assert f'{len(table.CELLS) - 2} of {len(table.CELLS)} cells are not compiled yet' in doc
   batch_row = next(line for line in doc.splitlines() if line.startswith('| ViT-B_16 | 224 |'))
@@ -91,3 +91,42 @@ def test_a_cell_whose_compiler_crashes_is_recorded_and_the_run_goes_on(tmp_path,
   with pytest.raises(RuntimeError, match='exit -9'):
     table.compile_cells(results)
   assert len(results['cells']) == 2
+
+
+_FAKE_PROBE = '''
+import json, os, signal, sys
+model, resolution, topology, per_device = sys.argv[2:6]
+n = int(per_device)
+with open(os.environ['PROBE_PIDS'], 'a') as f:
+  f.write(f'{os.getpid()} {n}\\n')
+if topology == 'v4-8':
+  os.kill(os.getpid(), signal.SIGSEGV)
+fits = n <= 60  # Within HBM up to 60 images; from 41 on only by recomputing (1.2x the FLOPs).
+print(json.dumps({
+    'arguments_bytes': 2**29, 'temporaries_bytes': n * 2**28, 'total_bytes': 2**29 + n * 2**28,
+    'fits': fits, 'flops_per_device': n * 1e9 * (1.2 if n > 40 else 1.0),
+    'bytes_accessed_per_device': None, 'compiler_estimate_s': None, 'compile_s': 1.0,
+    'out_of_memory': None if fits else {'required_bytes': n * 2**28,
+                                        'available_bytes': 60 * 2**28, 'message': 'oom'}}))
+'''
+
+
+def test_the_largest_batch_search_probes_each_batch_in_a_process_of_its_own(tmp_path, monkeypatch):
+  table = _script()
+  child = tmp_path / 'child.py'
+  child.write_text(_FAKE_PROBE)
+  monkeypatch.setattr(table, '__file__', str(child))
+  monkeypatch.setenv('PROBE_PIDS', str(tmp_path / 'pids'))
+  result = table.max_batch('ViT-B_16', 224, 'v3-8')
+  probes = [line.split() for line in (tmp_path / 'pids').read_text().splitlines()]
+  assert len({pid for pid, _ in probes}) == len(probes) > 3
+  best, failure = result['max_batch_per_device'], result['smallest_failure']
+  assert 40 - 40 * table.RELATIVE_GRANULARITY <= best <= 40 < failure
+  assert failure - best <= max(1, int(table.RELATIVE_GRANULARITY * best))
+  probed = sorted(int(n) for _, n in probes)
+  assert probed[0] == 4
+  recomputing = max(n for n in probed if n <= 60)
+  assert result['largest_fitting_with_recompute'] == recomputing
+  assert result['recompute_flops_ratio'] == pytest.approx(1.2 if recomputing > 40 else 1.0)
+  with pytest.raises(RuntimeError, match=r'compiler crashed \(SIGSEGV\) on ViT-B_16, 224px'):
+    table.max_batch('ViT-B_16', 224, 'v4-8')
