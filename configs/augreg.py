@@ -11,6 +11,7 @@ import os
 
 from vit_jax import checkpoint
 from vit_jax import config_lib
+from vit_jax import model_configs
 
 
 def get_config(arg: str = 'B_16,cifar10'):
@@ -21,5 +22,5 @@ def get_config(arg: str = 'B_16,cifar10'):
   config_lib.set_dataset(config, dataset)
   config.pretrained_path = os.path.join('checkpoints', checkpoint.AUGREG, f'{filename}.npz')
   config.model.transformer.dropout_rate = 0.0  # No AugReg while fine-tuning.
-  config.pp.resolution = 384
+  config.pp.resolution = model_configs.resolution_at_most(config.model, 384)
   return config

@@ -24,9 +24,10 @@ def get_config(arg: str = 'b16,imagenet2012'):
   config.optimizer = 'adam'
   config.grad_norm_clip = 1.0
   config.warmup_steps = 10_000
-  config.model.transformer.dropout_rate = 0.1
-  # Representation layer as in the released ImageNet-21k checkpoints.
-  config.model.representation_size = config.model.hidden_size
+  if config.model.transformer:  # A BiT ResNet has no dropout and no representation layer.
+    config.model.transformer.dropout_rate = 0.1
+    # Representation layer as in the released ImageNet-21k checkpoints.
+    config.model.representation_size = config.model.hidden_size
   if dataset == 'imagenet2012':  # Table 3, last row: 300 epochs.
     config.base_lr, config.weight_decay, config.decay_type = 3e-3, 0.3, 'cosine'
     config.total_steps = 300 * 1_281_167 // config.batch

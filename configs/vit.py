@@ -10,6 +10,7 @@ The argument is `MODEL,DATASET`: any name or alias of vit_jax.model_configs.MODE
 dataset of vit_jax.input_pipeline (a tfds name or `folder:/path/to/images`).
 """
 from vit_jax import config_lib
+from vit_jax import model_configs
 
 
 def get_config(arg: str = 'b16,cifar10'):
@@ -19,9 +20,10 @@ def get_config(arg: str = 'b16,cifar10'):
   config_lib.set_dataset(config, dataset)
   config.pretrained_dir = 'checkpoints'
   # The official recipe: SGD + momentum 0.9, no weight decay, clip at 1, batch 512, 500 warm-up
-  # steps then cosine decay, the dataset's steps and minival (config_lib.DATASETS), 384px,
-  # inception crop + flip for training, plain resize for evaluation, pixels (x - 127.5) / 127.5.
+  # steps then cosine decay, the dataset's steps and minival (config_lib.DATASETS), 384px (378px
+  # for /14 models), inception crop + flip for training, plain resize for evaluation, pixels
+  # (x - 127.5) / 127.5.
   config.pp.train = 'inception'
   config.pp.eval = 'resize'
-  config.pp.resolution = 384
+  config.pp.resolution = model_configs.resolution_at_most(config.model, 384)
   return config

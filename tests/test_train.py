@@ -1,6 +1,8 @@
 """The train step and loop on 8 CPU devices: learning, accumulation, sharding (multi-host runs:
 tests/test_multihost.py)."""
+import importlib.util
 import logging
+import pathlib
 import re
 
 import jax
@@ -11,11 +13,14 @@ from tests import train_fixtures
 from vit_jax import checkpoint
 from vit_jax import config_lib
 from vit_jax import evaluate
+from vit_jax import model_configs
 from vit_jax import optim
 from vit_jax import plan_lib
 from vit_jax import preprocessing
 from vit_jax import sharding
 from vit_jax import trainer as trainer_lib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _run_steps(config, num_steps, batches=None):
@@ -201,6 +206,25 @@ def test_config_errors_name_the_field(overrides, message):
   config = plan_lib.with_changes(train_fixtures.tiny_config(), overrides)
   with pytest.raises(ValueError, match=message.replace('(', r'\(').replace('+', r'\+')):
     config_lib.validate(config, num_devices=8, process_count=1)
+
+
+def _recipe(path: str):
+  spec = importlib.util.spec_from_file_location('recipe', ROOT / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('path', ['configs/vit.py', 'configs/pretrain.py'])
+def test_the_shipped_recipes_are_valid_for_every_model(path):
+  recipe = _recipe(path)
+  for name in model_configs.MODEL_CONFIGS:
+    config = recipe.get_config(f'{name},imagenet2012')
+    config_lib.validate(config, num_devices=8, process_count=1)
+  # The fine-tuning recipe's 384px is 27 x 14 = 378px for ViT-H/14 (384 = 27 x 14 + 6).
+  expected = {'configs/vit.py': (384, 378), 'configs/pretrain.py': (224, 224)}[path]
+  assert tuple(recipe.get_config(f'{name},imagenet2012').pp.resolution
+               for name in ('ViT-L_16', 'ViT-H_14')) == expected
 
 
 def test_warmup_at_least_total_steps_runs_with_a_warning(caplog):

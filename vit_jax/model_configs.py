@@ -170,6 +170,13 @@ def grid(model_config: ml_collections.ConfigDict, resolution: int) -> tuple[int,
   return size, size
 
 
+def resolution_at_most(model_config: ml_collections.ConfigDict, resolution: int) -> int:
+  """The largest multiple of token_stride not above `resolution`: a recipe's 384px is 378px for
+  a /14 model, the 27x27 patch grid that the official code gets at 384px (its unpadded patch
+  convolution drops the last 6 pixels)."""
+  return resolution - resolution % token_stride(model_config)
+
+
 def num_tokens(model_config: ml_collections.ConfigDict, resolution: int) -> int:
   """The encoder's sequence length at `resolution`: the patches (+ the class token)."""
   rows, cols = grid(model_config, resolution)
