@@ -45,6 +45,7 @@ CELLS = [(m, r, s) for r in RECIPES for m in MODELS for s in SLICES]
 # Largest batch per chip: (model, resolution) x generation (its 8-chip-or-core slice).
 MAX_BATCH_MODELS = (('ViT-B_16', 224), ('ViT-B_16', 384), ('ViT-L_16', 224), ('ViT-L_16', 384))
 MAX_BATCH_SLICES = ('v3-8', 'v4-8', 'v5litepod-8')
+# Candidate changes compiled for an unrolled step that does not fit (each compile takes minutes).
 MAX_CANDIDATES = 3
 SCAN_ABOVE_LAYERS = 12
 # FLOPs per image above the smallest batch's that count as recomputation.
@@ -79,8 +80,10 @@ def _save(results: dict) -> None:
 
 def compile_cell(model: str, recipe: str, topology: str) -> dict:
   config = recipe_config(model, recipe)
+  # A scanned step that does not fit fails in seconds, so all of plan's candidates are cheap.
+  candidates = plan_lib.MAX_CANDIDATES if config.model.scan_layers else MAX_CANDIDATES
   result = plan_lib.plan(config, topology, utilization=0.5, with_eval=False,
-                         max_candidates=MAX_CANDIDATES)
+                         max_candidates=candidates)
   return {'model': model, 'recipe': recipe, 'scan_layers': config.model.scan_layers, **result}
 
 
