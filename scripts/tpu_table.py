@@ -205,6 +205,8 @@ def _cell(result: dict) -> str:
   ratio = run and run['flops_per_image'] / run['analytic_flops_per_image']
   if ratio and ratio > plan_lib.RECOMPUTE_RATIO:
     flops += f' ({ratio:.2f}x the analytic count)'
+  elif ratio and ratio < plan_lib.UNDERCOUNT_RATIO:
+    flops += f' ({ratio:.2f}x the analytic count: XLA\'s count misses work)'
   scanned = ' (scanned)' if result['scan_layers'] else ''
   shown = result.get('suggested_train') or train  # The step a user would run.
   return f'{text}{scanned}; {flops} FLOP/step; {shown["compile_s"]:.0f} s'
@@ -264,7 +266,8 @@ Each cell gives:
 - when it does not fit, the smallest change found that fits (compiled), and its memory;
 - FLOPs per step of the whole slice (the fitting step's; XLA's count, each loop iteration
   counted), marked when over {recompute}x vit_jax.flops' forward + backward count: the compiled
-  step then does more work per image, e.g. recomputing to fit the HBM;
+  step then does more work per image, e.g. recomputing to fit the HBM; under {undercount}x, XLA's
+  count misses work that the matmuls alone need, and the analytic count is the better figure;
 - the compile time on this machine (2 shared CPU cores, so slow) of the train step shown: the
   change's where the configured step does not fit.
 "compiler crashed (SIGSEGV)": this libtpu's compiler killed its process on that cell (each cell
@@ -314,6 +317,7 @@ def write_doc(results: dict) -> None:
   text = TEMPLATE.format(table=table, max_batch=batch, libtpu=_libtpu_version(),
                          missing=len(missing), cells=len(CELLS),
                          scan_above=SCAN_ABOVE_LAYERS, recompute=plan_lib.RECOMPUTE_RATIO,
+                         undercount=plan_lib.UNDERCOUNT_RATIO,
                          granularity=RELATIVE_GRANULARITY)
   checkpoint.write_atomically(DOC, text)
 
