@@ -206,7 +206,7 @@ def _cell(result: dict) -> str:
   if ratio and ratio > plan_lib.RECOMPUTE_RATIO:
     flops += f' ({ratio:.2f}x the analytic count)'
   elif ratio and ratio < plan_lib.UNDERCOUNT_RATIO:
-    flops += f' ({ratio:.2f}x the analytic count: XLA\'s count misses work)'
+    flops += f' ({ratio:.2f}x the analytic count: the count misses work)'
   scanned = ' (scanned)' if result['scan_layers'] else ''
   shown = result.get('suggested_train') or train  # The step a user would run.
   return f'{text}{scanned}; {flops} FLOP/step; {shown["compile_s"]:.0f} s'
@@ -266,7 +266,7 @@ Each cell gives:
 - when it does not fit, the smallest change found that fits (compiled), and its memory;
 - FLOPs per step of the whole slice (the fitting step's; XLA's count, each loop iteration
   counted), marked when over {recompute}x vit_jax.flops' forward + backward count: the compiled
-  step then does more work per image, e.g. recomputing to fit the HBM; under {undercount}x, XLA's
+  step then does more work per image, e.g. recomputing to fit the HBM; under {undercount}x, the
   count misses work that the matmuls alone need, and the analytic count is the better figure;
 - the compile time on this machine (2 shared CPU cores, so slow) of the train step shown: the
   change's where the configured step does not fit.

@@ -50,7 +50,7 @@ def test_cells_and_largest_batches_are_rendered_from_the_results(tmp_path):
   assert cells[0] == 'yes, 3.0 GiB; 5.12e+12 FLOP/step; 12 s'
   assert cells[1] == ('no, 20.0 GiB; `--config.accum_steps=2`: 10.0 GiB (scanned); 6.66e+12 '
                       '(1.30x the analytic count) FLOP/step; 45 s')
-  assert cells[2] == ('yes, 3.0 GiB; 2.56e+12 (0.50x the analytic count: XLA\'s count misses '
+  assert cells[2] == ('yes, 3.0 GiB; 2.56e+12 (0.50x the analytic count: the count misses '
                       'work) FLOP/step; 9 s')
   assert cells[3:] == ['not compiled yet'] * 3
   assert f'{len(table.CELLS) - 3} of {len(table.CELLS)} cells are not compiled yet' in doc

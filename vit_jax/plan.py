@@ -91,8 +91,8 @@ def describe(config, result: dict) -> str:
     lines.append(f'    {ratio:.2f}x the analytic forward + backward count per image (above '
                  f'~{plan_lib.RECOMPUTE_RATIO} for a ViT of Ti size or more: recomputation, by '
                  'remat or by the compiler to fit the HBM)' + (
-                     f'; below {plan_lib.UNDERCOUNT_RATIO}, XLA\'s count misses work: the '
-                     'totals above are too low' if ratio < plan_lib.UNDERCOUNT_RATIO else ''))
+                     f'; below {plan_lib.UNDERCOUNT_RATIO}, the count misses work: the totals '
+                     'above are too low' if ratio < plan_lib.UNDERCOUNT_RATIO else ''))
   return '\n'.join(lines)
 
 

@@ -17,8 +17,9 @@ MAX_CANDIDATES = 8
 # XLA's FLOPs per image over vit_jax.flops' matmul count above which a step of a real model
 # recomputes (XLA also counts norms, softmax, GELU, the loss and the update; tests/test_plan.py).
 RECOMPUTE_RATIO = 1.15
-# Below this ratio XLA's count misses work the matmuls alone need (seen: ViT-H/14 on v5e with
-# full remat, FSDP and accumulation, 0.55x); the analytic count is then the better figure.
+# Below this ratio the counted FLOPs (XLA's, over loops by tpu_compile.counted_cost) miss work
+# that the matmuls alone need (seen: ViT-H/14 on v5e with full remat, FSDP and accumulation,
+# 0.55x; the cause is not known); the analytic count is then the better figure.
 UNDERCOUNT_RATIO = 0.9
 
 
