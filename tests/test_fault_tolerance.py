@@ -86,6 +86,11 @@ class _Cli:
   def stderr(self) -> str:
     return self._err.read_text()
 
+  def wait_for_step(self, step: int) -> None:
+    """Returns once metrics.jsonl shows `step` (or a later one)."""
+    _signal_when({self.name: (lambda: _last_step(self.workdir) >= step, lambda: None)},
+                 {self.name: self})
+
   def finish(self) -> int:
     try:
       return self.process.wait(TIMEOUT_S)

@@ -15,7 +15,6 @@ from vit_jax import cli
 from vit_jax import config_lib
 from vit_jax import flops
 from vit_jax import hardware
-from vit_jax import plan
 from vit_jax import plan_lib
 from vit_jax import trainer as trainer_lib
 from vit_jax import sharding
@@ -202,20 +201,8 @@ def test_compiling_for_a_tpu_leaves_the_environment_as_it_was():
 
 
 def test_a_flop_count_below_what_the_matmuls_need_is_called_out():
-  config = config_lib.base_config()
-  config_lib.set_model(config, 'ViT-Ti_16')
-  step = {'arguments_bytes': 2**30, 'temporaries_bytes': 2**30, 'total_bytes': 2**31,
-          'fits': True, 'flops_per_device': 1e12, 'bytes_accessed_per_device': 1e10,
-          'compiler_estimate_s': None, 'compile_s': 3.0}
-  result = {'hbm_bytes_per_device': 16 * 2**30, 'devices': 8, 'hosts': 1, 'topology': 'v3-8',
-            'device_kind': 'TPU v3', 'train': step, 'eval': None, 'suggestion': None,
-            'total_steps': 1000}
-  counts = {}
-  for ratio in (0.55, 1.0):
-    result['whole_run'] = {'flops_per_image': ratio * 1e10, 'analytic_flops_per_image': 1e10,
-                           'total_flops': 1e18, 'utilization': 0.5, 'core_days': 1.0,
-                           'days_on_this_slice': 0.1}
-    counts[ratio] = plan.describe(config, result).splitlines()[-1]
-  assert counts[0.55].startswith('    0.55x the analytic forward + backward count')
-  assert counts[0.55].endswith("; below 0.9, the count misses work: the totals above are too low")
-  assert counts[1.0].endswith('by remat or by the compiler to fit the HBM)')
+  run = lambda ratio: {'flops_per_image': ratio * 1e10, 'analytic_flops_per_image': 1e10}
+  under, even = (plan_lib.describe_flops_ratio(run(r)) for r in (0.55, 1.0))
+  assert under.startswith('0.55x the analytic forward + backward count')
+  assert under.endswith("; below 0.9, the count misses work: the totals above are too low")
+  assert even.startswith('1.00x the analytic') and even.endswith('to fit the HBM)')

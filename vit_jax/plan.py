@@ -87,12 +87,7 @@ def describe(config, result: dict) -> str:
         f'({run["flops_per_image"]:.3g} per image) = {run["core_days"]:,.4g} {generation} '
         f'core-days at {run["utilization"]:.0%} of the bf16 peak ({run["days_on_this_slice"]:.2f} '
         'days on this slice)')
-    ratio = run['flops_per_image'] / run['analytic_flops_per_image']
-    lines.append(f'    {ratio:.2f}x the analytic forward + backward count per image (above '
-                 f'~{plan_lib.RECOMPUTE_RATIO} for a ViT of Ti size or more: recomputation, by '
-                 'remat or by the compiler to fit the HBM)' + (
-                     f'; below {plan_lib.UNDERCOUNT_RATIO}, the count misses work: the totals '
-                     'above are too low' if ratio < plan_lib.UNDERCOUNT_RATIO else ''))
+    lines.append(f'    {plan_lib.describe_flops_ratio(run)}')
   return '\n'.join(lines)
 
 

@@ -92,6 +92,17 @@ def suggest(config, tpu: hardware.TpuSlice, devices, failed: tpu_compile.StepRep
   return None
 
 
+def describe_flops_ratio(whole_run: dict) -> str:
+  """A plan's counted FLOPs per image against vit_jax.flops' count, and what the ratio means."""
+  ratio = whole_run['flops_per_image'] / whole_run['analytic_flops_per_image']
+  text = (f'{ratio:.2f}x the analytic forward + backward count per image (above '
+          f'~{RECOMPUTE_RATIO} for a ViT of Ti size or more: recomputation, by remat or by the '
+          'compiler to fit the HBM)')
+  if ratio < UNDERCOUNT_RATIO:
+    text += f'; below {UNDERCOUNT_RATIO}, the count misses work: the totals above are too low'
+  return text
+
+
 def plan(config, accelerator_type: str, *, utilization: float, with_eval: bool = True,
          with_suggestion: bool = True, max_candidates: int = MAX_CANDIDATES) -> dict:
   """One slice's plan: the `--json_out` object of `python -m vit_jax.plan`."""
