@@ -7,8 +7,8 @@ objects as its --json_out), kept in docs/tpu_plan.json.
 Cells are compiled in the order of CELLS, each in a child process (as is each probe of the
 largest-batch search), and saved after each one, so an interrupted run goes on where it stopped.
 A child killed by a crash signal (libtpu 0.0.42.1 overflows its stack compiling the ResNet
-hybrids for v6e-8) is recorded as a compiler crash and the run goes on. Configs are compiled as shipped (unrolled layers), except models deeper than
-SCAN_ABOVE_LAYERS blocks, compiled with `model.scan_layers=True` (one block compiled instead of all:
+hybrids for v6e-8) is recorded as a compiler crash and the run goes on. Configs are compiled as
+shipped (unrolled layers), except models deeper than SCAN_ABOVE_LAYERS blocks, compiled with `model.scan_layers=True` (one block compiled instead of all:
 minutes instead of hours on a small machine). Without remat a scanned step can need much more memory
 on TPU than the unrolled one (ViT-B/16, 384px, 16 images per v3 core: 15.4 GiB of temporaries
 scanned, 6.4 GiB unrolled), so those cells are marked. Largest batch per chip: the largest
