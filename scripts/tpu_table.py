@@ -8,9 +8,9 @@ Cells are compiled in the order of CELLS, each in a child process (as is each pr
 largest-batch search), and saved after each one, so an interrupted run goes on where it stopped.
 A child killed by a crash signal (libtpu 0.0.42.1 overflows its stack compiling the ResNet
 hybrids for v6e-8) is recorded as a compiler crash and the run goes on. Configs are compiled as
-shipped (unrolled layers), except models deeper than SCAN_ABOVE_LAYERS blocks, compiled with `model.scan_layers=True` (one block compiled instead of all:
-minutes instead of hours on a small machine). Without remat a scanned step can need much more memory
-on TPU than the unrolled one (ViT-B/16, 384px, 16 images per v3 core: 15.4 GiB of temporaries
+shipped (unrolled layers), except models deeper than SCAN_ABOVE_LAYERS blocks, compiled with
+`model.scan_layers=True` (one block compiled instead of all: minutes instead of hours on a small
+machine). Without remat a scanned step can need much more memory on TPU than the unrolled one (ViT-B/16, 384px, 16 images per v3 core: 15.4 GiB of temporaries
 scanned, 6.4 GiB unrolled), so those cells are marked. Largest batch per chip: the largest
 per-device train batch whose step (unrolled, without remat or accumulation) the compiler fits
 without recomputing work (max_batch).
@@ -40,8 +40,8 @@ MODELS = ('ViT-Ti_16', 'ViT-S_32', 'ViT-S_16', 'ViT-B_32', 'ViT-B_16', 'R26+ViT-
 RECIPES = {'fine-tune 384px, batch 512': ('configs/vit.py', 'imagenet2012'),
            'pre-train 224px, batch 4096': ('configs/pretrain.py', 'imagenet2012')}
 SLICES = ('v3-8', 'v4-8', 'v5litepod-8', 'v5p-8', 'v6e-8', 'v4-32')
-# Fine-tuning first (what most users run), then pre-training; smaller models first.
-CELLS = [(m, r, s) for r in RECIPES for m in MODELS for s in SLICES]
+# Smaller models first (their compiles take a minute or two; ViT-H/14's take up to an hour).
+CELLS = [(m, r, s) for m in MODELS for r in RECIPES for s in SLICES]
 # Largest batch per chip: (model, resolution) x generation (its 8-chip-or-core slice).
 MAX_BATCH_MODELS = (('ViT-B_16', 224), ('ViT-B_16', 384), ('ViT-L_16', 224), ('ViT-L_16', 384))
 MAX_BATCH_SLICES = ('v3-8', 'v4-8', 'v5litepod-8')
@@ -265,7 +265,7 @@ Each cell gives:
   temporaries, outputs);
 - when it does not fit, the smallest change found that fits (compiled), and its memory;
 - FLOPs per step of the whole slice (the fitting step's; XLA's count, each loop iteration
-  counted), marked when over {recompute}x vit_jax.flops' forward + backward count: the compiled
+  counted, the compiler's own windowed-einsum loops of FSDP included), marked when over {recompute}x vit_jax.flops' forward + backward count: the compiled
   step then does more work per image, e.g. recomputing to fit the HBM; under {undercount}x, the
   count misses work that the matmuls alone need, and the analytic count is the better figure;
 - the compile time on this machine (2 shared CPU cores, so slow) of the train step shown: the
@@ -337,8 +337,10 @@ def main(argv):
     report = _train_report(model, int(resolution), topology, int(per_device))
     print(json.dumps(report.to_json()), flush=True)
     return
+  if argv not in ([], ['--render']):
+    sys.exit(__doc__)
   results = _load()
-  if '--render' not in argv:
+  if not argv:
     compile_cells(results)
     compile_max_batch(results)
   write_doc(results)

@@ -18,10 +18,8 @@ MAX_CANDIDATES = 8
 # recomputes (XLA also counts norms, softmax, GELU, the loss and the update; tests/test_plan.py).
 RECOMPUTE_RATIO = 1.15
 # Below this ratio the counted FLOPs (XLA's, over loops by tpu_compile.counted_cost) miss work
-# that the matmuls alone need; the analytic count is then the better figure. Seen: ViT-H/14 with
-# FSDP on v5e, 0.55x. There XLA counts 0.83x of the replicated step's FLOPs from 2 images per
-# device on (probably a loop of its own, counted once), but all of them at 1 image, so the
-# extrapolation over images falls short.
+# that the matmuls alone need; the analytic count is then the better figure. Seen once, ViT-H/14
+# with FSDP on v5e at 0.55x, before counted_cost turned off the compiler's windowed-einsum loops.
 UNDERCOUNT_RATIO = 0.9
 
 

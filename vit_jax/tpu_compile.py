@@ -7,9 +7,12 @@ bytes accessed and the compiler's cost-model estimate (kept only where positive:
 on v4). A program that does not fit fails with RESOURCE_EXHAUSTED, whose numbers
 `out_of_memory` reads.
 
-XLA's cost analysis counts a loop's body once, so with `scan_layers` or `accum_steps > 1`
+XLA's cost analysis counts a loop's body once, so with `scan_layers`, `accum_steps > 1` or FSDP
 `counted_cost` compiles the step unrolled and unaccumulated at 1 and 2 encoder blocks and 1 and 2
 images per device, and extrapolates linearly in both (identical blocks, the same work per image).
+FSDP is there because XLA:TPU may turn a matmul with an all-gathered operand into a loop over the
+shards ("windowed einsum"; ViT-H/14 at 378px on v5e counted 0.71x of its FLOPs), which the counted
+copies are compiled without (COUNTING_OPTIONS).
 """
 import dataclasses
 import itertools
@@ -128,13 +131,14 @@ def _cost(compiled) -> dict:
   return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
 
-def compile_step(jitted, args, hbm_bytes: int, config, source: str) -> StepReport:
+def compile_step(jitted, args, hbm_bytes: int, config, source: str,
+                 compiler_options: Optional[dict] = None) -> StepReport:
   """Compiles `jitted` for `args` (sharded ShapeDtypeStructs) and checks it against `hbm_bytes`
   per device (hardware.check_step_memory, as a training run does before its first step)."""
   arguments = per_device_bytes(args)
   start = time.perf_counter()
   try:
-    compiled = jitted.lower(*args).compile()
+    compiled = jitted.lower(*args).compile(compiler_options)
   except jax.errors.JaxRuntimeError as e:
     oom = out_of_memory(e)
     if oom is None:
@@ -173,24 +177,32 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
   return known
 
 
-def _compile_program(config, classes: int, tpu: hardware.TpuSlice, devices, with_eval: bool):
+def _compile_program(config, classes: int, tpu: hardware.TpuSlice, devices, with_eval: bool,
+                     compiler_options: Optional[dict] = None):
   mesh = sharding.make_mesh(devices)
   trainer = trainer_lib.Trainer(config, classes, mesh=mesh)
   hbm = tpu.generation.hbm_bytes_per_device
   source = f'{tpu.generation.device_kind} HBM per device'
   train = compile_step(trainer.train_step, (trainer.abstract_state, trainer.abstract_batch), hbm,
-                       config, source)
+                       config, source, compiler_options)
   evaluation = None
   if with_eval:
     evaluation = compile_step(trainer.eval_step,
                               (trainer.abstract_state['params'], eval_batch(config, mesh)), hbm,
-                              config, source)
+                              config, source, compiler_options)
   return {'train': train, 'eval': evaluation}
 
 
 def has_loops(config) -> bool:
-  """Whether the compiled steps hold loops whose cost XLA counts once (module docstring)."""
-  return config.accum_steps > 1 or bool(config.model.get('scan_layers'))
+  """Whether the compiled steps may hold loops whose cost XLA counts once (module docstring)."""
+  return (config.accum_steps > 1 or bool(config.model.get('scan_layers'))
+          or config.sharding == 'fsdp')
+
+
+# libtpu flags for counted_cost's compiles: no windowed-einsum loops (module docstring). The same
+# arithmetic, so the same FLOPs as the real program; its HBM bytes without those loops' overlap.
+COUNTING_OPTIONS = {'xla_tpu_enable_windowed_einsum_for_all_gather': False,
+                    'xla_tpu_enable_windowed_einsum_for_reduce_scatter': False}
 
 
 COST_FIELDS = ('flops_per_device', 'bytes_accessed_per_device')
@@ -210,7 +222,8 @@ def counted_cost(config, classes: int, tpu: hardware.TpuSlice, devices, with_eva
     small.batch = small.batch_eval = n * per_device
     if blocks:
       small.model.transformer.num_layers = layers
-    points[layers, per_device] = _compile_program(small, classes, tpu, devices, with_eval)
+    points[layers, per_device] = _compile_program(small, classes, tpu, devices, with_eval,
+                                                  COUNTING_OPTIONS)
   # Least squares on [1, L, b, L*b] (exact through the 4 points; [1, b] for the whole model).
   design = lambda layers, b: [1.0, b] + ([layers, layers * b] if blocks else [])
   rows = np.array([design(*key) for key in points])
