@@ -202,11 +202,10 @@ def _cell(result: dict) -> str:
         '; no fix among the first candidates')
   run = result.get('whole_run')
   flops = f'{run["flops_per_image"] * result["batch"]:.2e}' if run else 'n/a'
-  ratio = run and run['flops_per_image'] / run['analytic_flops_per_image']
-  if ratio and ratio > plan_lib.RECOMPUTE_RATIO:
-    flops += f' ({ratio:.2f}x the analytic count)'
-  elif ratio and ratio < plan_lib.UNDERCOUNT_RATIO:
-    flops += f' ({ratio:.2f}x the analytic count: the count misses work)'
+  ratio, kind = plan_lib.flops_ratio(run) if run else (None, None)
+  if kind:
+    flops += f' ({ratio:.2f}x the analytic count' + (
+        ': the count misses work)' if kind == 'undercount' else ')')
   scanned = ' (scanned)' if result['scan_layers'] else ''
   shown = result.get('suggested_train') or train  # The step a user would run.
   return f'{text}{scanned}; {flops} FLOP/step; {shown["compile_s"]:.0f} s'

@@ -462,7 +462,7 @@ def _run(trainer, workdir: pathlib.Path) -> train_loop.Run:
       keep=trainer.config.keep_checkpoints)
   batches = train_loop._batches(trainer.config, trainer, 0)  # pylint: disable=protected-access
   return train_loop.Run(trainer, ckpt, str(workdir), trainer.initial_state(), 0, batches,
-                        workdir_lib.Lock(str(workdir), None))
+                        workdir_lib.Lock(str(workdir), None), lambda: None)
 
 
 def _restored_params(trainer, workdir: pathlib.Path, step: int):

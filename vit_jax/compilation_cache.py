@@ -6,7 +6,7 @@ back as new VMs with empty disks, while every restart reads the workdir.
 `config.compilation_cache_dir` names another directory (e.g. one shared by a sweep), or '' turns
 it off. JAX keys each entry by the program, the compiler and its flags: none is ever stale.
 """
-from typing import Optional
+from typing import Callable, Optional
 
 from absl import logging
 import jax
@@ -22,12 +22,19 @@ def directory(config, workdir: str) -> Optional[str]:
   return config.compilation_cache_dir or None
 
 
-def enable(config, workdir: str) -> Optional[str]:
+def enable(config, workdir: str) -> Callable[[], None]:
   """Points JAX's persistent cache at `directory(config, workdir)` (or turns it off) before the
-  run compiles anything; returns the directory."""
+  run compiles anything. Returns what puts the process's previous setting back at the run's end:
+  JAX's setting is process-wide, and a later compile in the same process (the next run, a
+  notebook) must not write into this workdir, which may be gone by then."""
+  previous = jax.config.jax_compilation_cache_dir
   path = directory(config, workdir)
-  compilation_cache.reset_cache()  # JAX reads the setting once per process, at first use.
-  jax.config.update('jax_compilation_cache_dir', path)
+  _point_at(path)
   if path:
     logging.info('Compiled programs are cached in %s.', path)
-  return path
+  return lambda: _point_at(previous)
+
+
+def _point_at(path: Optional[str]) -> None:
+  compilation_cache.reset_cache()  # JAX reads the setting once per process, at first use.
+  jax.config.update('jax_compilation_cache_dir', path)

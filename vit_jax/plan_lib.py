@@ -90,13 +90,22 @@ def suggest(config, tpu: hardware.TpuSlice, devices, failed: tpu_compile.StepRep
   return None
 
 
+def flops_ratio(whole_run: dict) -> tuple:
+  """(a plan's counted FLOPs per image over vit_jax.flops' count, 'recompute' above
+  RECOMPUTE_RATIO, 'undercount' below UNDERCOUNT_RATIO, else None)."""
+  ratio = whole_run['flops_per_image'] / whole_run['analytic_flops_per_image']
+  kind = ('recompute' if ratio > RECOMPUTE_RATIO else
+          'undercount' if ratio < UNDERCOUNT_RATIO else None)
+  return ratio, kind
+
+
 def describe_flops_ratio(whole_run: dict) -> str:
   """A plan's counted FLOPs per image against vit_jax.flops' count, and what the ratio means."""
-  ratio = whole_run['flops_per_image'] / whole_run['analytic_flops_per_image']
+  ratio, kind = flops_ratio(whole_run)
   text = (f'{ratio:.2f}x the analytic forward + backward count per image (above '
           f'~{RECOMPUTE_RATIO} for a ViT of Ti size or more: recomputation, by remat or by the '
           'compiler to fit the HBM)')
-  if ratio < UNDERCOUNT_RATIO:
+  if kind == 'undercount':
     text += f'; below {UNDERCOUNT_RATIO}, the count misses work: the totals above are too low'
   return text
 

@@ -11,7 +11,7 @@ import math
 import signal
 import threading
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
 import jax
@@ -179,6 +179,7 @@ class Run:
   step: int
   batches: Iterator[dict]
   lock: workdir_lib.Lock
+  restore_cache_setting: Callable[[], None]  # compilation_cache.enable's.
 
   def train(self) -> dict:
     """Runs the remaining steps, saves the final checkpoint and model.npz; returns the final
@@ -195,6 +196,7 @@ class Run:
       try:
         self.ckpt.close()
       finally:
+        self.restore_cache_setting()
         self.lock.release()
     return eval_metrics
 
@@ -329,9 +331,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
   hardware.check_accelerator(config.model)
   hardware.check_attention_impl(config.model, jax.default_backend())
   lock = workdir_lib.lock(workdir, take_over=take_over_lock)
-  ckpt = None
+  ckpt, restore_cache_setting = None, compilation_cache.enable(config, workdir)
   try:
-    compilation_cache.enable(config, workdir)
     trainer = trainer_lib.Trainer(config, config.num_classes)
     check_step_memory(trainer)
     ckpt = state_checkpoint.TrainCheckpointer(
@@ -344,9 +345,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
   except BaseException:
     if ckpt is not None:
       ckpt.close()
+    restore_cache_setting()
     lock.release(failed_start=True)
     raise
-  return Run(trainer, ckpt, workdir, state, step, batches, lock)
+  return Run(trainer, ckpt, workdir, state, step, batches, lock, restore_cache_setting)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
