@@ -12,9 +12,9 @@ shipped (unrolled layers), except models deeper than SCAN_ABOVE_LAYERS blocks, c
 `model.scan_layers=True` (one block compiled instead of all: minutes instead of hours on a small
 machine). Without remat a scanned step can need much more memory on TPU than the unrolled one
 (ViT-B/16, 384px, 16 images per v3 core: 15.4 GiB of temporaries scanned, 6.4 GiB unrolled), so
-those cells are marked. Largest batch per chip: the largest
-per-device train batch whose step (unrolled, without remat or accumulation) the compiler fits
-without recomputing work (max_batch).
+those cells are marked. Largest batch per chip: the largest per-device train batch whose step
+(unrolled, without remat or accumulation) the compiler fits without recomputing work
+(max_batch).
 """
 import importlib.util
 import json

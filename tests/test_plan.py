@@ -115,8 +115,12 @@ def test_fsdp_steps_are_counted_without_the_compilers_windowed_einsum_loops(monk
   devices = tpu_compile.compile_only_devices(tpu)
   options = []
   compile_ = jax.stages.Lowered.compile
-  monkeypatch.setattr(jax.stages.Lowered, 'compile', lambda self, compiler_options=None: (
-      options.append(compiler_options), compile_(self, compiler_options))[1])
+
+  def spy(self, compiler_options=None):
+    options.append(compiler_options)
+    return compile_(self, compiler_options)
+
+  monkeypatch.setattr(jax.stages.Lowered, 'compile', spy)
   flops_of = {}
   for strategy in ('replicate', 'fsdp'):
     options.clear()

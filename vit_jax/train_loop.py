@@ -196,8 +196,8 @@ class Run:
       try:
         self.ckpt.close()
       finally:
-        self.restore_cache_setting()
         self.lock.release()
+        self.restore_cache_setting()
     return eval_metrics
 
   def _loop(self, stop: _StopSignals):
@@ -331,8 +331,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
   hardware.check_accelerator(config.model)
   hardware.check_attention_impl(config.model, jax.default_backend())
   lock = workdir_lib.lock(workdir, take_over=take_over_lock)
-  ckpt, restore_cache_setting = None, compilation_cache.enable(config, workdir)
+  ckpt = restore_cache_setting = None
   try:
+    restore_cache_setting = compilation_cache.enable(config, workdir)
     trainer = trainer_lib.Trainer(config, config.num_classes)
     check_step_memory(trainer)
     ckpt = state_checkpoint.TrainCheckpointer(
@@ -345,8 +346,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
   except BaseException:
     if ckpt is not None:
       ckpt.close()
-    restore_cache_setting()
     lock.release(failed_start=True)
+    if restore_cache_setting is not None:
+      restore_cache_setting()
     raise
   return Run(trainer, ckpt, workdir, state, step, batches, lock, restore_cache_setting)
 
