@@ -221,7 +221,7 @@ def _max_batch_cell(result: dict) -> str:
   return f'{text} ({more} at {result["recompute_flops_ratio"]:.2f}x FLOPs)'
 
 
-def render(results: dict) -> str:
+def render(results: dict) -> tuple:
   cells = {(c['model'], c['recipe'], c['topology']): c for c in results['cells']}
   lines = ['| model | recipe | ' + ' | '.join(SLICES) + ' |', '|---|---|' + '---|' * len(SLICES)]
   missing = []
@@ -278,8 +278,7 @@ is compiled in a process of its own).
 
 {table}
 
-{missing} of {cells} cells are not compiled yet ("not compiled yet" above; the script goes on
-from there).
+{completeness}
 
 ## Largest batch per device without remat or accumulation
 
@@ -317,8 +316,11 @@ large model's compile takes minutes (ViT-B/16 for a v3-32: 685 s on this machine
 
 def write_doc(results: dict) -> None:
   table, batch, missing = render(results)
+  completeness = (f'{len(missing)} of {len(CELLS)} cells are not compiled yet ("not compiled yet" '
+                  'above; the script goes on from there).' if missing
+                  else f'All {len(CELLS)} cells are compiled.')
   text = TEMPLATE.format(table=table, max_batch=batch, libtpu=_libtpu_version(),
-                         missing=len(missing), cells=len(CELLS),
+                         completeness=completeness,
                          scan_above=SCAN_ABOVE_LAYERS, recompute=plan_lib.RECOMPUTE_RATIO,
                          undercount=plan_lib.UNDERCOUNT_RATIO,
                          granularity=RELATIVE_GRANULARITY)

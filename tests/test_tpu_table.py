@@ -54,9 +54,26 @@ def test_cells_and_largest_batches_are_rendered_from_the_results(tmp_path):
                       'work) FLOP/step; 9 s')
   assert cells[3:] == ['not compiled yet'] * 3
   assert f'{len(table.CELLS) - 3} of {len(table.CELLS)} cells are not compiled yet' in doc
+  assert 'cells are compiled' not in doc
   batch_row = next(line for line in doc.splitlines() if line.startswith('| ViT-B_16 | 224 |'))
   assert batch_row == ('| ViT-B_16 | 224 | 160-167 (211 at 1.25x FLOPs) | 115 | '
                        'not compiled yet |')
+
+
+def test_a_complete_table_says_so(tmp_path):
+  table = _script()
+  table.JSON, table.DOC = str(tmp_path / 'plan.json'), str(tmp_path / 'TPU.md')
+  cells = [{'model': model, 'recipe': recipe, 'topology': topology, 'compiler_crash': 'SIGSEGV'}
+           for model, recipe, topology in table.CELLS]
+  pathlib.Path(table.JSON).write_text(json.dumps({'cells': cells, 'max_batch': []}))
+  table.main(['--render'])
+  doc = pathlib.Path(table.DOC).read_text()
+  assert f'All {len(table.CELLS)} cells are compiled.' in doc
+  assert 'cells are not compiled yet' not in doc
+  rows = [line for line in doc.splitlines()
+          if any(line.startswith(f'| {m} | {r} |') for m in table.MODELS for r in table.RECIPES)]
+  assert [row.count('compiler crashed (SIGSEGV)') for row in rows] == [len(table.SLICES)] * len(
+      table.MODELS) * len(table.RECIPES)
 
 
 _FAKE_CHILD = '''
