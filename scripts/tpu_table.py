@@ -316,9 +316,10 @@ large model's compile takes minutes (ViT-B/16 for a v3-32: 685 s on this machine
 
 def write_doc(results: dict) -> None:
   table, batch, missing = render(results)
+  crashed = sum('compiler_crash' in c for c in results['cells'])
   completeness = (f'{len(missing)} of {len(CELLS)} cells are not compiled yet ("not compiled yet" '
                   'above; the script goes on from there).' if missing
-                  else f'All {len(CELLS)} cells are compiled.')
+                  else f'All {len(CELLS)} cells are compiled; the compiler crashed on {crashed}.')
   text = TEMPLATE.format(table=table, max_batch=batch, libtpu=_libtpu_version(),
                          completeness=completeness,
                          scan_above=SCAN_ABOVE_LAYERS, recompute=plan_lib.RECOMPUTE_RATIO,
