@@ -5,15 +5,16 @@ objects as its --json_out), kept in docs/tpu_plan.json.
     python scripts/tpu_table.py --render   # only writes docs/TPU.md from docs/tpu_plan.json
 
 Cells are compiled in the order of CELLS, each in a child process (as is each probe of the
-largest-batch search), and saved after each one, so an interrupted run goes on where it stopped.
-A child killed by a crash signal (libtpu 0.0.42.1 overflows its stack compiling the ResNet
-hybrids for v6e-8) is recorded as a compiler crash and the run goes on. Configs are compiled as
-shipped (unrolled layers), except models deeper than SCAN_ABOVE_LAYERS blocks, compiled with
-`model.scan_layers=True` (one block compiled instead of all: minutes instead of hours on a small
-machine). Without remat a scanned step can need much more memory on TPU than the unrolled one
-(ViT-B/16, 384px, 16 images per v3 core: 15.4 GiB of temporaries scanned, 6.4 GiB unrolled), so
-those cells are marked. Largest batch per chip: the largest per-device train batch whose step
-(unrolled, without remat or accumulation) the compiler fits without recomputing work
+largest-batch search), and saved after each one, so an interrupted run goes on where it stopped. A
+child killed by a crash signal (libtpu 0.0.42.1 overflows a compiler thread's stack on the ResNet
+hybrids for v6e-8, in some attempts only) is retried up to CRASH_ATTEMPTS times, then recorded as a
+compiler crash, and the run goes on; a crash recorded with fewer attempts is retried by the next
+run. Configs are compiled as shipped (unrolled layers), except models deeper than SCAN_ABOVE_LAYERS
+blocks, compiled with `model.scan_layers=True` (one block compiled instead of all: minutes instead
+of hours on a small machine). Without remat a scanned step can need much more memory on TPU than
+the unrolled one (ViT-B/16, 384px, 16 images per v3 core: 15.4 GiB of temporaries scanned, 6.4 GiB
+unrolled), so those cells are marked. Largest batch per chip: the largest per-device train batch
+whose step (unrolled, without remat or accumulation) the compiler fits without recomputing work
 (max_batch).
 """
 import importlib.util
@@ -88,6 +89,9 @@ def compile_cell(model: str, recipe: str, topology: str) -> dict:
   return {'model': model, 'recipe': recipe, 'scan_layers': config.model.scan_layers, **result}
 
 
+# Compiles of a cell before its crash is recorded (libtpu's stack overflow on the hybrids for v6e
+# is intermittent: 5 of 6 identical BiT-R26x1 compiles crashed, the other compiled).
+CRASH_ATTEMPTS = 3
 _CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
 
 
@@ -107,22 +111,31 @@ def _run_child(*args: str) -> dict:
 
 
 def _cell_in_child(model: str, recipe: str, topology: str) -> dict:
-  result = _run_child('--cell', model, recipe, topology)
-  if 'compiler_crash' in result:
-    return {'model': model, 'recipe': recipe, 'topology': topology, **result}
-  return result
+  for attempt in range(1, CRASH_ATTEMPTS + 1):
+    result = _run_child('--cell', model, recipe, topology)
+    if 'compiler_crash' not in result:
+      return result
+  return {'model': model, 'recipe': recipe, 'topology': topology, **result, 'attempts': attempt}
+
+
+def _to_compile(cell: dict | None) -> bool:
+  """Not compiled yet, or crashed in fewer than CRASH_ATTEMPTS attempts (older runs tried once)."""
+  return cell is None or ('compiler_crash' in cell and cell.get('attempts', 1) < CRASH_ATTEMPTS)
 
 
 def compile_cells(results: dict) -> None:
-  done = {(c['model'], c['recipe'], c['topology']) for c in results['cells']}
-  for model, recipe, topology in CELLS:
-    if (model, recipe, topology) in done:
+  index = {(c['model'], c['recipe'], c['topology']): i for i, c in enumerate(results['cells'])}
+  for key in CELLS:
+    if not _to_compile(results['cells'][index[key]] if key in index else None):
       continue
-    result = _cell_in_child(model, recipe, topology)
-    results['cells'].append(result)
+    result = _cell_in_child(*key)
+    if key in index:
+      results['cells'][index[key]] = result
+    else:
+      results['cells'].append(result)
     _save(results)
-    print(model, recipe, topology, result.get('compiler_crash') or result['train']['fits'],
-          result.get('suggestion'), flush=True)
+    print(*key, result.get('compiler_crash') or result['train']['fits'], result.get('suggestion'),
+          flush=True)
 
 
 def _train_report(model: str, resolution: int, topology: str, per_device: int):
@@ -191,7 +204,9 @@ def compile_max_batch(results: dict) -> None:
 
 def _cell(result: dict) -> str:
   if 'compiler_crash' in result:
-    return f'compiler crashed ({result["compiler_crash"]})'
+    attempts = result.get('attempts', 1)
+    plural = 's' if attempts > 1 else ''
+    return f'compiler crashed ({result["compiler_crash"]}; {attempts} attempt{plural})'
   train = result['train']
   gib = lambda b: f'{b / 2**30:.1f}'
   if train['fits']:
@@ -273,8 +288,12 @@ Each cell gives:
   the better figure;
 - the compile time on this machine (2 shared CPU cores, so slow) of the train step shown: the
   change's where the configured step does not fit.
-"compiler crashed (SIGSEGV)": this libtpu's compiler killed its process on that cell (each cell
-is compiled in a process of its own).
+"compiler crashed (SIGSEGV; N attempts)": this libtpu's compiler killed its process on that cell
+in each of N attempts, each in a process of its own (the script tries up to {crash_attempts}
+times). On the ResNet hybrids for v6e it overflows a compiler thread's stack (in
+`MigrateInstructionUsers`), in some attempts only: of six identical compiles of BiT-R26x1's eval
+step here, one went through. On a TPU VM the same libtpu presumably does the same (not verified
+there): run a job again when its compile crashes.
 
 {table}
 
@@ -317,11 +336,15 @@ large model's compile takes minutes (ViT-B/16 for a v3-32: 685 s on this machine
 def write_doc(results: dict) -> None:
   table, batch, missing = render(results)
   crashed = sum('compiler_crash' in c for c in results['cells'])
+  retried = sum(_to_compile(c) for c in results['cells'])
   completeness = (f'{len(missing)} of {len(CELLS)} cells are not compiled yet ("not compiled yet" '
                   'above; the script goes on from there).' if missing
                   else f'All {len(CELLS)} cells are compiled; the compiler crashed on {crashed}.')
+  if retried:
+    completeness += (f' The script tries again where it crashed in fewer than {CRASH_ATTEMPTS} '
+                     f'attempts ({retried}).')
   text = TEMPLATE.format(table=table, max_batch=batch, libtpu=_libtpu_version(),
-                         completeness=completeness,
+                         completeness=completeness, crash_attempts=CRASH_ATTEMPTS,
                          scan_above=SCAN_ABOVE_LAYERS, recompute=plan_lib.RECOMPUTE_RATIO,
                          undercount=plan_lib.UNDERCOUNT_RATIO,
                          granularity=RELATIVE_GRANULARITY)
