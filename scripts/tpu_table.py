@@ -111,11 +111,12 @@ def _run_child(*args: str) -> dict:
 
 
 def _cell_in_child(model: str, recipe: str, topology: str) -> dict:
-  for attempt in range(1, CRASH_ATTEMPTS + 1):
+  for _ in range(CRASH_ATTEMPTS):
     result = _run_child('--cell', model, recipe, topology)
     if 'compiler_crash' not in result:
       return result
-  return {'model': model, 'recipe': recipe, 'topology': topology, **result, 'attempts': attempt}
+  return {'model': model, 'recipe': recipe, 'topology': topology, **result,
+          'attempts': CRASH_ATTEMPTS}
 
 
 def _to_compile(cell: dict | None) -> bool:
@@ -126,13 +127,14 @@ def _to_compile(cell: dict | None) -> bool:
 def compile_cells(results: dict) -> None:
   index = {(c['model'], c['recipe'], c['topology']): i for i, c in enumerate(results['cells'])}
   for key in CELLS:
-    if not _to_compile(results['cells'][index[key]] if key in index else None):
+    i = index.get(key)
+    if not _to_compile(None if i is None else results['cells'][i]):
       continue
     result = _cell_in_child(*key)
-    if key in index:
-      results['cells'][index[key]] = result
-    else:
+    if i is None:
       results['cells'].append(result)
+    else:
+      results['cells'][i] = result
     _save(results)
     print(*key, result.get('compiler_crash') or result['train']['fits'], result.get('suggestion'),
           flush=True)
