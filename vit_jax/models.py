@@ -52,9 +52,8 @@ REMAT_POLICIES = {
 
 
 def resolve_layout(layout: str, platform: Optional[str] = None) -> str:
-  """`layout` ('auto', 'flat' or 'tokens') -> 'flat' or 'tokens'. 'auto' is the entry of
-  `platform` (default: `jax.default_backend()`) in BACKEND_LAYOUTS. Programs compiled for other
-  devices than the default backend's (ahead of time) pass their devices' platform."""
+  """`layout` (one of LAYOUTS) -> 'flat' or 'tokens' on `platform` (default: the default
+  backend's); programs compiled ahead of time for other devices pass their devices' platform."""
   if layout not in LAYOUTS:
     raise ValueError(f'layout={layout!r}; expected one of {LAYOUTS}.')
   if layout != 'auto':
@@ -184,8 +183,7 @@ def token_matmul(module: nn.Module, x, features: Tuple[int, ...], in_axes: int,
 
 
 class TokenDense(nn.Module):
-  """`nn.DenseGeneral` over each token's last `in_axes` axes (`token_matmul`): the released
-  kernel [*in, *features] and bias [*features], initialised as `nn.DenseGeneral` does."""
+  """`nn.DenseGeneral` over each token's last `in_axes` axes, computed by `token_matmul`."""
   features: Tuple[int, ...]
   in_axes: int = 1
   kernel_init: Callable = _XAVIER
@@ -476,11 +474,9 @@ class Encoder(nn.Module):
     deterministic = not train
     x = add_position_embeddings(x, self.posemb, self.grid, self.param_dtype)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-    block_kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-                    dropout_rate=self.dropout_rate,
-                    attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-                    param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-                    layout=self.layout)
+    fields = ('mlp_dim', 'num_heads', 'dropout_rate', 'attention_dropout_rate', 'dtype',
+              'param_dtype', 'attention_impl', 'layout')
+    block_kw = {f: getattr(self, f) for f in fields}
     block = _ScannedEncoder1DBlock if self.scan_layers else Encoder1DBlock
     if self.remat_policy != 'none':
       # static_argnums counts `self`: 2 is `deterministic`. Inside a scan, CSE cannot undo the
