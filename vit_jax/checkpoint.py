@@ -259,11 +259,10 @@ def _check_fits(checkpoint: Mapping[str, Any], model: Mapping[str, Any], path: s
                 model_config: ml_collections.ConfigDict) -> None:
   """Raises one ValueError listing every key that keeps `checkpoint` from loading into `model`.
   The position embedding only needs the same hidden size."""
-  problems = []
-  for key in sorted(model.keys() - checkpoint.keys()):
-    problems.append(f'missing from checkpoint: {key} (model {tuple(model[key].shape)})')
-  for key in sorted(checkpoint.keys() - model.keys()):
-    problems.append(f'unexpected in checkpoint: {key} {tuple(checkpoint[key].shape)}')
+  problems = [f'missing from checkpoint: {key} (model {tuple(model[key].shape)})'
+              for key in sorted(model.keys() - checkpoint.keys())]
+  problems += [f'unexpected in checkpoint: {key} {tuple(checkpoint[key].shape)}'
+               for key in sorted(checkpoint.keys() - model.keys())]
   for key in sorted(checkpoint.keys() & model.keys()):
     have, want = tuple(checkpoint[key].shape), tuple(model[key].shape)
     resizable = (key == POSEMB_KEY and len(have) == len(want) == 3
@@ -359,8 +358,7 @@ def _summary_of_shapes(shapes: Mapping[str, Tuple[int, ...]]) -> tuple:
   if 'conv_root/kernel' in shapes:
     units = {}
     for key in shapes:
-      match = re.match(r'block(\d+)/unit(\d+)/', key)
-      if match:
+      if match := re.match(r'block(\d+)/unit(\d+)/', key):
         stage, unit = map(int, match.groups())
         units[stage] = max(units.get(stage, 0), unit)
     resnet = tuple(units[s] for s in sorted(units))
