@@ -181,8 +181,7 @@ def map_batches(fn: Callable[[jax.Array], jax.Array], images: np.ndarray, batch_
     batch = images[start:start + batch_size]
     count = len(batch)
     if count < batch_size:
-      batch = np.concatenate([batch, np.zeros((batch_size - count,) + batch.shape[1:],
-                                              batch.dtype)])
+      batch = np.pad(batch, [(0, batch_size - count)] + [(0, 0)] * (batch.ndim - 1))
     outputs.append(np.asarray(fn(batch))[:count])
   return np.concatenate(outputs)
 
