@@ -155,10 +155,8 @@ def set_model(config: ml_collections.ConfigDict, name: str) -> None:
 def set_dataset(config: ml_collections.ConfigDict, name: str) -> None:
   settings = DATASETS.get(name, DEFAULT_DATASET)
   config.dataset = name
-  config.train_split = settings['train_split']
-  config.eval_split = settings['eval_split']
-  config.test_split = settings['test_split']
-  config.total_steps = settings['total_steps']
+  for field in ('train_split', 'eval_split', 'test_split', 'total_steps'):
+    config[field] = settings[field]
 
 
 def parse_arg(arg: str, defaults=('b16', 'cifar10')):
@@ -242,13 +240,11 @@ def with_defaults(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
       {**{k: v for k, v in defaults.items() if k not in saved}, **saved})
 
 
-def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-  """`field: saved -> current` for each differing field (JSON dicts) outside RESUMABLE_FIELDS.
-
-  A field that `saved` lacks (added to base_config after it was written) has its default value.
-  """
-  defaults = _flatten(json.loads(base_config().to_json_best_effort()))
-  saved, current = {**defaults, **_flatten(saved)}, _flatten(current)
+def config_changes(saved: Mapping[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+  """`field: saved -> now` for each field outside RESUMABLE_FIELDS in which `config` differs from
+  `saved` (a JSON dict, whose missing fields, added to base_config later, have their default)."""
+  flat_json = lambda c: _flatten(json.loads(c.to_json_best_effort()))
+  saved, current = {**flat_json(base_config()), **_flatten(saved)}, flat_json(config)
   missing = '(absent)'
   return [f'{key}: {saved.get(key, missing)!r} -> {current.get(key, missing)!r}'
           for key in sorted(saved.keys() | current.keys())

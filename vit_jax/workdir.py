@@ -69,7 +69,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise ValueError(f'{e} Delete it to resume with this config.') from e
   if saved is None:
     return
-  changes = config_lib.config_changes(saved, json.loads(config.to_json_best_effort()))
+  changes = config_lib.config_changes(saved, config)
   if not changes:
     return
   listing = '\n  '.join(changes)
@@ -253,22 +253,19 @@ def rewind_metrics(workdir: str, step: int) -> None:
   metrics_path = path(workdir, METRICS)
   if jax.process_index() != 0 or not tf.io.gfile.exists(metrics_path):
     return
-  others, keep, size, dropped_from = _NonEvents(metrics_path), 0, 0, None
+  others, dropped_from = _NonEvents(metrics_path), None
   for line in _read_lines(metrics_path):
-    size = line.end
-    if dropped_from is None and ((line.event and line.event['step'] > step)
-                                 or not line.complete):
+    if (line.event and line.event['step'] > step) or not line.complete:
       dropped_from = line
-    if dropped_from is None:
-      keep = line.end
-      if line.event is None:
-        others.add(line)
+      break
+    if line.event is None:
+      others.add(line)
   others.warn('kept as they are')
-  if keep == size:
+  if dropped_from is None:
     return
   logging.info('Dropping the lines after step %d from %s (from line %d).', step, metrics_path,
                dropped_from.number)
-  _copy_start(metrics_path, keep)
+  _copy_start(metrics_path, dropped_from.start)
 
 
 def _copy_start(target: str, size: int) -> None:
@@ -448,8 +445,7 @@ def mismatch_error(error: ValueError, config: ml_collections.ConfigDict,
     saved = read_config(workdir)
   except (ValueError, tf.errors.OpError):
     return error
-  current = json.loads(config.to_json_best_effort())
-  changes = [change for change in config_lib.config_changes(saved or {}, current)
+  changes = [change for change in config_lib.config_changes(saved or {}, config)
              if change.startswith(config_lib.STATE_FIELDS)]
   if not changes:
     return error
