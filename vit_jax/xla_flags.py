@@ -38,9 +38,8 @@ def set_cpu_xla_flags(environ=os.environ) -> str:
 def check_host_allocator() -> bool:
   """On Linux CPU backends, warns unless GLIBC_TUNABLES asks malloc for huge pages."""
   import jax  # pylint: disable=g-import-not-at-top  # Training has started JAX by now.
-  tunables = os.environ.get('GLIBC_TUNABLES', '')
   if (jax.default_backend() != 'cpu' or not sys.platform.startswith('linux')
-      or HUGEPAGE_TUNABLE in tunables.split(':')):
+      or HUGEPAGE_TUNABLE in os.environ.get('GLIBC_TUNABLES', '').split(':')):
     return True
   logging.warning('Training on CPU without GLIBC_TUNABLES=%s: steps are 1.2-1.6x slower '
                   '(page faults on every step\'s temporaries). scripts/*.sh set it; for your own '
