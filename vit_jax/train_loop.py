@@ -40,18 +40,14 @@ class TrainingInterrupted(cli.Interrupted):
   """Training stopped on a signal after saving a checkpoint of the last finished step (the
   command exits with 128 + the signal number, vit_jax.cli)."""
 
-  def __init__(self, signum: int, step: int, directory: str):
+  def __init__(self, signum: int, step: int, workdir: str):
+    directory = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)
     super().__init__(signum, f'Stopped by {signal.Signals(signum).name} after step {step}, '
                      f'saved to {directory}. Run the same command to resume.')
 
 
 class NonFiniteError(FloatingPointError):
   """A step had a non-finite loss or gradient and config.nonfinite is 'stop'."""
-
-
-def _host_params(params):
-  """Full parameter values on every host (gathers FSDP shards across processes)."""
-  return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
 
 
 class _Throughput:
@@ -189,7 +185,9 @@ class Run:
         state, eval_metrics = self._loop(stop)
         if not eval_metrics:  # Finished already (or stopped in its final evaluation).
           eval_metrics = self._final_accuracies(state, stop)
-      params = self.trainer.released_params(_host_params(state['params']))
+      # Full parameter values on every host (gathers FSDP shards across processes).
+      params = multihost_utils.process_allgather(state['params'], tiled=True)
+      params = self.trainer.released_params(jax.tree.map(np.asarray, params))
       if jax.process_index() == 0:
         checkpoint.save_npz(params, workdir_lib.path(self.workdir, workdir_lib.MODEL))
     finally:
@@ -204,7 +202,6 @@ class Run:
     config, trainer, ckpt, state, step = (self.trainer.config, self.trainer, self.ckpt,
                                           self.state, self.step)
     writer = workdir_lib.MetricsWriter(self.workdir)
-    batches = self.batches
     schedule = optim.learning_rate_schedule(config)
     throughput = _Throughput(config, trainer.num_classes, step)
     nonfinite = _NonFiniteSteps(config.nonfinite, ckpt, self.workdir)
@@ -213,7 +210,7 @@ class Run:
     progress = tqdm.tqdm(total=config.total_steps, initial=step, unit='step',
                          disable=not (config.progress and jax.process_index() == 0))
     while step < config.total_steps:
-      state, metrics = trainer.train_step(state, next(batches))
+      state, metrics = trainer.train_step(state, next(self.batches))
       step += 1
       progress.update()
       profile.after_step(step, state)
@@ -235,8 +232,7 @@ class Run:
         ckpt.save(step, state)
       if stopping:
         ckpt.wait()
-        raise TrainingInterrupted(stop.signum, step,
-                                  workdir_lib.path(self.workdir, workdir_lib.CHECKPOINTS))
+        raise TrainingInterrupted(stop.signum, step, self.workdir)
       if step % config.eval_every == 0 or step == config.total_steps:
         eval_metrics = self._evaluate(state, step, stop)
         writer.write(step, eval_metrics)
@@ -256,8 +252,7 @@ class Run:
     except evaluate.Stopped:
       self.ckpt.save(step, state)
       self.ckpt.wait()
-      raise TrainingInterrupted(stop.signum, step,
-                                workdir_lib.path(self.workdir, workdir_lib.CHECKPOINTS)) from None
+      raise TrainingInterrupted(stop.signum, step, self.workdir) from None
 
   def _final_accuracies(self, state, stop: _StopSignals) -> dict:
     """The accuracies of a run restored at its last step; written to metrics.jsonl when its
@@ -285,19 +280,14 @@ def _restore_or_init(trainer: trainer_lib.Trainer, ckpt: state_checkpoint.TrainC
   except state_checkpoint.CheckpointMismatchError as e:
     raise workdir_lib.mismatch_error(e, trainer.config, workdir) from e
   logging.info('Resumed from %s at step %d.', workdir, step)
-  _check_device_count(ckpt.saved_device_count(step), trainer.mesh.devices.size, step)
+  saved, now = ckpt.saved_device_count(step), trainer.mesh.devices.size
+  if saved is not None and saved != now:
+    logging.warning(
+        'Resuming step %d on %d devices; it was saved by a run on %d. The run goes on correctly, '
+        'but its loss curve departs from an uninterrupted run on %d devices: the training data '
+        'is read as one shard per device (another order) and the batch is reduced in another '
+        'order. Resume on %d devices to follow that curve.', step, now, saved, saved, saved)
   return state, step
-
-
-def _check_device_count(saved: Optional[int], now: int, step: int) -> None:
-  """Warns when a run resumes on another number of devices than it saved its state from."""
-  if saved is None or saved == now:
-    return
-  logging.warning(
-      'Resuming step %d on %d devices; it was saved by a run on %d. The run goes on correctly, '
-      'but its loss curve departs from an uninterrupted run on %d devices: the training data '
-      'is read as one shard per device (another order) and the batch is reduced in another '
-      'order. Resume on %d devices to follow that curve.', step, now, saved, saved, saved)
 
 
 def check_step_memory(trainer: trainer_lib.Trainer) -> None:
