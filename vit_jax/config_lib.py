@@ -235,9 +235,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
 def with_defaults(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """A run config read back from config.json, with base_config's value for each top-level field
   added to base_config after it was written."""
-  defaults = base_config().to_dict()
-  return ml_collections.ConfigDict(
-      {**{k: v for k, v in defaults.items() if k not in saved}, **saved})
+  return ml_collections.ConfigDict({**base_config().to_dict(), **saved})
 
 
 def config_changes(saved: Mapping[str, Any], config: ml_collections.ConfigDict) -> list[str]:
