@@ -85,17 +85,17 @@ def check_remote_path(path: str, timeout_s: float = REMOTE_TIMEOUT_S) -> None:
     raise OSError(f'Cannot reach {path}: {errors[0].message}') from errors[0]
 
 
-def check_remote_paths(config, paths) -> None:
-  """Fails on an unreachable remote path before anything reads it (the config and dataset are
-  checked by train_loop.prepare / evaluate.run)."""
-  for path in (*paths, config.pretrained_path, config.pretrained_dir, config.data_dir):
-    if path:
-      check_remote_path(path)
+def check_remote_paths(config, path: str) -> None:
+  """Fails on an unreachable remote path (`path`, or one of the config's) before anything reads it
+  (the config and dataset are checked by train_loop.prepare / evaluate.run)."""
+  for location in (path, config.pretrained_path, config.pretrained_dir, config.data_dir):
+    if location:
+      check_remote_path(location)
 
 
 def _train(config, workdir: str) -> dict:
   """Trains; a signal ends it with 128 + N and a non-finite loss with EXIT_NONFINITE (cli)."""
-  check_remote_paths(config, [workdir])
+  check_remote_paths(config, workdir)
   run = train_loop.prepare(config, workdir, take_over_lock=_TAKE_OVER_LOCK.value)
   try:
     return run.train()
@@ -121,7 +121,7 @@ def main(argv):
     path = _CHECKPOINT.value or _WORKDIR.value
     if not path:
       raise cli.UserError('--mode=eval needs --checkpoint or --workdir.')
-    check_remote_paths(config, [path])
+    check_remote_paths(config, path)
     metrics = evaluate.run(config, path)
   if jax.process_index() == 0:
     print(' '.join(f'{k}={v:.4f}' for k, v in metrics.items()), flush=True)
