@@ -273,6 +273,7 @@ def _batches(config, trainer, step: int) -> Iterator[dict]:
 
 def _restore_or_init(trainer: trainer_lib.Trainer, ckpt: state_checkpoint.TrainCheckpointer,
                      workdir: str):
+  """(state, step) restored from `ckpt` (a warning if saved on another device count), else fresh."""
   if ckpt.latest_step() is None:
     return trainer.initial_state(), 0
   try:
