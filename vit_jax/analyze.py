@@ -7,6 +7,7 @@ Images for attention_maps / attention_distance: --images, else the first --num_i
 split of the dataset config (--config, or the workdir's own). Few-shot uses the dataset config's
 train split (the first --fewshot_pool examples) and eval split.
 """
+import functools
 import os
 from typing import Sequence
 
@@ -21,45 +22,40 @@ from vit_jax.analysis import outputs
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """Defined by the program only, so that importing this module adds no flags elsewhere."""
+  string = functools.partial(flags.DEFINE_string, flag_values=fv)
+  integer = functools.partial(flags.DEFINE_integer, flag_values=fv)
+  strings = functools.partial(flags.DEFINE_list, flag_values=fv)
   flags.DEFINE_enum('analysis', None, [*outputs.ANALYSES, 'speed'], 'Which analysis to run.',
                     flag_values=fv)
-  flags.DEFINE_string('out_dir', None, 'Directory for the PNG/JSON outputs (created).',
-                      flag_values=fv)
-  flags.DEFINE_string('checkpoint', None, 'A released-layout .npz or a training workdir. Needed '
-                      'by every analysis but speed.', flag_values=fv)
-  flags.DEFINE_string('model', None, 'Model name (vit_jax.model_configs) of a .npz checkpoint; '
-                      'for speed, the model to time when --speed_models is empty.', flag_values=fv)
-  flags.DEFINE_integer('resolution', None, 'Input resolution (default: the dataset config\'s, '
-                       'else the checkpoint\'s); position embeddings are resized to fit.',
-                       flag_values=fv)
-  flags.DEFINE_list('images', [], 'Image files and/or directories (attention_maps, '
-                    'attention_distance).', flag_values=fv)
+  string('out_dir', None, 'Directory for the PNG/JSON outputs (created).')
+  string('checkpoint', None, 'A released-layout .npz or a training workdir. Needed by every '
+         'analysis but speed.')
+  string('model', None, 'Model name (vit_jax.model_configs) of a .npz checkpoint; for speed, the '
+         'model to time when --speed_models is empty.')
+  integer('resolution', None, 'Input resolution (default: the dataset config\'s, else the '
+          'checkpoint\'s); position embeddings are resized to fit.')
+  strings('images', [], 'Image files and/or directories (attention_maps, attention_distance).')
   config_flags.DEFINE_config_file('config', None, 'Dataset config (fields dataset, data_dir, '
                                   'train_split, eval_split, pp, batch_eval), e.g. '
                                   'configs/vit.py:b16,cifar10. Default: the workdir\'s.',
                                   flag_values=fv)
-  flags.DEFINE_integer('num_images', 128, 'Images taken from the eval split when --images is '
-                       'empty.', lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.', flag_values=fv)
-  flags.DEFINE_integer('num_components', 28, 'filters: principal components shown.',
-                       flag_values=fv)
-  flags.DEFINE_list('shots', ['1', '5', '10', '25'], 'fewshot: examples per class.',
-                    flag_values=fv)
-  flags.DEFINE_integer('fewshot_seeds', 5, 'fewshot: random draws averaged per shot count.',
-                       flag_values=fv)
+  integer('num_images', 128, 'Images taken from the eval split when --images is empty.',
+          lower_bound=1)
+  integer('batch_size', 32, 'Images per forward pass.')
+  integer('num_components', 28, 'filters: principal components shown.')
+  strings('shots', ['1', '5', '10', '25'], 'fewshot: examples per class.')
+  integer('fewshot_seeds', 5, 'fewshot: random draws averaged per shot count.')
   flags.DEFINE_float('l2_reg', 1.0, 'fewshot: ridge regularisation of the least squares.',
                      flag_values=fv)
-  flags.DEFINE_integer('fewshot_pool', 10_000, 'fewshot: examples of the train split the shots '
-                       'are drawn from.', flag_values=fv)
-  flags.DEFINE_integer('num_eval', None, 'fewshot: eval examples used (default: the whole '
-                       'eval split).', flag_values=fv)
-  flags.DEFINE_list('speed_models', [], 'speed: model names to time (default: the --checkpoint '
-                    'or --model model).', flag_values=fv)
-  flags.DEFINE_list('resolutions', [], 'speed: resolutions (default: --resolution, else the '
-                    'checkpoint\'s, else 224).', flag_values=fv)
-  flags.DEFINE_list('batch_sizes', ['1', '8', '64'], 'speed: batch sizes.', flag_values=fv)
-  flags.DEFINE_integer('speed_steps', 10, 'speed: timed forward passes per configuration.',
-                       flag_values=fv)
+  integer('fewshot_pool', 10_000, 'fewshot: examples of the train split the shots are drawn '
+          'from.')
+  integer('num_eval', None, 'fewshot: eval examples used (default: the whole eval split).')
+  strings('speed_models', [], 'speed: model names to time (default: the --checkpoint or --model '
+          'model).')
+  strings('resolutions', [], 'speed: resolutions (default: --resolution, else the checkpoint\'s, '
+          'else 224).')
+  strings('batch_sizes', ['1', '8', '64'], 'speed: batch sizes.')
+  integer('speed_steps', 10, 'speed: timed forward passes per configuration.')
   flags.mark_flags_as_required(['analysis', 'out_dir'], flag_values=fv)
 
 

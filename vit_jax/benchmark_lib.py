@@ -125,12 +125,10 @@ class _Workload:
   step: Any  # (compiled, args) -> args for the next call, after blocking on this one.
 
 
-def random_params(abstract_params, shardings=None, seed: int = 0):
-  """Random parameters shaped like `abstract_params` (placed with `shardings`, default: the
-  default device): throughput does not depend on the values, and numpy compiles nothing."""
+def random_params(abstract_params, shardings, seed: int = 0):
+  """Random parameters shaped like `abstract_params`, placed with `shardings`: throughput does not
+  depend on the values, and numpy compiles nothing."""
   rng = np.random.default_rng(seed)
-  if shardings is None:
-    shardings = jax.tree.map(lambda _: None, abstract_params)
   return jax.tree.map(
       lambda a, s: jax.device_put(0.02 * rng.standard_normal(a.shape, np.float32), s),
       abstract_params, shardings)
@@ -233,12 +231,13 @@ def stepper(workload: _Workload, compiled):
 def compiled_stepper(spec: Spec):
   """`stepper` for `spec` compiled on its devices: what `vit_jax.compare_timm` times."""
   run_config(spec)
-  workload, compiled, _, _ = _compile(spec, sharding.make_mesh(spec.devices()))
+  workload, compiled, _, _ = _compile(spec)
   return stepper(workload, compiled)
 
 
-def _compile(spec: Spec, mesh):
-  """(workload, compiled program, lowering seconds, compile seconds) of `spec` on `mesh`."""
+def _compile(spec: Spec):
+  """(workload, compiled program, lowering seconds, compile seconds) of `spec` on its devices."""
+  mesh = sharding.make_mesh(spec.devices())
   workload = (_train_workload if spec.mode == 'train' else _inference_workload)(spec, mesh)
   start = time.perf_counter()
   lowered = workload.jitted.lower(*workload.abstract_args)
@@ -288,9 +287,8 @@ def run(spec: Spec, *, peak_flops: Optional[float] = None, compile_only: bool = 
   with `compile_only`, `pipeline_images_per_s` always: measured apart, after the rows)."""
   run_config(spec)
   devices = spec.devices()
-  mesh = sharding.make_mesh(devices)
   jax.clear_caches()
-  workload, compiled, lower_s, compile_s = _compile(spec, mesh)
+  workload, compiled, lower_s, compile_s = _compile(spec)
   times = [] if compile_only else time_calls(stepper(workload, compiled), spec.steps)
   step_time = statistics.median(times) if times else None
   images_per_s = spec.batch / step_time if times else None
@@ -339,11 +337,10 @@ def _is_oom(error: Exception) -> bool:
 def _probe(spec: Spec, method: str, limit: int) -> dict:
   """Whether `spec` fits: compile and compare XLA's memory analysis with `limit` (analysis), or
   compile and run one step (run)."""
-  mesh = sharding.make_mesh(spec.devices())
   jax.clear_caches()
   probe = {'batch_per_device': spec.batch // len(spec.devices()), 'bytes': None}
   try:
-    workload, compiled, _, compile_s = _compile(spec, mesh)
+    workload, compiled, _, compile_s = _compile(spec)
     probe['compile_s'] = compile_s
     memory = hardware.xla_memory(compiled)
     probe['bytes'] = memory and memory['total']

@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
-import tensorflow as tf
 
+from vit_jax import checkpoint
 from vit_jax import cli
 from vit_jax import logging_util
 from vit_jax import train_loop
@@ -110,10 +110,8 @@ def write_results(workdir: str, results: dict, chosen: Optional[float], table: s
                       for lr in sorted(results)],
              'chosen_base_lr': chosen,
              'chosen_test_top1': None if chosen is None else results[chosen].get('test_top1')}
-  with tf.io.gfile.GFile(os.path.join(workdir, 'sweep.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
-  with tf.io.gfile.GFile(os.path.join(workdir, 'sweep.md'), 'w') as f:
-    f.write(table)
+  checkpoint.write_atomically(os.path.join(workdir, 'sweep.json'), json.dumps(summary, indent=2))
+  checkpoint.write_atomically(os.path.join(workdir, 'sweep.md'), table)
 
 
 def main(argv):

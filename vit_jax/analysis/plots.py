@@ -33,11 +33,6 @@ def mosaic(tiles: np.ndarray, columns: int, fill: float = np.nan, pad: int = 1) 
   return out
 
 
-def _to_display(image: np.ndarray) -> np.ndarray:
-  """[-1, 1] model input -> [0, 1] for imshow."""
-  return np.clip((image + 1.0) / 2.0, 0.0, 1.0)
-
-
 def upsample(attention_map: np.ndarray, size: Sequence[int]) -> np.ndarray:
   """Bilinear resize of a [grid_h, grid_w] map to `size` (h, w)."""
   image = Image.fromarray(np.asarray(attention_map, np.float32), mode='F')
@@ -51,7 +46,7 @@ def attention_overlay(image: np.ndarray, attention_map: np.ndarray, path: str,
   heat = upsample(attention_map, image.shape[:2])
   heat = heat / max(heat.max(), 1e-12)
   fig, axes = plt.subplots(1, 3, figsize=(8, 3.0))
-  shown = _to_display(image)
+  shown = np.clip((image + 1.0) / 2.0, 0.0, 1.0)  # [-1, 1] model input -> [0, 1] for imshow.
   for ax, picture, label, style in (
       (axes[0], shown, 'input', {'interpolation': 'nearest'}),
       (axes[1], heat, 'attention rollout', {'cmap': 'inferno', 'vmin': 0.0, 'vmax': 1.0}),
