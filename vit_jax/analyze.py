@@ -87,7 +87,7 @@ def _data_config(fv: flags.FlagValues, loaded: inference.LoadedModel):
 
 
 def _speed(fv: flags.FlagValues) -> dict:
-  configs, resolution = [], fv.resolution
+  resolution = fv.resolution
   if fv.speed_models:
     configs = [model_configs.get_model_config(name) for name in fv.speed_models]
   elif fv.checkpoint:

@@ -83,10 +83,10 @@ class Spec:
     return cfg
 
 
-def peak_memory(device=None) -> tuple:
+def peak_memory(device) -> tuple:
   """(bytes, source): the device allocator's peak where the backend reports one (GPU, TPU), else
   this process's host max RSS (CPU). Both are peaks over the whole process so far."""
-  stats = (device or jax.devices()[0]).memory_stats() or {}
+  stats = device.memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use'
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'host max RSS'  # KiB
