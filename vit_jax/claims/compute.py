@@ -7,7 +7,6 @@ The paper says BiT-L took ~4x ViT-H/14's core-days; the ratio of their FLOPs say
 is work and how much is speed.
 """
 import dataclasses
-import functools
 from typing import Callable, Optional
 
 from vit_jax import config_lib
@@ -89,14 +88,15 @@ def rule(rows: list) -> verdicts.Verdict:
 def check(flops_per_image: Optional[Callable] = None) -> tuple:
   """(rows, verdict) for TABLE2; `flops_per_image(model, classes)` defaults to the compiled
   count."""
-  per_image = functools.cache(flops_per_image or (
-      lambda model, classes: compiled_flops_per_image(pretrain_config(model, classes))))
+  per_image = flops_per_image or (
+      lambda model, classes: compiled_flops_per_image(pretrain_config(model, classes)))
   rows = []
   for run in TABLE2:
-    total = per_image(run.model, run.classes) * run.epochs * run.images
-    rows.append({'name': run.name, 'model': run.model,
-                 'flops_per_image': per_image(run.model, run.classes), 'epochs': run.epochs,
-                 'images': run.images, 'total_flops': total, 'core_days': run.core_days,
+    flops = per_image(run.model, run.classes)
+    total = flops * run.epochs * run.images
+    rows.append({'name': run.name, 'model': run.model, 'flops_per_image': flops,
+                 'epochs': run.epochs, 'images': run.images, 'total_flops': total,
+                 'core_days': run.core_days,
                  'utilization': total / (run.core_days * SECONDS_PER_DAY * V3_CORE_PEAK),
                  'epochs_source': run.epochs_source})
   return rows, rule(rows)
