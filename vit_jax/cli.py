@@ -37,11 +37,8 @@ def user_error_types() -> tuple:
   """The exceptions reported as user errors: ours, bad values, unusable paths, and TensorFlow's
   file-system errors (gs://, permissions) where TensorFlow is loaded."""
   types = (UserError, app.UsageError, ValueError, OSError)
-  tf = sys.modules.get('tensorflow')
-  errors = getattr(tf, 'errors', None)
-  if errors is not None and hasattr(errors, 'OpError'):
-    types += (errors.OpError,)
-  return types
+  op_error = getattr(getattr(sys.modules.get('tensorflow'), 'errors', None), 'OpError', None)
+  return types if op_error is None else types + (op_error,)
 
 
 def fail(error: Any, exit_code: int = EXIT_ERROR) -> NoReturn:
