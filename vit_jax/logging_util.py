@@ -27,18 +27,14 @@ class _LibraryInfoFilter(std_logging.Filter):
             or not any(lib in record.pathname for lib in _QUIET_LIBRARIES))
 
 
-def _is_late_library_callback(error: BaseException) -> bool:
-  """Whether `error` is tensorstore completing a read or write of a failed orbax operation after
-  orbax closed its event loop (reported through sys.unraisablehook, once per pending array)."""
-  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
-
-
 def _unraisablehook(previous):
 
   def hook(unraisable):
-    if _is_late_library_callback(unraisable.exc_value):
-      logging.debug('Ignored a late callback of a failed checkpoint operation: %s',
-                    unraisable.exc_value)
+    # Tensorstore completing a read or write of a failed orbax operation after orbax closed its
+    # event loop (reported through sys.unraisablehook, once per pending array).
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+      logging.debug('Ignored a late callback of a failed checkpoint operation: %s', error)
       return
     previous(unraisable)
 
