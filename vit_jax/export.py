@@ -87,13 +87,12 @@ def jax_logits(model: models.VisionTransformer, params: Mapping[str, Any],
       params, images))
 
 
-def verify_saved_model(path: str, model: models.VisionTransformer, params: Mapping[str, Any],
-                       resolution: int, logit_tolerance: float) -> float:
+def verify_saved_model(path: str, resolution: int, want: np.ndarray,
+                       logit_tolerance: float) -> float:
   """Runs both signatures of the SavedModel at `path` on `verification_images`: VerificationError
-  unless the logits match the JAX model's within `logit_tolerance` * max(1, largest |logit|) and
-  the probabilities are their softmax. Returns the largest logit difference."""
+  unless the logits match `want` (the JAX model's) within `logit_tolerance` * max(1, largest
+  |logit|) and the probabilities are their softmax. Returns the largest logit difference."""
   images, scaled = verification_images(resolution)
-  want = jax_logits(model, params, scaled)
   bound = logit_tolerance * max(1.0, float(np.max(np.abs(want))))
   loaded = tf.saved_model.load(path)
   largest = 0.0
@@ -134,16 +133,16 @@ def check_out_dir(out: str, overwrite: bool) -> None:
 
 
 def write_verified(model: models.VisionTransformer, params: Mapping[str, Any], resolution: int,
-                   fv: flags.FlagValues) -> None:
-  """Writes the SavedModel next to --out, verifies it and only then moves it to --out."""
+                   want: np.ndarray, fv: flags.FlagValues) -> None:
+  """Writes the SavedModel next to --out, verifies it against the JAX logits `want` of the
+  verification images and only then moves it to --out."""
   staging = f'{fv.out.rstrip("/")}.partial-{uuid.uuid4().hex[:8]}'
   try:
     module = build_serving_module(model, params, resolution, fv.platforms)
     tf.saved_model.save(module, staging, signatures={name: getattr(module, name)
                                                      for name in SIGNATURES})
     logging.info('Wrote %s; verifying it.', staging)
-    difference = verify_saved_model(staging, model, params, resolution,
-                                    LOGIT_TOLERANCES[fv.dtype])
+    difference = verify_saved_model(staging, resolution, want, LOGIT_TOLERANCES[fv.dtype])
     logging.info('Verified: largest logit difference to JAX %.3g on %d images.', difference,
                  NUM_VERIFICATION_IMAGES)
     if tf.io.gfile.exists(fv.out):
@@ -154,34 +153,29 @@ def write_verified(model: models.VisionTransformer, params: Mapping[str, Any], r
       tf.io.gfile.rmtree(staging)
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """Defined by the program only, so that importing this module adds no flags elsewhere."""
   flags.DEFINE_string('model', None, 'Model name (vit_jax.model_configs); needed for an .npz, and '
-                      'for a workdir it must be the one in its config.json.',
-                      flag_values=flag_values)
+                      'for a workdir it must be the one in its config.json.', flag_values=fv)
   flags.DEFINE_string('checkpoint', None, 'Released-layout .npz file or training workdir.',
-                      flag_values=flag_values)
+                      flag_values=fv)
   flags.DEFINE_integer('resolution', None, "Input size R; default: the checkpoint's own (a "
                        "workdir's pp.resolution, else the position-embedding grid's). Another size "
-                       'interpolates the position embeddings.', lower_bound=1,
-                       flag_values=flag_values)
-  flags.DEFINE_string('out', None, 'Folder to write the SavedModel to.', flag_values=flag_values)
+                       'interpolates the position embeddings.', lower_bound=1, flag_values=fv)
+  flags.DEFINE_string('out', None, 'Folder to write the SavedModel to.', flag_values=fv)
   flags.DEFINE_integer('num_classes', None, "Number of classes, checked against the checkpoint's "
-                       'head; default: the size of that head.', lower_bound=1,
-                       flag_values=flag_values)
+                       'head; default: the size of that head.', lower_bound=1, flag_values=fv)
   flags.DEFINE_enum('dtype', 'float32', list(models.DTYPES),
-                    'Compute dtype (parameters stay float32).',
-                    flag_values=flag_values)
+                    'Compute dtype (parameters stay float32).', flag_values=fv)
   flags.DEFINE_list('platforms', ['cpu', 'cuda', 'tpu'],
                     f'Platforms to serialise the model for, among {", ".join(PLATFORMS)}.',
-                    flag_values=flag_values)
-  flags.DEFINE_bool('overwrite', False, 'Replace --out if it holds a SavedModel.',
-                    flag_values=flag_values)
-  flags.mark_flags_as_required(['checkpoint', 'out'], flag_values=flag_values)
+                    flag_values=fv)
+  flags.DEFINE_bool('overwrite', False, 'Replace --out if it holds a SavedModel.', flag_values=fv)
+  flags.mark_flags_as_required(['checkpoint', 'out'], flag_values=fv)
   flags.register_validator(
       'platforms', lambda value: bool(value) and set(value) <= set(PLATFORMS),
       f'--platforms must be a non-empty comma-separated subset of {",".join(PLATFORMS)}.',
-      flag_values=flag_values)
+      flag_values=fv)
 
 
 def run(fv: flags.FlagValues) -> None:
@@ -197,12 +191,13 @@ def run(fv: flags.FlagValues) -> None:
                      f'has {loaded.num_classes} classes.')
   model = models.build_model(loaded.model_config, loaded.num_classes, dtype=jnp.dtype(fv.dtype))
   scaled = verification_images(loaded.resolution)[1]
-  output_check.check_finite(jax_logits(model, loaded.params, scaled), f'Checkpoint {loaded.source}',
-                            model=model, params=loaded.params, images=scaled)
+  want = jax_logits(model, loaded.params, scaled)
+  output_check.check_finite(want, f'Checkpoint {loaded.source}', model=model,
+                            params=loaded.params, images=scaled)
   logging.info('Exporting %s (%s, %d classes, %dx%d, %s) for %s to %s.', loaded.source,
                loaded.name, loaded.num_classes, loaded.resolution, loaded.resolution, fv.dtype,
                ','.join(fv.platforms), fv.out)
-  write_verified(model, loaded.params, loaded.resolution, fv)
+  write_verified(model, loaded.params, loaded.resolution, want, fv)
   logging.info('Saved %s with signatures %s.', fv.out, ', '.join(SIGNATURES))
 
 
