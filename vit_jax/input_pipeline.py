@@ -243,10 +243,10 @@ def _list_images(folder: str, class_names: tuple[str, ...]) -> list[tuple[str, i
   """(path, label) of every image in `folder`'s class sub-folders, in a stable shuffled order."""
   files = []
   for class_name in _class_names(folder):
-    if class_name not in class_names:
-      raise ValueError(f'Class folder {os.path.join(folder, class_name)} is not one of the '
-                       f'training classes {class_names}.')
     class_dir = os.path.join(folder, class_name)
+    if class_name not in class_names:
+      raise ValueError(f'Class folder {class_dir} is not one of the training classes '
+                       f'{class_names}.')
     paths = [entry.path for entry in os.scandir(class_dir)
              if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)]
     if not paths:
@@ -329,20 +329,16 @@ def build_train_iterator(config, *, start_step: int = 0, process_index: Optional
   source = _get_source(config)
   cache = _use_cache(config, source.image_shape,
                      source.shard(config.train_split, index, count).num_examples)
+  # config.shuffle_buffer is the total over all shards, so that the stream does not depend on how
+  # many shards a process reads (a process holds shuffle_buffer / processes examples).
+  shuffle_buffer = max(1, math.ceil(config.shuffle_buffer / num_shards))
   streams = [_shard_stream(config, source, shard, num_shards, start_step * shard_batch,
-                           shard_shuffle_buffer(config.shuffle_buffer, num_shards), cache)
+                           shuffle_buffer, cache)
              for shard in range(index * per_process, (index + 1) * per_process)]
   choice = tf.data.Dataset.range(per_process * shard_batch).map(
       lambda row: row // shard_batch).repeat()
   ds = streams[0] if per_process == 1 else tf.data.Dataset.choose_from_datasets(streams, choice)
   return _numpy_batches(ds, local_batch)
-
-
-def shard_shuffle_buffer(shuffle_buffer: int, num_shards: int) -> int:
-  """Examples each shard's shuffle holds: config.shuffle_buffer is the total over all shards, so
-  that the stream does not depend on how many shards a process reads (a process holds
-  shuffle_buffer / processes examples)."""
-  return max(1, math.ceil(shuffle_buffer / num_shards))
 
 
 def _shard_stream(config, source, index: int, count: int, first_example: int,
@@ -360,8 +356,7 @@ def _shard_stream(config, source, index: int, count: int, first_example: int,
     decode = tf.identity
   seed = tf.constant([config.seed, index], tf.int64)
   preprocess = preprocessing.train_preprocess(config.pp)
-  ds = _shuffled_epochs(records, shard.num_examples, max(shuffle_buffer, 1), seed,
-                        first_example)
+  ds = _shuffled_epochs(records, shard.num_examples, shuffle_buffer, seed, first_example)
 
   def example(i, record):  # i: position in this shard's stream, so resuming is exact.
     image, label = record
@@ -426,10 +421,9 @@ def _local_batch_size(batch: int, field: str, parts: int, what: str = 'processes
 
 
 def _use_cache(config, image_shape, num_examples: int) -> bool:
-  cache = config.cache
-  if cache is None:
-    return None not in image_shape and num_examples * np.prod(image_shape) <= _AUTO_CACHE_BYTES
-  return cache
+  if config.cache is not None:
+    return config.cache
+  return None not in image_shape and num_examples * np.prod(image_shape) <= _AUTO_CACHE_BYTES
 
 
 def _shuffled_epochs(records: tf.data.Dataset, num_examples: int, shuffle_buffer: int,
