@@ -277,9 +277,8 @@ def _drop_undecodable(splits, root: str):
   checks = tf.data.Dataset.from_tensor_slices(paths).enumerate().map(
       lambda i, path: (i, tf.shape(preprocessing.decode(tf.io.read_file(path)))),
       num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-  decodable = np.zeros(len(paths), bool)
-  decodable[[int(i) for i, _ in checks.as_numpy_iterator()]] = True
-  bad = {path for path, ok in zip(paths, decodable) if not ok}
+  decoded = {int(i) for i, _ in checks.as_numpy_iterator()}
+  bad = {path for i, path in enumerate(paths) if i not in decoded}
   if bad:
     named = sorted(os.path.relpath(path, root) for path in bad)
     more = f' and {len(named) - _MAX_NAMED_FILES} more' if len(named) > _MAX_NAMED_FILES else ''
