@@ -27,23 +27,22 @@ class _LibraryInfoFilter(std_logging.Filter):
             or not any(lib in record.pathname for lib in _QUIET_LIBRARIES))
 
 
-def _unraisablehook(previous):
+def quiet_libraries() -> None:
+  """Installs the filter above on absl's handler, and a sys.unraisablehook that drops orbax's
+  late callbacks (logged at debug level)."""
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  previous = sys.unraisablehook
 
   def hook(unraisable):
-    # Tensorstore completing a read or write of a failed orbax operation after orbax closed its
-    # event loop (reported through sys.unraisablehook, once per pending array).
+    # Dropped: tensorstore completing a read or write of a failed orbax operation after orbax
+    # closed its event loop (reported here once per pending array).
     error = unraisable.exc_value
     if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
       logging.debug('Ignored a late callback of a failed checkpoint operation: %s', error)
       return
     previous(unraisable)
 
-  return hook
-
-
-def quiet_libraries() -> None:
-  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
-  sys.unraisablehook = _unraisablehook(sys.unraisablehook)
+  sys.unraisablehook = hook
 
 
 def gib(x: Optional[float]) -> str:
