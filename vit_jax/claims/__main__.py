@@ -39,14 +39,6 @@ def selected_claims(ids) -> list:
   return [catalog.CLAIMS_BY_ID[i.upper()] for i in ids]
 
 
-def _context(results, scale, out_dir, any_config) -> catalog.Context:
-  info = input_pipeline.get_dataset_info(any_config)
-  full = any_config.copy_and_resolve_references()
-  full.train_split = any_config.train_split.split('[')[0]
-  return catalog.Context(results, scale, out_dir, info.num_eval_examples,
-                         input_pipeline.get_dataset_info(full).num_train_examples)
-
-
 def _evaluate(claim, ctx, dataset) -> dict:
   try:
     finding = claim.evaluate(ctx)
@@ -73,7 +65,11 @@ def main(argv):
   results = runner.run_all(specs, scale, dataset, runs_dir, _DATA_DIR.value)
   any_config = experiments.run_config(experiments.RunSpec(), scale, dataset, runs_dir,
                                       _DATA_DIR.value)
-  ctx = _context(results, scale, out_dir, any_config)
+  full = any_config.copy_and_resolve_references()
+  full.train_split = any_config.train_split.split('[')[0]
+  ctx = catalog.Context(results, scale, out_dir,
+                        input_pipeline.get_dataset_info(any_config).num_eval_examples,
+                        input_pipeline.get_dataset_info(full).num_train_examples)
   records = [_evaluate(claim, ctx, dataset) for claim in claims]
   header = {'scale': scale.name, 'note': scale.note, 'dataset': dataset, 'runs': len(results),
             'seconds': time.time() - start,
