@@ -47,6 +47,17 @@ def test_load_model_keeps_the_checkpoint_head_and_reads_its_resolution(tmp_path)
       posemb[0, 0], loaded.params['Transformer']['posembed_input']['pos_embedding'][0, 0])
 
 
+def test_load_model_reads_the_checkpoint_file_once(tmp_path, monkeypatch):
+  npz = write_npz(tmp_path, resolution=32, head_bias=HEAD_BIAS)
+  opened = []
+  real_open = inference.checkpoint.gfile().GFile
+  monkeypatch.setattr(inference.checkpoint.gfile(), 'GFile',
+                      lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+  loaded = inference.load_model(npz, model_name='micro')
+  assert opened == [npz]
+  np.testing.assert_array_equal(loaded.params['head']['bias'], HEAD_BIAS)
+
+
 def test_load_model_reads_a_workdir_as_the_plain_model(tmp_path):
   workdir = write_workdir(tmp_path)
   config_path = os.path.join(workdir, 'config.json')

@@ -217,8 +217,10 @@ _LOCAL_FILES = types.SimpleNamespace(
 
 
 def load_pretrained(*, pretrained_path: str, init_params: Any,
-                    model_config: ml_collections.ConfigDict, keep_head: bool = False) -> Any:
+                    model_config: ml_collections.ConfigDict, keep_head: bool = False,
+                    loaded: Optional[Mapping[str, Any]] = None) -> Any:
   """Checkpoint params adapted to a model, as numpy arrays in the structure of `init_params`.
+  `loaded`: the file as `load(pretrained_path)` already returned it (not read again).
 
   The head is the model's (`init_params`) or with `keep_head` the checkpoint's; `pre_logits` is
   dropped when `representation_size` is None; the position-embedding grid is resized; legacy
@@ -226,7 +228,8 @@ def load_pretrained(*, pretrained_path: str, init_params: Any,
   listing every missing, unexpected and mis-shaped key.
   """
   model = traverse_util.flatten_dict(init_params, sep='/')
-  checkpoint = traverse_util.flatten_dict(load(pretrained_path), sep='/')
+  checkpoint = traverse_util.flatten_dict(
+      load(pretrained_path) if loaded is None else loaded, sep='/')
   adapted, legacy_group_norm = {}, 0
   for key, value in checkpoint.items():
     if key.startswith('head/') and not keep_head:

@@ -89,7 +89,7 @@ def load_model(checkpoint_arg: str, *, model_name: Optional[str] = None,
     raise ValueError(f'Resolution {resolution} is not a multiple of {stride}, the pixels per '
                      f'token of {model_config.model_name}.')
   params = jax.device_put(checkpoint.load_pretrained(
-      pretrained_path=npz_path, model_config=model_config, keep_head=True,
+      pretrained_path=npz_path, model_config=model_config, keep_head=True, loaded=raw,
       init_params=models.abstract_params(model_config, num_classes, resolution)))
   return LoadedModel(model_config, params, resolution, num_classes, checkpoint_arg, run_config)
 
