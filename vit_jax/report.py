@@ -16,6 +16,7 @@ from absl import flags
 from absl import logging
 import jax
 
+from vit_jax import checkpoint
 from vit_jax import cli
 from vit_jax import flops
 from vit_jax import inference
@@ -189,8 +190,7 @@ def write_report(fv: flags.FlagValues) -> str:
   for run in runs:
     logging.info('Analysing run %s (%s).', run.name, run.workdir)
     sections.append(run_section(run, out_dir, fv))
-  with open(fv.out, 'w') as f:
-    f.write('\n'.join(sections) + '\n')
+  checkpoint.write_atomically(fv.out, '\n'.join(sections) + '\n')
   return fv.out
 
 

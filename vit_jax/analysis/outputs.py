@@ -16,6 +16,7 @@ import numpy as np
 import tqdm
 
 from vit_jax import benchmark_lib
+from vit_jax import checkpoint
 from vit_jax import inference
 from vit_jax import input_pipeline
 from vit_jax import model_configs
@@ -49,8 +50,7 @@ class Inputs:
 
 
 def write_json(obj, path: str) -> str:
-  with open(path, 'w') as f:
-    json.dump(obj, f, indent=1)
+  checkpoint.write_atomically(path, json.dumps(obj, indent=1))
   return path
 
 

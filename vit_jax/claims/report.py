@@ -3,6 +3,7 @@ import json
 import os
 from typing import Sequence
 
+from vit_jax import checkpoint
 from vit_jax.claims import catalog
 from vit_jax.claims import experiments
 from vit_jax.claims import verdicts
@@ -51,8 +52,8 @@ def _section(record: dict) -> list:
 def write(records: Sequence[dict], header: dict, out_dir: str) -> tuple:
   """(claims.md path, claims.json path)."""
   json_path = os.path.join(out_dir, 'claims.json')
-  with open(json_path, 'w') as f:
-    json.dump({**header, 'claims': list(records)}, f, indent=1)
+  checkpoint.write_atomically(json_path,
+                              json.dumps({**header, 'claims': list(records)}, indent=1))
   lines = ['# The paper\'s claims, checked in miniature', '',
            f'Scale `{header["scale"]}`, dataset `{header["dataset"]}`, written '
            f'{header["finished"]}, {header["seconds"] / 60:.1f} min in total '
@@ -65,6 +66,5 @@ def write(records: Sequence[dict], header: dict, out_dir: str) -> tuple:
   for record in records:
     lines += _section(record)
   md_path = os.path.join(out_dir, 'claims.md')
-  with open(md_path, 'w') as f:
-    f.write('\n'.join(lines))
+  checkpoint.write_atomically(md_path, '\n'.join(lines))
   return md_path, json_path
