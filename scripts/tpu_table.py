@@ -89,10 +89,10 @@ def compile_cell(model: str, recipe: str, topology: str) -> dict:
   return {'model': model, 'recipe': recipe, 'scan_layers': config.model.scan_layers, **result}
 
 
-# Compiles of a cell before its crash is recorded (libtpu's stack overflow on the hybrids for v6e
-# is intermittent: 5 of 6 identical BiT-R26x1 compiles crashed, the other compiled).
-CRASH_ATTEMPTS = 3
-_CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
+# Compiles of a cell before its crash is recorded, as `python -m vit_jax.plan` tries (libtpu's
+# stack overflow on the hybrids for v6e is intermittent: 5 of 6 identical BiT-R26x1 compiles
+# crashed, the other compiled).
+CRASH_ATTEMPTS = tpu_compile.CRASH_ATTEMPTS
 
 
 def _run_child(*args: str) -> dict:
@@ -102,7 +102,7 @@ def _run_child(*args: str) -> dict:
   compiler that kills its process comes back as {'compiler_crash': signal name}."""
   child = subprocess.run([sys.executable, __file__, *args], stdout=subprocess.PIPE, check=False,
                          text=True)
-  if -child.returncode in _CRASH_SIGNALS:
+  if -child.returncode in tpu_compile.CRASH_SIGNALS:
     return {'compiler_crash': signal.Signals(-child.returncode).name}
   if child.returncode:  # Including SIGKILL / SIGTERM: this machine's OOM killer or a user.
     raise RuntimeError(f'Compiling {" ".join(args[1:])} failed (exit {child.returncode}); its '
@@ -294,8 +294,9 @@ Each cell gives:
 in each of N attempts, each in a process of its own (the script tries up to {crash_attempts}
 times). On the ResNet hybrids for v6e it overflows a compiler thread's stack (in
 `MigrateInstructionUsers`), in some attempts only: of six identical compiles of BiT-R26x1's eval
-step here, one went through. On a TPU VM the same libtpu presumably does the same (not verified
-there): run a job again when its compile crashes.
+step here, one went through. `python -m vit_jax.plan` tries as often, then says so in an `Error:`
+line. On a TPU VM the same libtpu presumably does the same (not verified there): run a job again
+when its compile crashes.
 
 {table}
 

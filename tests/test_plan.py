@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -168,6 +169,47 @@ def test_plan_command_end_to_end(tmp_path):
     assert done.returncode == cli.EXIT_ERROR, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.startswith('Error:')]
     assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
+
+
+def _crash_once(marker: str) -> str:
+  """Kills its process with SIGSEGV, as libtpu's compiler may, unless `marker` exists (it makes
+  it first): so it crashes in the first attempt only."""
+  if not os.path.exists(marker):
+    pathlib.Path(marker).touch()
+    _crash()
+  return f'compiled in process {os.getpid()}'
+
+
+def _crash():
+  os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _refuse(error: Exception):
+  raise error
+
+
+class _UnpicklableError(Exception):
+
+  def __init__(self, message: str, code: int):  # Unpickling calls it with `message` only.
+    super().__init__(message)
+    self.code = code
+
+
+def _refuse_unpicklably():
+  raise _UnpicklableError('no pickle', 1)
+
+
+def test_a_compile_whose_process_crashes_is_retried_then_an_error(tmp_path):
+  result = tpu_compile.in_child(_crash_once, str(tmp_path / 'crashed'))
+  assert result.startswith('compiled in process') and result != f'compiled in process {os.getpid()}'
+  with pytest.raises(tpu_compile.CompilerCrash,
+                     match=r"compiler crashed \(SIGSEGV\) in all 2 attempts"):
+    tpu_compile.in_child(_crash, attempts=2)
+  assert issubclass(tpu_compile.CompilerCrash, cli.UserError)  # An `Error:` line, exit 2.
+  with pytest.raises(cli.UserError, match='not divisible'):
+    tpu_compile.in_child(_refuse, cli.UserError('batch 48 is not divisible'))
+  with pytest.raises(RuntimeError, match=r'_UnpicklableError: no pickle'):
+    tpu_compile.in_child(_refuse_unpicklably)
 
 
 def test_libtpu_missing_is_a_user_error_naming_the_install(monkeypatch):

@@ -8,8 +8,9 @@ steps `python -m vit_jax.main` would run on each slice (vit_jax.tpu_compile), an
 device the memory against the HBM, FLOPs, HBM bytes accessed, the compiler's estimate where valid
 (a cost model) and the compile time; whole-run FLOPs and TPU-core-days at `--utilization`; when
 the train step does not fit, the smallest change that fits, as flags. Slices: v2-8, v3-32, v4-N,
-v5litepod-N, v5p-N, v6e-N (vit_jax.hardware.TPU_GENERATIONS). An unknown topology, a batch the
-devices do not divide or libtpu missing is one `Error:` line, exit 2 (vit_jax.cli).
+v5litepod-N, v5p-N, v6e-N (vit_jax.hardware.TPU_GENERATIONS). Each slice compiles in a process of
+its own (tpu_compile.in_child). An unknown topology, a batch the devices do not divide, libtpu
+missing or its compiler crashing in every attempt is one `Error:` line, exit 2 (vit_jax.cli).
 """
 import json
 
@@ -22,6 +23,7 @@ from vit_jax import cli
 from vit_jax import hardware
 from vit_jax import logging_util
 from vit_jax import plan_lib
+from vit_jax import tpu_compile
 from vit_jax.logging_util import gib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -106,8 +108,8 @@ def main(argv):
   config = _CONFIG.value.unlock()
   results = []
   for name in _TOPOLOGY.value:
-    result = plan_lib.plan(config, name, utilization=_UTILIZATION.value, with_eval=_EVAL.value,
-                           with_suggestion=_SUGGEST.value)
+    result = tpu_compile.in_child(plan_lib.plan, config, name, utilization=_UTILIZATION.value,
+                                  with_eval=_EVAL.value, with_suggestion=_SUGGEST.value)
     print(describe(config, result), flush=True)
     results.append(result)
     if _JSON_OUT.value:  # After every slice: a long plan keeps what it has.

@@ -13,6 +13,10 @@ images per device, and extrapolates linearly in both (identical blocks, the same
 FSDP is there because XLA:TPU may turn a matmul with an all-gathered operand into a loop over the
 shards ("windowed einsum"; ViT-H/14 at 378px on v5e counted 0.71x of its FLOPs), which the counted
 copies are compiled without (COUNTING_OPTIONS).
+
+libtpu's compiler may kill its process: 0.0.42.1 overflows a compiler thread's stack on the ResNet
+hybrids for v6e, in some attempts only (docs/TPU.md). `in_child` compiles in a process of its own
+and tries again, so that a crash costs an attempt, not the command.
 """
 import dataclasses
 import itertools
@@ -20,10 +24,15 @@ import contextlib
 import ctypes
 import importlib.util
 import math
+import multiprocessing
 import os
+import pickle
 import re
+import signal
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
+
+from absl import logging
 
 import jax
 import jax.numpy as jnp
@@ -266,3 +275,58 @@ def count_loops(reports: dict, config, tpu: hardware.TpuSlice, devices) -> None:
     for field, value in cost.items():
       setattr(reports[step], field, value)
     reports[step].compiler_estimate_s = None
+
+
+# Attempts of a compile whose process the compiler kills, and the signals that mean it did.
+CRASH_ATTEMPTS = 3
+CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
+
+
+class CompilerCrash(cli.UserError):
+  """libtpu's compiler killed its process in every attempt."""
+
+
+def in_child(fn: Callable[..., Any], *args, attempts: int = CRASH_ATTEMPTS, **kwargs) -> Any:
+  """`fn(*args, **kwargs)` (picklable, compile-only: the child runs on the CPU backend) in a
+  spawned process; its exception is raised here. A child killed by one of CRASH_SIGNALS is
+  started again, `attempts` times in all, then CompilerCrash."""
+  context = multiprocessing.get_context('spawn')
+  for attempt in range(1, attempts + 1):
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(send, fn, args, kwargs))
+    child.start()
+    send.close()
+    try:
+      outcome = receive.recv()
+    except EOFError:  # The child died without an answer.
+      outcome = None
+    finally:
+      child.join()
+    if outcome is not None:
+      value, raised = outcome
+      if raised:
+        raise value
+      return value
+    if -child.exitcode not in CRASH_SIGNALS:  # SIGKILL: the OOM killer or a user.
+      raise RuntimeError(f'The compiling process exited with {child.exitcode}; its log is above.')
+    crash = signal.Signals(-child.exitcode).name
+    logging.warning("libtpu's compiler crashed (%s) in attempt %d of %d.", crash, attempt,
+                    attempts)
+  raise CompilerCrash(f"libtpu's compiler crashed ({crash}) in all {attempts} attempts (a known "
+                      'stack overflow of libtpu on the ResNet hybrids for v6e, docs/TPU.md). Run '
+                      'the command again, or plan for another TPU generation.')
+
+
+def _child(send, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+  """`in_child`'s process: sends back (result, False) or (exception, True); an exception that
+  does not survive pickling goes as a RuntimeError with its text."""
+  jax.config.update('jax_platforms', 'cpu')
+  try:
+    outcome = fn(*args, **kwargs), False
+  except Exception as e:  # pylint: disable=broad-except
+    outcome = e, True
+    try:
+      pickle.loads(pickle.dumps(e))
+    except Exception:  # pylint: disable=broad-except
+      outcome = RuntimeError(f'{type(e).__name__}: {e}'), True
+  send.send(outcome)
