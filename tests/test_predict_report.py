@@ -56,6 +56,7 @@ def test_load_model_reads_the_checkpoint_file_once(tmp_path, monkeypatch):
   loaded = inference.load_model(npz, model_name='micro')
   assert opened == [npz]
   np.testing.assert_array_equal(loaded.params['head']['bias'], HEAD_BIAS)
+  assert loaded.pp is None  # An .npz carries no preprocessing config; a workdir does (below).
 
 
 def test_load_model_reads_a_workdir_as_the_plain_model(tmp_path):
@@ -69,6 +70,7 @@ def test_load_model_reads_a_workdir_as_the_plain_model(tmp_path):
   loaded = inference.load_model(workdir)
   assert loaded.name == 'micro' and loaded.resolution == 16 and loaded.grid == (4, 4)
   assert loaded.run_config.dataset.startswith('folder:')
+  assert loaded.pp.resolution == 16 and loaded.pp == loaded.run_config.pp
   assert loaded.model.attention_impl == 'xla' and not loaded.model.scan_layers
   assert loaded.model.remat_policy == 'none'
 

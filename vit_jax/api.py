@@ -25,9 +25,7 @@ class Model(tuple):
   """(model, params, preprocess), to unpack; also `.class_names`, `.resolution` and `.loaded`."""
 
   def __new__(cls, loaded: inference.LoadedModel, labels: Optional[str] = None):
-    preprocess = functools.partial(
-        _preprocess, resolution=loaded.resolution,
-        pp=loaded.run_config.pp if loaded.run_config is not None else None)
+    preprocess = functools.partial(_preprocess, resolution=loaded.resolution, pp=loaded.pp)
     self = super().__new__(cls, (loaded.model, loaded.params, preprocess))
     self.loaded = loaded
     self.resolution = loaded.resolution

@@ -55,6 +55,11 @@ class LoadedModel:
     return model_configs.has_class_token(self.model_config)
 
   @property
+  def pp(self) -> Optional[ml_collections.ConfigDict]:
+    """The preprocessing the model was trained with (a workdir's); None for an .npz."""
+    return self.run_config.pp if self.run_config is not None else None
+
+  @property
   def grid(self) -> tuple[int, int]:
     """Patches per side seen by the transformer."""
     return model_configs.grid(self.model_config, self.resolution)

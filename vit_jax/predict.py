@@ -38,8 +38,7 @@ def run(fv: flags.FlagValues) -> str:
   loaded = inference.load_model(fv.checkpoint, model_name=fv.model, resolution=fv.resolution)
   labels = inference.class_names(loaded, fv.labels)
   inference.check_head(loaded)
-  run_pp = loaded.run_config.pp if loaded.run_config is not None else None
-  names, images = inference.load_images(fv.images, loaded.resolution, run_pp)
+  names, images = inference.load_images(fv.images, loaded.resolution, loaded.pp)
   probs = inference.probabilities(loaded, images, fv.batch_size)
   lines = []
   for name, row, best in zip(names, probs, inference.top_k(probs, fv.top_k)):
