@@ -146,6 +146,19 @@ def test_nan_training_checkpoint_is_refused_by_eval(tmp_path):
     evaluate.checkpoint_params(trainer, str(tmp_path))
 
 
+def test_eval_of_a_workdir_without_a_saved_step_names_it_and_closes_its_checkpointer(
+    tmp_path, monkeypatch):
+  (tmp_path / 'checkpoints').mkdir()  # Made by a run that stopped before its first save.
+  closed = []
+  close = state_checkpoint.TrainCheckpointer.close
+  monkeypatch.setattr(state_checkpoint.TrainCheckpointer, 'close',
+                      lambda self: closed.append(True) or close(self))
+  trainer = train_fixtures.tiny_trainer(train_fixtures.tiny_config())
+  with pytest.raises(FileNotFoundError, match=r'^No training checkpoint under .*/checkpoints\.$'):
+    evaluate.checkpoint_params(trainer, str(tmp_path))
+  assert closed == [True]
+
+
 # ---------------------------------------------------------------------------------------------
 # predict: undecodable images.
 

@@ -80,9 +80,9 @@ def checkpoint_params(trainer, path: str):
   if not workdir_lib.is_workdir(directory):  # Checked first: the checkpointer creates it.
     raise FileNotFoundError(f'No training checkpoint under {directory}.')
   ckpt = state_checkpoint.TrainCheckpointer(directory, save_every=1, keep=1)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f'No training checkpoint under {directory}.')
   try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f'No training checkpoint under {directory}.')
     state, step = ckpt.restore(trainer.abstract_state)
   except state_checkpoint.CheckpointMismatchError as e:
     raise workdir_lib.mismatch_error(e, trainer.config, path) from e
