@@ -15,7 +15,6 @@ missing or its compiler crashing in every attempt is one `Error:` line, exit 2 (
 import json
 
 from absl import flags
-import jax
 from ml_collections import config_flags
 
 from vit_jax import checkpoint
@@ -96,7 +95,6 @@ def describe(config, result: dict) -> str:
 def main(argv):
   cli.check_no_arguments(argv)
   logging_util.quiet_libraries()
-  jax.config.update('jax_platforms', 'cpu')  # Compile-only: nothing runs on an accelerator.
   if _CONFIG.value is None:
     raise cli.UserError('--config is required, e.g. --config=configs/vit.py:b16,cifar10.')
   if not _TOPOLOGY.value:

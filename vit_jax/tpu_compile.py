@@ -33,7 +33,6 @@ import time
 from typing import Any, Callable, Optional
 
 from absl import logging
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -302,6 +301,7 @@ def in_child(fn: Callable[..., Any], *args, attempts: int = CRASH_ATTEMPTS, **kw
       outcome = None
     finally:
       child.join()
+      receive.close()
     if outcome is not None:
       value, raised = outcome
       if raised:
